@@ -1,0 +1,1 @@
+"""Local real-time voice assistant."""

@@ -1,0 +1,142 @@
+"""Audio plumbing: decode the browser's compressed stream to 16 kHz mono float32, and PCM helpers."""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import av
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ASR_RATE = 16_000  # what Silero VAD and Whisper expect
+
+
+class _BlockingPipe(io.RawIOBase):
+    """A file object whose read() waits for bytes fed from another thread; b"" after close()."""
+
+    def __init__(self) -> None:
+        self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._buffer = b""
+        self._eof = False
+
+    def feed(self, data: bytes) -> None:
+        self._chunks.put(data)
+
+    def close_input(self) -> None:
+        self._chunks.put(None)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buffer and not self._eof:
+            chunk = self._chunks.get()
+            if chunk is None:
+                self._eof = True
+            else:
+                self._buffer = chunk
+        n = min(len(out), len(self._buffer))
+        out[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+
+class StreamDecoder:
+    """Decodes one recording (e.g. WebM/Opus from MediaRecorder) as its bytes arrive.
+
+    PyAV pulls from a blocking pipe in a thread of its own, so a container that arrives in
+    100 ms pieces is decoded continuously. Each decoded block goes to `on_pcm` as float32
+    mono at 16 kHz; `on_end` is called once, with an error message if the stream was garbage.
+    """
+
+    def __init__(
+        self, on_pcm: Callable[[np.ndarray], None], on_end: Callable[[str | None], None]
+    ) -> None:
+        self._pipe = _BlockingPipe()
+        self._on_pcm = on_pcm
+        self._on_end = on_end
+        self._bytes_in = 0
+        self._thread = threading.Thread(target=self._run, name="audio-decoder", daemon=True)
+        self._thread.start()
+
+    def feed(self, data: bytes) -> None:
+        self._bytes_in += len(data)
+        self._pipe.feed(data)
+
+    def close(self) -> None:
+        """No more bytes: the decoder drains what it has, then calls on_end."""
+        self._pipe.close_input()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        error: str | None = None
+        try:
+            self._decode_all()
+        except (av.error.FFmpegError, ValueError, OSError) as exc:
+            error = f"could not decode the audio stream: {exc}"
+            log.info("audio decode failed after %d bytes: %s", self._bytes_in, exc)
+            self._drain_pipe()
+        self._on_end(error)
+
+    def _decode_all(self) -> None:
+        with av.open(self._pipe, mode="r") as container:
+            if not container.streams.audio:
+                raise ValueError("no audio track in the stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=ASR_RATE)
+            for frame in container.decode(audio=0):
+                for out in resampler.resample(frame):
+                    self._on_pcm(out.to_ndarray().reshape(-1).copy())
+            for out in resampler.resample(None):
+                self._on_pcm(out.to_ndarray().reshape(-1).copy())
+
+    def _drain_pipe(self) -> None:
+        # After a failure keep swallowing input so that feed() never backs up.
+        buf = bytearray(65536)
+        while self._pipe.readinto(buf):
+            pass
+
+
+def encode_webm_opus(pcm: np.ndarray, rate: int) -> bytes:
+    """Encode mono float32 PCM as WebM/Opus, the way a browser's MediaRecorder would."""
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="webm") as container:
+        stream = container.add_stream("libopus", rate=48_000, layout="mono")
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
+        frame = av.AudioFrame.from_ndarray(
+            float_to_int16(pcm).reshape(1, -1), format="s16", layout="mono"
+        )
+        frame.sample_rate = rate
+        for resampled in resampler.resample(frame) + resampler.resample(None):
+            for packet in stream.encode(resampled):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return out.getvalue()
+
+
+def read_audio_file(path: str, rate: int = ASR_RATE) -> np.ndarray:
+    """Any file PyAV can read -> mono float32 at `rate`."""
+    with av.open(path) as container:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        parts = [
+            out.to_ndarray().reshape(-1)
+            for frame in container.decode(audio=0)
+            for out in resampler.resample(frame)
+        ]
+        parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def float_to_int16(pcm: np.ndarray) -> np.ndarray:
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+def int16_to_float(pcm: np.ndarray) -> np.ndarray:
+    return pcm.astype(np.float32) / 32768.0

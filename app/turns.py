@@ -1,0 +1,162 @@
+"""Voice activity and end of turn: Silero VAD (the copy faster-whisper ships) run as a stream."""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+
+import msgspec
+import numpy as np
+import onnxruntime
+from faster_whisper.utils import get_assets_path
+
+from .audio import ASR_RATE
+
+WINDOW = 512  # samples per VAD step at 16 kHz (32 ms), fixed by the model
+CONTEXT = 64  # samples of the previous window the model sees before each step
+
+
+class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    speech_threshold: float = 0.5  # probability that counts as speech
+    silence_threshold: float = 0.35  # below this counts as silence (hysteresis)
+    min_speech_ms: int = 250  # shorter bursts (clicks, coughs) never start a turn
+    end_silence_ms: int = 600  # this much silence after speech ends the turn
+    pad_ms: int = 200  # audio kept before the first and after the last speech window
+    max_turn_s: float = 30.0  # endless speech is cut into turns of at most this length
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.silence_threshold <= self.speech_threshold < 1.0:
+            raise ValueError("need 0 < silence_threshold <= speech_threshold < 1")
+        if self.end_silence_ms < 100 or self.min_speech_ms < 0 or self.max_turn_s < 1:
+            raise ValueError("end_silence_ms >= 100, min_speech_ms >= 0, max_turn_s >= 1")
+
+
+class StreamingVad:
+    """Silero VAD v6 fed one 32 ms window at a time, carrying its recurrent state between calls."""
+
+    def __init__(self) -> None:
+        opts = onnxruntime.SessionOptions()
+        opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 4
+        path = os.path.join(get_assets_path(), "silero_vad_v6.onnx")
+        self._session = onnxruntime.InferenceSession(
+            path, providers=["CPUExecutionProvider"], sess_options=opts
+        )
+        self.reset()
+
+    def reset(self) -> None:
+        self._h = np.zeros((1, 1, 128), dtype=np.float32)
+        self._c = np.zeros((1, 1, 128), dtype=np.float32)
+        self._context = np.zeros(CONTEXT, dtype=np.float32)
+
+    def __call__(self, window: np.ndarray) -> float:
+        """Speech probability of one window of WINDOW float32 samples."""
+        assert window.shape == (WINDOW,), window.shape
+        x = np.concatenate([self._context, window])[None, :]
+        prob, self._h, self._c = self._session.run(None, {"input": x, "h": self._h, "c": self._c})
+        self._context = window[-CONTEXT:]
+        return float(np.asarray(prob).reshape(-1)[0])
+
+
+class Event(Enum):
+    SPEECH_STARTED = "speech_started"
+    TURN_ENDED = "turn_ended"
+
+
+class TurnDetector:
+    """Turns a 16 kHz stream into user turns: speech start, then enough silence ends it.
+
+    feed() returns the events that the new audio caused; after TURN_ENDED, `take_turn()` gives
+    the turn's audio and where in the stream its speech ended (for latency metrics).
+    """
+
+    def __init__(self, settings: TurnSettings, vad: StreamingVad) -> None:
+        self.settings = settings
+        self._vad = vad
+        ms = ASR_RATE // 1000
+        self._min_speech = settings.min_speech_ms * ms
+        self._end_silence = settings.end_silence_ms * ms
+        self._pad = settings.pad_ms * ms
+        self._max_turn = int(settings.max_turn_s * ASR_RATE)
+        self.reset()
+
+    def reset(self) -> None:
+        self._vad.reset()
+        self._pending = np.zeros(0, dtype=np.float32)  # < one window, not yet scored
+        self._recent: list[np.ndarray] = []  # pre-roll while nobody speaks
+        self._turn: list[np.ndarray] = []  # audio of the turn in progress
+        self.position = 0  # samples scored since reset
+        self._speech_run = 0  # consecutive-ish speech samples before the turn is confirmed
+        self._silence_run = 0
+        self.in_speech = False
+        self._speech_end_at = 0
+        self._finished: tuple[np.ndarray, int] | None = None
+
+    def feed(self, pcm: np.ndarray) -> list[Event]:
+        events: list[Event] = []
+        audio = np.concatenate([self._pending, pcm.astype(np.float32, copy=False)])
+        n_windows = len(audio) // WINDOW
+        for i in range(n_windows):
+            event = self._step(audio[i * WINDOW : (i + 1) * WINDOW])
+            if event is not None:
+                events.append(event)
+        self._pending = audio[n_windows * WINDOW :]
+        return events
+
+    def _step(self, window: np.ndarray) -> Event | None:
+        prob = self._vad(window)
+        self.position += WINDOW
+        if not self.in_speech:
+            return self._step_idle(window, prob)
+        self._turn.append(window)
+        if prob >= self.settings.silence_threshold:
+            self._silence_run = 0
+            self._speech_end_at = self.position
+        else:
+            self._silence_run += WINDOW
+        turn_len = len(self._turn) * WINDOW
+        if self._silence_run >= self._end_silence or turn_len >= self._max_turn:
+            return self._finish()
+        return None
+
+    def _step_idle(self, window: np.ndarray, prob: float) -> Event | None:
+        self._recent.append(window)
+        # Keep pre-roll for the pad plus the speech that is not yet confirmed.
+        keep = (self._pad + self._min_speech) // WINDOW + 1
+        del self._recent[:-keep]
+        if prob >= self.settings.speech_threshold:
+            self._speech_run += WINDOW
+        elif prob < self.settings.silence_threshold:
+            self._speech_run = 0
+        if self._speech_run < max(self._min_speech, WINDOW):
+            return None
+        self.in_speech = True
+        self._turn = list(self._recent)
+        self._recent = []
+        self._silence_run = 0
+        self._speech_end_at = self.position
+        return Event.SPEECH_STARTED
+
+    def flush(self) -> Event | None:
+        """The stream ended (push-to-talk released): a turn in progress ends now."""
+        if self.in_speech:
+            return self._finish()
+        return None
+
+    def _finish(self) -> Event:
+        trailing_silence = self.position - self._speech_end_at
+        keep = len(self._turn) * WINDOW - max(0, trailing_silence - self._pad)
+        audio = np.concatenate(self._turn)[:keep] if self._turn else np.zeros(0, np.float32)
+        self._finished = (audio, self._speech_end_at)
+        self.in_speech = False
+        self._turn = []
+        self._speech_run = 0
+        self._silence_run = 0
+        return Event.TURN_ENDED
+
+    def take_turn(self) -> tuple[np.ndarray, int]:
+        """(audio of the finished turn, stream position in samples where its speech ended)."""
+        assert self._finished is not None, "take_turn() without a TURN_ENDED event"
+        turn, self._finished = self._finished, None
+        return turn

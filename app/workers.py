@@ -1,0 +1,65 @@
+"""One worker thread per engine, so that blocking model calls never run on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class Worker:
+    """Runs jobs for one engine, one at a time, in the order they were submitted."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def stream(
+        self, make: Callable[[threading.Event], Iterator[T]]
+    ) -> AsyncIterator[T]:
+        """Iterate `make(cancel)` on the worker thread, yielding its items here as they come.
+
+        If the consumer stops early (break, exception, task cancelled), `cancel` is set so the
+        generator on the thread stops at its next item instead of running to the end.
+        """
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[Any] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def produce() -> None:
+            try:
+                for item in make(cancel):
+                    loop.call_soon_threadsafe(items.put_nowait, item)
+                    if cancel.is_set():
+                        break
+            except BaseException as exc:  # handed to the consumer, raised there
+                loop.call_soon_threadsafe(items.put_nowait, _Failure(exc))
+            loop.call_soon_threadsafe(items.put_nowait, _DONE)
+
+        future = loop.run_in_executor(self._executor, produce)
+        try:
+            while (item := await items.get()) is not _DONE:
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            cancel.set()
+            # The thread notices `cancel` at its next item; don't wait on it here.
+            future.add_done_callback(lambda f: f.exception())
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
