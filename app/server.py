@@ -10,7 +10,7 @@ from pathlib import Path
 
 from litestar import Litestar, MediaType, get, websocket
 from litestar.connection import WebSocket
-from litestar.contrib.jinja import JinjaTemplateEngine
+from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.datastructures import State
 from litestar.response import Template
 from litestar.static_files import create_static_files_router

@@ -1,0 +1,93 @@
+"""Shared fixtures: the real cpu-preset models (loaded once), real recordings, a live server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.audio import read_audio_file
+from app.config import Settings, load_settings
+from app.engines import Engines
+
+AUDIO_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "audio"
+JFK_TEXT = (
+    "And so my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words without punctuation, for comparing transcripts."""
+    return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
+
+
+@pytest.fixture(scope="session")
+def audio_dir() -> Path:
+    if not AUDIO_DIR.is_dir():
+        pytest.skip(f"the shared recordings are missing ({AUDIO_DIR})")
+    return AUDIO_DIR
+
+
+@pytest.fixture(scope="session")
+def jfk_pcm(audio_dir: Path) -> np.ndarray:
+    """11 s of real speech, 16 kHz mono float32."""
+    return read_audio_file(str(audio_dir / "jfk.flac"))
+
+
+@pytest.fixture(scope="session")
+def cpu_settings() -> Settings:
+    return load_settings("cpu", environ={})
+
+
+@pytest.fixture(scope="session")
+def engines(cpu_settings: Settings) -> Iterator[Engines]:
+    """The real cpu preset (Whisper tiny.en, SmolLM2-135M, Piper joe), loaded once per run."""
+    loaded = Engines.load(cpu_settings)
+    yield loaded
+    loaded.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(cpu_settings: Settings, engines: Engines) -> Iterator[str]:
+    """The real app under uvicorn on a free local port; yields its base URL."""
+    import uvicorn
+
+    from app.server import create_app
+
+    port = free_port()
+    config = uvicorn.Config(create_app(cpu_settings, engines), host="127.0.0.1", port=port,
+                            log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def word_error_rate(heard: str, truth: str) -> float:
+    """Levenshtein distance over words, divided by the number of true words."""
+    a, b = words(heard), words(truth)
+    row = list(range(len(b) + 1))
+    for i, wa in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, wb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (wa != wb))
+    return row[len(b)] / max(1, len(b))

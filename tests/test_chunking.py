@@ -1,0 +1,54 @@
+"""Cutting a streamed reply into speakable phrases."""
+
+from app.chunking import ChunkSettings, PhraseChunker, speakable
+
+
+def chunk(text: str, step: int = 1, settings: ChunkSettings | None = None) -> list[str]:
+    chunker = PhraseChunker(settings)
+    out = []
+    for i in range(0, len(text), step):
+        out += chunker.push(text[i : i + step])
+    return out + chunker.flush()
+
+
+def test_sentences_are_cut_at_their_ends():
+    text = "Paris is the capital. It is on the Seine! Have you been there?"
+    assert chunk(text) == ["Paris is the capital.", "It is on the Seine!", "Have you been there?"]
+
+
+def test_a_phrase_is_emitted_as_soon_as_its_sentence_ends():
+    chunker = PhraseChunker()
+    assert chunker.push("The capital of France is Paris.") == []  # "Paris." might still become "Paris.5"
+    assert chunker.push(" It") == ["The capital of France is Paris."]
+
+
+def test_abbreviations_numbers_and_initials_do_not_end_sentences():
+    text = "Dr. Smith paid $4.50 at 3 p.m. today, e.g. for J. R. R. Tolkien books. Done."
+    phrases = chunk(text)
+    assert phrases[-1] == "Done."
+    assert "Dr. Smith paid $4.50" in phrases[0]
+    assert all(not p.endswith(("Dr.", "e.g.", "J.", "$4.")) for p in phrases)
+
+
+def test_first_clause_is_spoken_early_but_not_later_ones():
+    text = "Well, the answer is simple, really, and it has three parts. After that, we rest, okay."
+    phrases = chunk(text)
+    assert phrases[0] == "Well, the answer is simple,"
+    assert phrases[1] == "really, and it has three parts."
+    assert phrases[2] == "After that, we rest, okay."
+
+
+def test_long_sentences_split_at_a_comma_never_inside_a_word():
+    settings = ChunkSettings(max_chars=60)
+    text = ("This sentence keeps going for quite a while, because the model is chatty, "
+            "and it does not stop talking about the weather near the mountains")
+    phrases = chunk(text, step=3, settings=settings)
+    assert len(phrases) >= 2
+    assert " ".join(phrases) == speakable(text)
+    assert all(len(p) <= 60 for p in phrases[:-1])
+
+
+def test_markup_and_empty_phrases_are_dropped():
+    assert chunk("**Hello** there. ... ") == ["Hello there."]
+    assert chunk("  ") == []
+    assert speakable("# Title\n* item one") == "Title item one"

@@ -1,0 +1,39 @@
+"""The WebSocket contract's messages decode strictly and encode as documented."""
+
+import json
+
+import msgspec
+import pytest
+
+from app import protocol as p
+
+
+def test_client_messages_decode_by_type():
+    assert p.decode_client('{"type":"text","text":"hi"}') == p.UserText("hi")
+    assert p.decode_client('{"type":"audio_start"}') == p.AudioStart("audio/webm;codecs=opus")
+    assert isinstance(p.decode_client('{"type":"interrupt"}'), p.Interrupt)
+    hello = p.decode_client('{"type":"hello","temperature":0.3,"end_silence_ms":700}')
+    assert hello == p.Hello(temperature=0.3, end_silence_ms=700)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "not json",
+        '{"type":"shout"}',
+        '{"text":"no type"}',
+        '{"type":"text","text":"   "}',
+        '{"type":"text","text":"x","extra":1}',
+        '{"type":"hello","temperature":9}',
+        '{"type":"text","text":' + json.dumps("a" * 3000) + "}",
+    ],
+)
+def test_bad_client_messages_are_rejected(raw):
+    with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):
+        p.decode_client(raw)
+
+
+def test_events_carry_their_type_tag():
+    event = json.loads(p.encode_event(p.TurnEnd(3, "no_speech")))
+    assert event == {"type": "turn_end", "turn": 3, "reason": "no_speech", "reply": ""}
+    assert json.loads(p.encode_event(p.StateChanged("speaking")))["type"] == "state"

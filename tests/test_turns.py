@@ -1,0 +1,82 @@
+"""Streaming voice activity and end-of-turn decisions on real speech."""
+
+import numpy as np
+import pytest
+
+from app.audio import ASR_RATE
+from app.turns import WINDOW, Event, StreamingVad, TurnDetector, TurnSettings
+
+
+def feed_stream(detector: TurnDetector, audio: np.ndarray, block: int = 1600):
+    """Feed 100 ms blocks; return [(event, stream position in samples)]."""
+    out = []
+    for i in range(0, len(audio), block):
+        for event in detector.feed(audio[i : i + block]):
+            out.append((event, detector.position))
+    return out
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * ASR_RATE), dtype=np.float32)
+
+
+def test_vad_scores_speech_high_and_silence_low(jfk_pcm):
+    vad = StreamingVad()
+    probs = [vad(jfk_pcm[i : i + WINDOW]) for i in range(0, len(jfk_pcm) - WINDOW, WINDOW)]
+    vad.reset()
+    quiet = [vad(np.zeros(WINDOW, np.float32)) for _ in range(30)]
+    assert max(quiet) < 0.2
+    assert np.mean(np.array(probs) > 0.5) > 0.4  # JFK speaks most of those 11 s
+
+
+def test_one_turn_ends_after_the_configured_silence(jfk_pcm):
+    settings = TurnSettings(end_silence_ms=1500)  # JFK's own pauses are shorter than this
+    detector = TurnDetector(settings, StreamingVad())
+    events = feed_stream(detector, np.concatenate([silence(1), jfk_pcm, silence(3)]))
+    assert [e for e, _ in events] == [Event.SPEECH_STARTED, Event.TURN_ENDED]
+    audio, speech_end = detector.take_turn()
+    decided_at = events[1][1]
+    waited_ms = (decided_at - speech_end) / ASR_RATE * 1000
+    assert 1500 <= waited_ms <= 1500 + 150, waited_ms  # decided one 100 ms block after the silence
+    assert 10.0 < len(audio) / ASR_RATE < 11.5  # the speech, padded, without the trailing silence
+    assert speech_end / ASR_RATE == pytest.approx(1 + 10.9, abs=0.4)
+
+
+def test_default_settings_split_at_long_pauses(jfk_pcm):
+    detector = TurnDetector(TurnSettings(end_silence_ms=600), StreamingVad())
+    events = feed_stream(detector, np.concatenate([jfk_pcm, silence(2)]))
+    ends = [e for e, _ in events if e is Event.TURN_ENDED]
+    assert len(ends) >= 2  # "And so my fellow Americans ..." then a pause of almost a second
+
+
+def test_a_short_burst_does_not_start_a_turn(jfk_pcm):
+    detector = TurnDetector(TurnSettings(min_speech_ms=400), StreamingVad())
+    # 0.25 s cut from the middle of a word, between silences: a cough-length sound.
+    burst = jfk_pcm[int(1.2 * ASR_RATE) : int(1.45 * ASR_RATE)]
+    events = feed_stream(detector, np.concatenate([silence(1), burst, silence(2)]))
+    assert events == []
+    assert detector.flush() is None
+
+
+def test_endless_speech_is_cut_at_the_cap(jfk_pcm):
+    detector = TurnDetector(TurnSettings(max_turn_s=3), StreamingVad())
+    events = feed_stream(detector, jfk_pcm)
+    assert Event.TURN_ENDED in [e for e, _ in events]
+    audio, _ = detector.take_turn()
+    assert len(audio) <= 3 * ASR_RATE + WINDOW
+
+
+def test_flush_ends_a_turn_in_progress(jfk_pcm):
+    detector = TurnDetector(TurnSettings(end_silence_ms=2000), StreamingVad())
+    events = feed_stream(detector, jfk_pcm[: 3 * ASR_RATE])
+    assert [e for e, _ in events] == [Event.SPEECH_STARTED]
+    assert detector.flush() is Event.TURN_ENDED
+    audio, _ = detector.take_turn()
+    assert len(audio) > ASR_RATE
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError):
+        TurnSettings(speech_threshold=0.3, silence_threshold=0.5)
+    with pytest.raises(ValueError):
+        TurnSettings(end_silence_ms=10)

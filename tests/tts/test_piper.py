@@ -1,0 +1,47 @@
+"""Piper's voice, checked by ear: Whisper tiny.en must hear the words it was given."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from app.tts.piper import PiperSettings
+from tests.conftest import word_error_rate, words
+
+
+def resample(pcm: np.ndarray, src: int, dst: int) -> np.ndarray:
+    t = np.arange(int(len(pcm) * dst / src)) * (src / dst)
+    return np.interp(t, np.arange(len(pcm)), pcm).astype(np.float32)
+
+
+def test_piper_speech_is_understood_by_whisper(engines):
+    text = "The weather in Paris is sunny and warm today."
+    chunks = list(engines.tts.synthesize(text))
+    assert len(chunks) >= 2  # streamed in slices, not one block
+    assert all(c.dtype == np.int16 and c.ndim == 1 for c in chunks)
+    pcm = np.concatenate(chunks).astype(np.float32) / 32768
+    seconds = len(pcm) / engines.tts.sample_rate
+    assert 1.5 < seconds < 6
+    heard = engines.asr.transcribe(resample(pcm, engines.tts.sample_rate, 16_000))
+    # tiny.en is a small model: allow one slip in nine words, but the content words must be there.
+    assert word_error_rate(heard, text) <= 0.12, heard
+    assert {"weather", "paris", "sunny", "warm"} <= set(words(heard))
+
+
+def test_cancel_stops_synthesis(engines):
+    cancel = threading.Event()
+    got = []
+    for chunk in engines.tts.synthesize("One sentence. Another sentence. And a third.", cancel=cancel):
+        got.append(chunk)
+        cancel.set()
+    assert len(got) == 1
+
+
+def test_nothing_to_say_yields_nothing(engines):
+    assert list(engines.tts.synthesize("   ")) == []
+    assert engines.tts.new_voice() is None
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError):
+        PiperSettings(length_scale=5)
