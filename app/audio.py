@@ -103,22 +103,40 @@ class StreamDecoder:
             pass
 
 
-def encode_webm_opus(pcm: np.ndarray, rate: int) -> bytes:
-    """Encode mono float32 PCM as WebM/Opus, the way a browser's MediaRecorder would."""
-    out = io.BytesIO()
-    with av.open(out, mode="w", format="webm") as container:
+def encode_webm_opus(pcm: np.ndarray, rate: int, piece_ms: int = 100) -> list[bytes]:
+    """Encode mono float32 PCM as live WebM/Opus, cut the way MediaRecorder's timeslice cuts it:
+    piece i holds the bytes produced by the first (i+1) * piece_ms of audio. Used by tests and
+    benchmarks to send what a browser sends; b"".join() gives the whole file."""
+    sink = io.BytesIO()
+    options = {"live": "1", "cluster_time_limit": str(piece_ms)}  # flush clusters as we go
+    pieces: list[bytes] = []
+    with av.open(sink, mode="w", format="webm", options=options) as container:
         stream = container.add_stream("libopus", rate=48_000, layout="mono")
         resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
-        frame = av.AudioFrame.from_ndarray(
-            float_to_int16(pcm).reshape(1, -1), format="s16", layout="mono"
-        )
-        frame.sample_rate = rate
-        for resampled in resampler.resample(frame) + resampler.resample(None):
+        step = rate * piece_ms // 1000
+        for start in range(0, len(pcm), step):
+            frame = av.AudioFrame.from_ndarray(
+                float_to_int16(pcm[start : start + step]).reshape(1, -1), format="s16", layout="mono"
+            )
+            frame.sample_rate = rate
+            for resampled in resampler.resample(frame):
+                for packet in stream.encode(resampled):
+                    container.mux(packet)
+            pieces.append(_take(sink))
+        for resampled in resampler.resample(None):
             for packet in stream.encode(resampled):
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
-    return out.getvalue()
+    pieces.append(_take(sink))
+    return [piece for piece in pieces if piece]
+
+
+def _take(sink: io.BytesIO) -> bytes:
+    data = sink.getvalue()
+    sink.seek(0)
+    sink.truncate()
+    return data
 
 
 def read_audio_file(path: str, rate: int = ASR_RATE) -> np.ndarray:

@@ -15,8 +15,8 @@ from . import models
 log = logging.getLogger(__name__)
 
 DEFAULT_SYSTEM_PROMPT = (
-    "You are a friendly voice assistant. Your replies are spoken aloud, so answer in one to "
-    "three short sentences of plain conversational English. No lists, no markdown, no emoji."
+    "You are a helpful voice assistant. Always answer in English, in one or two short "
+    "sentences. Your words are spoken aloud: no lists, no markdown, no emoji."
 )
 
 
@@ -25,7 +25,7 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     n_ctx: int = 2048
     n_threads: int = 0  # 0: all cores
     n_gpu_layers: int = 0  # -1: every layer on the GPU
-    temperature: float = 0.6
+    temperature: float = 0.3  # SmolLM2-135M drifts into French and nonsense when hotter
     top_p: float = 0.9
     repeat_penalty: float = 1.2  # small models loop without it
     max_tokens: int = 120

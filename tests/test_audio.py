@@ -30,7 +30,7 @@ def decode_in_pieces(data: bytes, piece: int = 1500) -> tuple[np.ndarray, str | 
 
 
 def test_streamed_webm_opus_decodes_to_16k_mono(jfk_pcm):
-    data = encode_webm_opus(jfk_pcm, ASR_RATE)
+    data = b"".join(encode_webm_opus(jfk_pcm, ASR_RATE))
     pcm, error, _ = decode_in_pieces(data)
     assert error is None
     assert pcm.dtype == np.float32
@@ -42,7 +42,7 @@ def test_streamed_webm_opus_decodes_to_16k_mono(jfk_pcm):
 
 
 def test_decoding_starts_before_the_stream_ends(jfk_pcm):
-    data = encode_webm_opus(jfk_pcm, ASR_RATE)
+    data = b"".join(encode_webm_opus(jfk_pcm, ASR_RATE))
     blocks: list[np.ndarray] = []
     decoder = StreamDecoder(blocks.append, lambda e: None)
     decoder.feed(data[: len(data) // 2])
@@ -65,6 +65,13 @@ def test_garbage_reports_an_error_and_ends():
 def test_empty_stream_ends_with_an_error_not_a_hang():
     _, error, _ = decode_in_pieces(b"")
     assert error is not None
+
+
+def test_encoder_cuts_a_live_stream_like_media_recorder(jfk_pcm):
+    pieces = encode_webm_opus(jfk_pcm[: 2 * ASR_RATE], ASR_RATE, piece_ms=100)
+    assert 15 <= len(pieces) <= 25  # about one piece per 100 ms
+    assert pieces[0].startswith(b"\x1a\x45\xdf\xa3")  # the EBML header comes first
+    assert all(len(piece) < 4000 for piece in pieces[1:])
 
 
 def test_int16_round_trip():

@@ -56,17 +56,18 @@ def of_type(events: list[dict], kind: str) -> list[dict]:
     return [e for e in events if e["type"] == kind]
 
 
-def send_recording(ws: ClientConnection, data: bytes, piece: int = 2000) -> None:
+def send_recording(ws: ClientConnection, pieces: list[bytes]) -> None:
+    """What the page does: audio_start, the recorder's pieces in order, audio_stop."""
     ws.send(json.dumps({"type": "audio_start", "mime_type": "audio/webm;codecs=opus"}))
-    for i in range(0, len(data), piece):
-        ws.send(data[i : i + piece])
+    for piece in pieces:
+        ws.send(piece)
     ws.send(json.dumps({"type": "audio_stop"}))
 
 
 def test_spoken_turn_end_to_end(live_server, jfk_pcm):
-    data = encode_webm_opus(np.concatenate([jfk_pcm, np.zeros(ASR_RATE, np.float32)]), ASR_RATE)
+    pieces = encode_webm_opus(np.concatenate([jfk_pcm, np.zeros(ASR_RATE, np.float32)]), ASR_RATE)
     with session(live_server, end_silence_ms=1500) as ws:
-        send_recording(ws, data)
+        send_recording(ws, pieces)
         events, audio = events_until_turn_end(ws)
     kinds = [e["type"] for e in events]
     assert kinds.index("speech_started") < kinds.index("speech_stopped") < kinds.index("transcript")
@@ -116,7 +117,7 @@ def test_malformed_messages_are_answered_and_skipped(live_server):
 
 def test_garbage_audio_is_an_error_and_a_no_speech_turn(live_server):
     with session(live_server) as ws:
-        send_recording(ws, b"\x1a\x45\xdf\xa3 this is no webm" * 100)
+        send_recording(ws, [b"\x1a\x45\xdf\xa3 this is no webm" * 10] * 10)
         events, audio = events_until_turn_end(ws)
     assert of_type(events, "error")[0]["code"] == "bad_audio"
     assert of_type(events, "turn_end")[0]["reason"] == "no_speech"
@@ -124,9 +125,9 @@ def test_garbage_audio_is_an_error_and_a_no_speech_turn(live_server):
 
 
 def test_silence_ends_with_no_speech(live_server):
-    data = encode_webm_opus(np.zeros(2 * ASR_RATE, np.float32), ASR_RATE)
+    pieces = encode_webm_opus(np.zeros(2 * ASR_RATE, np.float32), ASR_RATE)
     with session(live_server) as ws:
-        send_recording(ws, data)
+        send_recording(ws, pieces)
         events, _ = events_until_turn_end(ws)
     assert not of_type(events, "speech_started")
     assert of_type(events, "turn_end")[0]["reason"] == "no_speech"
