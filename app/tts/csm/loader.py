@@ -36,6 +36,7 @@ from huggingface_hub.errors import (
 )
 from tokenizers import Tokenizer
 
+from app.models import ModelError
 from app.tts.csm.model import FLAVORS, CsmModel, CsmModelConfig, LlamaShape
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,11 @@ CHECKPOINT_FILES = ("model.safetensors", "ckpt.safetensors", "model.safetensors.
 KNOWN_CHECKPOINTS = {"senstella/csm-expressiva-1b": ("ckpt.safetensors",)}
 
 
-class ModelNotAvailableError(RuntimeError):
-    """A model file is neither on disk nor downloadable; the message says what to do."""
+class ModelNotAvailableError(ModelError):
+    """A CSM file is neither on disk nor downloadable; the message says which and what to do."""
+
+    def __init__(self, ref: str, problem: str, hint: str = "Check the reference in the tts.csm settings.") -> None:
+        super().__init__("tts", ref, problem, hint)
 
 
 class CheckpointMismatchError(ValueError):
@@ -66,7 +70,11 @@ def _is_repo_id(ref: str) -> bool:
 
 
 def resolve_file(ref: str, filenames: Sequence[str], *, what: str, offline: bool = False) -> Path:
-    """A local file, the first of `filenames` in a local folder, or a hub download of the first that exists."""
+    """A local file, the first of `filenames` in a local folder, or a hub download of the first that exists.
+
+    `ref` is a path or a hub repo id, with or without the project's `hf:` prefix.
+    """
+    ref = ref.removeprefix("hf:")
     path = Path(ref).expanduser()
     if path.is_file():
         return path
@@ -74,33 +82,36 @@ def resolve_file(ref: str, filenames: Sequence[str], *, what: str, offline: bool
         for name in filenames:
             if (path / name).is_file():
                 return path / name
-        raise ModelNotAvailableError(f"{what}: folder {path} holds none of {', '.join(filenames)}.")
+        raise ModelNotAvailableError(ref, f"{what}: the folder holds none of {', '.join(filenames)}")
     if not _is_repo_id(ref):
-        raise ModelNotAvailableError(f"{what}: {ref} does not exist (not a file, folder or hub repo id).")
+        raise ModelNotAvailableError(ref, f"{what}: no such file or folder, and not a hub repo id")
     for name in filenames:  # a cached copy wins, without touching the network
         cached = try_to_load_from_cache(ref, name)
         if isinstance(cached, str):
             return Path(cached)
     if offline or hub_constants.HF_HUB_OFFLINE:
-        raise ModelNotAvailableError(_offline_message(ref, filenames[0], what, "offline mode is on"))
+        raise ModelNotAvailableError(ref, _offline_problem(filenames[0], what, "offline mode is on"), _OFFLINE_HINT)
     for name in filenames:
         try:
             return _download(ref, name, what=what)
         except LocalEntryNotFoundError:
-            raise ModelNotAvailableError(_offline_message(ref, name, what, "the hub cannot be reached")) from None
+            problem = _offline_problem(name, what, "the hub cannot be reached")
+            raise ModelNotAvailableError(ref, problem, _OFFLINE_HINT) from None
         except EntryNotFoundError:
             continue  # not in this repo: try the next name
     raise ModelNotAvailableError(
-        f"{what}: hub repo {ref} has none of {', '.join(filenames)}; name the file in the settings."
+        ref, f"{what}: the hub repo has none of {', '.join(filenames)}", "Name the file in the settings."
     )
 
 
-def _offline_message(ref: str, filename: str, what: str, reason: str) -> str:
-    return (
-        f"{what} '{ref}' ({filename}) is not on this machine and {reason}. Start once with internet "
-        f"access to download it into the Hugging Face cache ({hub_constants.HF_HUB_CACHE}), "
-        f"or point the setting at a local copy."
-    )
+_OFFLINE_HINT = (
+    "Start once with internet access to download it into the Hugging Face cache "
+    "(HF_HOME, kept between runs), set the reference to a local copy, or use --preset cpu, which runs offline"
+)
+
+
+def _offline_problem(filename: str, what: str, reason: str) -> str:
+    return f"{what} ({filename}) is not on this machine and {reason}"
 
 
 def _download(repo: str, filename: str, *, what: str) -> Path:
@@ -110,12 +121,11 @@ def _download(repo: str, filename: str, *, what: str) -> Path:
         with _log_download_progress(repo, filename):
             path = Path(hf_hub_download(repo, filename))
     except GatedRepoError:
-        raise ModelNotAvailableError(
-            f"{what}: hub repo {repo} is gated. Accept its licence on huggingface.co and set HF_TOKEN, "
-            f"or use an ungated copy (e.g. unsloth/csm-1b)."
-        ) from None
+        hint = "Accept its licence on huggingface.co and set HF_TOKEN, or use an ungated copy (unsloth/csm-1b)"
+        raise ModelNotAvailableError(repo, f"{what}: the hub repo is gated", hint) from None
     except RepositoryNotFoundError:
-        raise ModelNotAvailableError(f"{what}: hub repo {repo} does not exist (or needs a token).") from None
+        hint = "Check the repo id; a private repo needs HF_TOKEN"
+        raise ModelNotAvailableError(repo, f"{what}: no such hub repo", hint) from None
     size_mb = path.stat().st_size / 1e6
     log.info("%s: %s ready (%.0f MB in %.0f s)", what, filename, size_mb, time.monotonic() - start)
     return path
@@ -142,6 +152,7 @@ def _log_download_progress(repo: str, filename: str, every_s: float = 10.0) -> I
 
 def resolve_checkpoint(ref: str, filename: str | None = None, *, offline: bool = False) -> list[Path]:
     """The checkpoint file(s) of a CSM reference: several when the checkpoint is sharded."""
+    ref = ref.removeprefix("hf:")
     names = (filename,) if filename else KNOWN_CHECKPOINTS.get(ref, CHECKPOINT_FILES)
     first = resolve_file(ref, names, what="CSM checkpoint (setting `model`)", offline=offline)
     if not first.name.endswith(".index.json"):
@@ -153,6 +164,7 @@ def resolve_checkpoint(ref: str, filename: str | None = None, *, offline: bool =
 
 def resolve_config_json(ref: str, checkpoint: Path, *, offline: bool = False) -> dict[str, Any] | None:
     """The config.json next to a checkpoint (transformers' or Sesame's), if there is one."""
+    ref = ref.removeprefix("hf:")
     candidate = checkpoint.parent / "config.json"
     if candidate.is_file():
         return json.loads(candidate.read_text())
@@ -296,6 +308,7 @@ def _stack_shape(state: dict[str, torch.Tensor], stack: str, hints: dict[str, An
 def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any] | None = None) -> CsmModelConfig:
     """Sizes read off an original-layout state dict (+ config.json hints for the head counts)."""
     hints = hints or {}
+    defaults = CsmModelConfig()
     text_vocab = state["text_embeddings.weight"].shape[0]
     heads_minus_one, _, audio_vocab = state["audio_head"].shape  # (K-1, decoder_dim, V)
     return CsmModelConfig(
@@ -304,8 +317,8 @@ def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any] | None = 
         text_vocab_size=text_vocab,
         audio_vocab_size=audio_vocab,
         audio_num_codebooks=heads_minus_one + 1,
-        max_seq_len=hints.get("max_position_embeddings", CsmModelConfig.max_seq_len),
-        rope_base=int(hints.get("rope_theta", CsmModelConfig.rope_base)),
+        max_seq_len=hints.get("max_position_embeddings", defaults.max_seq_len),
+        rope_base=int(hints.get("rope_theta", defaults.rope_base)),
     )
 
 

@@ -1,0 +1,235 @@
+"""Sesame CSM-1B as the `gpu` preset's TtsEngine: settings, per-conversation voice memory, loading.
+
+Importing this module is cheap (no torch): the settings can live in the config module of a server
+that never loads CSM. `load_csm_engine` does the heavy part: resolve (download) every file first,
+so a missing one fails fast, then load the model, tokenizer, Mimi and the optional voice prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+import numpy as np
+
+if TYPE_CHECKING:
+    from app.tts.csm.generator import CsmGenerator, GenerationConfig, Segment, Utterance
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24_000
+DEFAULT_SPEAKERS = {"senstella/csm-expressiva-1b": 4}  # the speaker id that fine-tune was trained as
+
+
+class CsmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    model: str = "senstella/csm-expressiva-1b"  # hub repo id or local file/folder (either key layout)
+    checkpoint: str | None = None  # file name inside `model`; None = the repo's known name
+    tokenizer: str = "unsloth/Llama-3.2-1B"  # tokenizer.json: hub repo, folder or file
+    mimi: str = "kyutai/moshiko-pytorch-bf16"
+    mimi_file: str = "tokenizer-e351c8d8-checkpoint125.safetensors"
+    speaker: int | None = None  # None = the model's known speaker (4 for expressiva), else 0
+    temperature: float = 0.9
+    topk: int = 50
+    device: str = "auto"  # auto = cuda when present, else cpu
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    voice_prompt_wav: str | None = None  # a few seconds of the voice, any audio format
+    voice_prompt_text: str | None = None  # its transcript
+    context_frames: int = 500  # audio frames (12.5/s) of the assistant's recent utterances kept as context
+    first_chunk_frames: int = 2  # 1..4: the first chunk's audio (80 ms a frame)
+    chunk_frames: int = 4
+    max_audio_seconds: float = 20.0
+    repeat_stop_frames: int = 16
+    seed: int | None = None
+    offline: bool = False  # never reach the hub; only cached or local files
+    model_config: dict[str, Any] | None = None  # CsmModelConfig fields; None = read off the checkpoint
+
+    def __post_init__(self) -> None:
+        if (self.voice_prompt_wav is None) != (self.voice_prompt_text is None):
+            raise ValueError("csm voice_prompt_wav and voice_prompt_text go together: set both or neither")
+        if self.context_frames < 0:
+            raise ValueError("csm context_frames must be >= 0")
+        # The same limits GenerationConfig enforces, checked here without importing torch.
+        if not 1 <= self.first_chunk_frames <= 4:
+            raise ValueError("csm first_chunk_frames must be 1..4 (first audio within 320 ms)")
+        if self.chunk_frames < 1 or self.topk < 1 or self.temperature < 0 or self.repeat_stop_frames < 2:
+            raise ValueError("csm needs chunk_frames >= 1, topk >= 1, temperature >= 0, repeat_stop_frames >= 2")
+
+    def speaker_id(self) -> int:
+        if self.speaker is not None:
+            return self.speaker
+        return DEFAULT_SPEAKERS.get(self.model.removeprefix("hf:"), 0)
+
+    def generation_config(self) -> GenerationConfig:
+        from app.tts.csm.generator import GenerationConfig
+
+        return GenerationConfig(
+            temperature=self.temperature,
+            topk=self.topk,
+            first_chunk_frames=self.first_chunk_frames,
+            chunk_frames=self.chunk_frames,
+            max_audio_seconds=self.max_audio_seconds,
+            repeat_stop_frames=self.repeat_stop_frames,
+        )
+
+
+class CsmVoice:
+    """One conversation's voice memory: the assistant's recent utterances (text + audio codes).
+
+    Feeding them back as context keeps the voice, pace and loudness consistent from phrase to
+    phrase. Only utterances that ended cleanly are kept, oldest dropped beyond the frame budget.
+    """
+
+    def __init__(self, budget_frames: int) -> None:
+        self.budget_frames = budget_frames
+        self._segments: deque[Segment] = deque()
+
+    @property
+    def segments(self) -> list[Segment]:
+        return list(self._segments)
+
+    def remember(self, segment: Segment) -> None:
+        self._segments.append(segment)
+        while self._segments and sum(s.codes.shape[0] for s in self._segments) > self.budget_frames:
+            self._segments.popleft()
+
+    def clear(self) -> None:
+        self._segments.clear()
+
+
+def _speakable(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+def to_int16(pcm: np.ndarray) -> np.ndarray:
+    """float PCM in [-1, 1] -> int16, clipped."""
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+class CsmEngine:
+    """TtsEngine over a loaded CsmGenerator. Calls come from one worker thread."""
+
+    name = "csm"
+    sample_rate = SAMPLE_RATE
+
+    def __init__(
+        self, generator: CsmGenerator, settings: CsmSettings, *, voice_prompt: Segment | None = None
+    ) -> None:
+        self.generator = generator
+        self.settings = settings
+        self.voice_prompt = voice_prompt
+        self.speaker = settings.speaker_id()
+        self.config = settings.generation_config()
+        self.last_utterance: Utterance | None = None  # for metrics and tests
+
+    def new_voice(self) -> CsmVoice:
+        return CsmVoice(self.settings.context_frames)
+
+    def synthesize(
+        self, text: str, *, voice: object | None = None, cancel: threading.Event | None = None
+    ) -> Iterator[np.ndarray]:
+        yield from self._synthesize(text, voice=voice, cancel=cancel)
+
+    def _synthesize(
+        self, text: str, *, voice: object | None, cancel: threading.Event | None, max_frames: int | None = None
+    ) -> Iterator[np.ndarray]:
+        text = " ".join(text.split())
+        if not _speakable(text):
+            return
+        memory = voice if isinstance(voice, CsmVoice) else None
+        pinned = [self.voice_prompt] if self.voice_prompt is not None else []
+        utterance = self.generator.utterance(
+            text,
+            speaker=self.speaker,
+            context=pinned + (memory.segments if memory else []),
+            pinned=len(pinned),
+            config=self.config,
+            cancel=cancel,
+            max_frames=max_frames,
+        )
+        self.last_utterance = utterance
+        start = time.monotonic()
+        for pcm in utterance:
+            yield to_int16(pcm)
+        self._log(text, utterance, time.monotonic() - start)
+        if memory is not None and utterance.stop_reason == "eos" and utterance.codes.shape[0]:
+            from app.tts.csm.generator import Segment
+
+            memory.remember(Segment(speaker=self.speaker, text=text, codes=utterance.codes))
+
+    def _log(self, text: str, utterance: Utterance, seconds: float) -> None:
+        frames = utterance.codes.shape[0]
+        audio_s = frames / 12.5
+        log.info(
+            "csm: %d frames (%.2f s audio) in %.2f s, rtf %.2f, first chunk %s, stop %s, context %d: %.40r",
+            frames,
+            audio_s,
+            seconds,
+            seconds / audio_s if audio_s else float("nan"),
+            f"{utterance.first_chunk_s:.3f} s" if utterance.first_chunk_s is not None else "none",
+            utterance.stop_reason,
+            utterance.prompt.segments_used,
+            text,
+        )
+
+    def warm_up(self) -> None:
+        """About a second of speech, into a throwaway voice: first-call kernels, allocator, Mimi state."""
+        start = time.monotonic()
+        for _ in self._synthesize("Hello, I am ready.", voice=None, cancel=None, max_frames=12):
+            pass
+        log.info("csm: warmed up in %.2f s", time.monotonic() - start)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def pick_device(settings: CsmSettings) -> tuple[Any, Any]:
+    """(torch device, torch dtype) for the settings: CUDA + bf16 when available, else CPU + fp32."""
+    import torch
+
+    if settings.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(settings.device)
+    if settings.dtype != "auto":
+        return device, getattr(torch, settings.dtype)
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return device, torch.float32
+
+
+def load_csm_engine(settings: CsmSettings) -> CsmEngine:
+    """Resolve (download on first launch) and load everything CSM needs; blocking, call at start-up."""
+    from app.tts.csm import loader
+    from app.tts.csm.generator import CsmGenerator, Segment
+    from app.tts.csm.model import CsmModelConfig
+
+    start = time.monotonic()
+    device, dtype = pick_device(settings)
+    offline = settings.offline
+    checkpoint = loader.resolve_checkpoint(settings.model, settings.checkpoint, offline=offline)
+    tokenizer_file = loader.resolve_file(
+        settings.tokenizer, ("tokenizer.json",), what="CSM text tokenizer (setting `tokenizer`)", offline=offline
+    )
+    mimi_file = loader.resolve_file(
+        settings.mimi, (settings.mimi_file,), what="Mimi codec (setting `mimi`)", offline=offline
+    )
+    config = msgspec.convert(settings.model_config, CsmModelConfig) if settings.model_config else None
+    hints = loader.resolve_config_json(settings.model, checkpoint[0], offline=offline)
+    model = loader.load_csm_model(checkpoint, config=config, hints=hints, device=device, dtype=dtype)
+    tokenizer = loader.load_text_tokenizer(str(tokenizer_file))
+    mimi = loader.load_mimi(str(mimi_file), device=device, num_codebooks=model.config.audio_num_codebooks)
+    generator = CsmGenerator(model, tokenizer, mimi, seed=settings.seed)
+    voice_prompt = None
+    if settings.voice_prompt_wav is not None and settings.voice_prompt_text is not None:
+        codes = generator.encode(loader.read_audio(settings.voice_prompt_wav))
+        voice_prompt = Segment(speaker=settings.speaker_id(), text=settings.voice_prompt_text, codes=codes)
+        log.info("csm: voice prompt of %.1f s from %s", codes.shape[0] / 12.5, settings.voice_prompt_wav)
+        if codes.shape[0] > model.config.max_seq_len // 2:
+            log.warning("csm: the voice prompt fills over half the context; it is dropped when a reply needs room")
+    log.info("csm: loaded on %s (%s) in %.1f s", device, dtype, time.monotonic() - start)
+    return CsmEngine(generator, settings, voice_prompt=voice_prompt)
