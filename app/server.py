@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,7 +51,12 @@ async def status(state: State) -> str:
 
 
 def _short(ref: str) -> str:
-    return ref.rsplit("/", 1)[-1].replace("<", "")
+    """A model reference as a person would name it: the package, file or repo, HTML-escaped."""
+    if ref.startswith("pkg:"):
+        name = ref[4:].split("/", 1)[0]
+    else:
+        name = ref.rstrip("/").rsplit("/", 1)[-1]
+    return html.escape(name)
 
 
 @websocket("/ws")
