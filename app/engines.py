@@ -10,6 +10,7 @@ from .config import Settings
 from .llm import ChatModel
 from .tts.base import TtsEngine
 from .tts.piper import PiperEngine
+from .turns import load_vad_model
 from .workers import Worker
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,7 @@ class Engines:
         self.asr = asr
         self.llm = llm
         self.tts = tts
+        self.vad_model = load_vad_model()
         self.asr_worker = Worker("asr")
         self.llm_worker = Worker("llm")
         self.tts_worker = Worker("tts")

@@ -64,13 +64,14 @@ class Reply:
 class Recording:
     """One microphone stream: decodes on its own thread and reports turns to the session."""
 
-    def __init__(self, session: Session, vad: StreamingVad) -> None:
+    def __init__(self, session: Session) -> None:
         self._session = session
         self._loop = asyncio.get_running_loop()
         settings = session.engines.settings.turns
         if session.end_silence_ms is not None:
             settings = msgspec.structs.replace(settings, end_silence_ms=session.end_silence_ms)
-        self.detector = TurnDetector(settings, vad)
+        # A VAD state of its own: the previous recording's thread may still be draining.
+        self.detector = TurnDetector(settings, StreamingVad(session.engines.vad_model))
         self.turns_found = 0
         self.decoder = StreamDecoder(self._on_pcm, self._on_end)
 
@@ -113,7 +114,6 @@ class Session:
         self._turns: asyncio.Queue[PendingTurn] = asyncio.Queue()
         self._turn_ids = itertools.count(1)
         self._recording: Recording | None = None
-        self._vad = StreamingVad()
         self._voice = engines.tts.new_voice()
         self._current: asyncio.Task[None] | None = None
         self._state: p.State | None = None
@@ -210,7 +210,7 @@ class Session:
 
     def start_recording(self) -> None:
         self.stop_recording()
-        self._recording = Recording(self, self._vad)
+        self._recording = Recording(self)
         if self._current is None:
             self.set_state("listening")
 

@@ -31,18 +31,24 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("end_silence_ms >= 100, min_speech_ms >= 0, max_turn_s >= 1")
 
 
-class StreamingVad:
-    """Silero VAD v6 fed one 32 ms window at a time, carrying its recurrent state between calls."""
+def load_vad_model() -> onnxruntime.InferenceSession:
+    """The Silero VAD v6 network; one per server, shared (run() is thread-safe)."""
+    opts = onnxruntime.SessionOptions()
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 4
+    path = os.path.join(get_assets_path(), "silero_vad_v6.onnx")
+    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"], sess_options=opts)
 
-    def __init__(self) -> None:
-        opts = onnxruntime.SessionOptions()
-        opts.inter_op_num_threads = 1
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 4
-        path = os.path.join(get_assets_path(), "silero_vad_v6.onnx")
-        self._session = onnxruntime.InferenceSession(
-            path, providers=["CPUExecutionProvider"], sess_options=opts
-        )
+
+class StreamingVad:
+    """Silero VAD fed one 32 ms window at a time, carrying its recurrent state between calls.
+
+    The state lives here, not in the model, so each recording has its own StreamingVad.
+    """
+
+    def __init__(self, model: onnxruntime.InferenceSession | None = None) -> None:
+        self._model = model if model is not None else load_vad_model()
         self.reset()
 
     def reset(self) -> None:
@@ -54,7 +60,7 @@ class StreamingVad:
         """Speech probability of one window of WINDOW float32 samples."""
         assert window.shape == (WINDOW,), window.shape
         x = np.concatenate([self._context, window])[None, :]
-        prob, self._h, self._c = self._session.run(None, {"input": x, "h": self._h, "c": self._c})
+        prob, self._h, self._c = self._model.run(None, {"input": x, "h": self._h, "c": self._c})
         self._context = window[-CONTEXT:]
         return float(np.asarray(prob).reshape(-1)[0])
 

@@ -36,13 +36,20 @@ class Worker:
         cancel = threading.Event()
 
         def produce() -> None:
+            iterator = make(cancel)
             try:
-                for item in make(cancel):
+                for item in iterator:
                     loop.call_soon_threadsafe(items.put_nowait, item)
                     if cancel.is_set():
                         break
             except BaseException as exc:  # handed to the consumer, raised there
                 loop.call_soon_threadsafe(items.put_nowait, _Failure(exc))
+            finally:
+                # Close here, on the engine's own thread: left to the garbage collector, a
+                # generator's cleanup (e.g. llama.cpp's) could run on any thread.
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
             loop.call_soon_threadsafe(items.put_nowait, _DONE)
 
         future = loop.run_in_executor(self._executor, produce)

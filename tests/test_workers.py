@@ -64,3 +64,24 @@ def test_stopping_the_consumer_cancels_the_producer():
     asyncio.run(main())
     assert stopped.is_set()
     assert len(produced) < 10
+
+
+def test_an_abandoned_generator_is_closed_on_the_worker_thread():
+    closed_on = []
+
+    def tokens(cancel):
+        try:
+            while True:
+                yield "tok"
+        finally:  # llama.cpp frees its generation state here; it must be the engine's thread
+            closed_on.append(threading.current_thread().name)
+
+    async def main():
+        worker = Worker("engine")
+        async for _ in worker.stream(tokens):
+            break
+        await worker.run(lambda: None)  # runs after the producer has finished
+        worker.close()
+
+    asyncio.run(main())
+    assert len(closed_on) == 1 and closed_on[0].startswith("engine")
