@@ -113,7 +113,8 @@ def test_depth_decoder_logits_match_transformers(reference, ours: CsmModel) -> N
         step = torch.cat([last.unsqueeze(1), ours.embed_audio(0, frame[:, :1])], dim=1)
         got = [ours.decoder_logits(step, torch.tensor([[0, 1]]), codebook=1)]
         for cb in range(1, K - 1):
-            got.append(ours.decoder_logits(ours.embed_audio(cb, frame[:, cb : cb + 1]), torch.tensor([[cb + 1]]), cb + 1))
+            code = ours.embed_audio(cb, frame[:, cb : cb + 1])
+            got.append(ours.decoder_logits(code, torch.tensor([[cb + 1]]), codebook=cb + 1))
     torch.testing.assert_close(torch.cat(got), expected, atol=1e-4, rtol=1e-4)
 
 

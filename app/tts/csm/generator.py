@@ -209,6 +209,7 @@ class CsmGenerator:
         ]
         self._audio_row_mask = torch.ones(1, 1, k + 1, dtype=torch.bool, device=self.device)
         self._audio_row_mask[..., -1] = False
+        self.decode_frame_by_frame = self.device.type == "cuda"  # see decode()
         self.active: Utterance | None = None
 
     def sample(self, logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
@@ -286,17 +287,28 @@ class CsmGenerator:
         self.mimi.reset_streaming()
 
     def decode(self, codes: torch.Tensor) -> np.ndarray:
-        """(n, K) codes -> (n * 1920,) float32 PCM, continuing the streaming decoder's state."""
-        pcm = self.mimi.decode(codes.T.unsqueeze(0))  # (1, K, n) -> (1, 1, n * 1920)
-        return pcm[0, 0].float().cpu().numpy()
+        """(n, K) codes -> (n * 1920,) float32 PCM, continuing the streaming decoder's state.
+
+        On CUDA, moshi replays CUDA graphs that need the same input shape on every call, and chunks
+        are 1-4 frames: so one frame per call there. On the CPU a whole chunk per call is ~4x cheaper.
+        Either way the chunk's PCM crosses to the host in one copy.
+        """
+        frames = codes.T.unsqueeze(0)  # (1, K, n)
+        if not self.decode_frame_by_frame:
+            return self.mimi.decode(frames)[0, 0].float().cpu().numpy()  # (1, 1, n * 1920)
+        pcm = [self.mimi.decode(frames[:, :, i : i + 1]) for i in range(frames.shape[-1])]
+        return torch.cat(pcm, dim=-1)[0, 0].float().cpu().numpy()
 
     @torch.no_grad()
     def encode(self, pcm: np.ndarray) -> torch.Tensor:
-        """24 kHz float PCM -> (F, K) codes on the CPU (the voice prompt)."""
+        """24 kHz float PCM -> (F, K) codes on the CPU (the voice prompt; once, at load)."""
+        from moshi.utils.compile import no_cuda_graph
+
         pad = (-len(pcm)) % SAMPLES_PER_FRAME  # streaming encode takes whole frames only
         audio = torch.from_numpy(np.pad(pcm.astype(np.float32), (0, pad)))[None, None].to(self.device)
         self.start_mimi()
-        codes = self.mimi.encode(audio)  # (1, K, F)
+        with no_cuda_graph():  # a one-off shape: capturing a graph for it would pin that shape
+            codes = self.mimi.encode(audio)  # (1, K, F)
         self.mimi.reset_streaming()
         return codes[0].T.cpu().long()
 
@@ -304,7 +316,9 @@ class CsmGenerator:
 class Utterance:
     """One planned utterance: iterate for float32 PCM chunks; afterwards read stop_reason and codes."""
 
-    def __init__(self, owner: CsmGenerator, prompt: Prompt, config: GenerationConfig, cancel) -> None:
+    def __init__(
+        self, owner: CsmGenerator, prompt: Prompt, config: GenerationConfig, cancel: threading.Event | None
+    ) -> None:
         self.owner = owner
         self.prompt = prompt
         self.config = config

@@ -192,7 +192,10 @@ def read_state_dict(paths: Sequence[Path]) -> dict[str, torch.Tensor]:
         if path.suffix in (".safetensors", ".sft"):
             state.update(load_file(str(path)))
             continue
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
         for wrapper in ("model", "state_dict"):  # training scripts often nest the weights
             if isinstance(loaded, dict) and isinstance(loaded.get(wrapper), dict):
                 loaded = loaded[wrapper]
