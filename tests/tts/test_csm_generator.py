@@ -219,9 +219,14 @@ def test_a_new_utterance_supersedes_an_unfinished_one(make_generator, fast_confi
     generator.generate_frame = scripted(varying_frame)
     first = iter(generator.utterance("One.", speaker=4, config=fast_config, max_frames=20))
     next(first)
-    second = generator.utterance("Two.", speaker=4, config=fast_config, max_frames=6)
-    assert sum(len(c) for c in second) == 6 * SAMPLES_PER_FRAME
-    assert list(first) == []  # the abandoned stream ends instead of writing into the new caches
+    second_utterance = generator.utterance("Two.", speaker=4, config=fast_config, max_frames=6)
+    second = iter(second_utterance)
+    next(second)
+    calls = generator.generate_frame.calls
+    assert list(first) == []  # the abandoned stream ends ...
+    assert generator.generate_frame.calls == calls  # ... without one more step on the new caches
+    assert sum(len(c) for c in second) == 4 * SAMPLES_PER_FRAME
+    assert second_utterance.stop_reason == "max_length" and second_utterance.codes.shape[0] == 6
 
 
 def test_a_huge_context_never_overflows_the_kv_cache(make_generator, fast_config) -> None:
@@ -258,3 +263,23 @@ def test_frame_by_frame_decoding_sounds_the_same_as_whole_chunks(make_generator)
         framed = np.concatenate([generator.decode(codes[:2]), generator.decode(codes[2:])])
     assert whole.shape == framed.shape == (6 * SAMPLES_PER_FRAME,)
     assert np.abs(whole).max() > 0 and np.allclose(whole, framed, atol=1e-5)
+
+
+def test_the_frame_step_never_reads_the_device(make_generator, fast_config, monkeypatch) -> None:
+    """No .item()/bool()/.cpu() inside a frame: on a GPU each would stall the launch queue (STYLE habit 4)."""
+    generator = make_generator()
+    prompt = generator.utterance("Hello there.", speaker=4, config=fast_config, max_frames=3).prompt
+    reads: list[str] = []
+
+    def counted(name: str):
+        real = getattr(torch.Tensor, name)
+        return lambda self, *args, **kwargs: reads.append(name) or real(self, *args, **kwargs)
+
+    for name in ("__bool__", "item", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, counted(name))
+    with torch.no_grad():
+        generator.model.reset_caches()
+        chunks = list(generator.frame_chunks(prompt, fast_config, cancel=None))
+    monkeypatch.undo()
+    assert sum(c.shape[0] for c in chunks) == 3
+    assert reads == []

@@ -177,7 +177,7 @@ class CsmEngine:
         )
 
     def warm_up(self) -> None:
-        """About a second of speech, into a throwaway voice: first-call kernels, allocator, Mimi state."""
+        """About a second of speech, remembered nowhere: first-call kernels, allocator, Mimi state."""
         start = time.monotonic()
         for _ in self._synthesize("Hello, I am ready.", voice=None, cancel=None, max_frames=12):
             pass

@@ -352,9 +352,6 @@ class Utterance:
     def _chunks(self, start: float) -> Iterator[np.ndarray]:
         owner, stops = self.owner, StopRules(self.config.repeat_stop_frames)
         for chunk in owner.frame_chunks(self.prompt, self.config, self.cancel):
-            if owner.active is not self:
-                self.stop_reason = "superseded"
-                return
             codes = chunk.cpu()  # the one device->host transfer of this chunk's frames
             self.frames_generated += codes.shape[0]
             keep, reason = stops.scan(codes)
@@ -364,6 +361,9 @@ class Utterance:
                 if self.first_chunk_s is None:
                     self.first_chunk_s = time.monotonic() - start
                 yield pcm
+                if owner.active is not self:  # while we were paused a newer utterance took the caches
+                    self.stop_reason = "superseded"
+                    return
             if reason:
                 self.stop_reason = reason
                 return
