@@ -6,8 +6,15 @@ import argparse
 import logging
 import sys
 
-from .config import ConfigError, load_settings
+from typing import TYPE_CHECKING
+
+from .config import ConfigError, Settings, load_settings
 from .models import ModelError
+
+if TYPE_CHECKING:
+    from .engines import Engines
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,21 +52,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"voice-assistant: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
-    return serve(settings)
-
-
-def serve(settings) -> int:
-    import uvicorn
-
-    from .engines import Engines
-    from .server import create_app
-
     try:
         # Load before binding the port: a missing model is a one-line error, not a traceback wall.
-        engines = Engines.load(settings)
+        settings, engines = load_engines(settings, fallback=args.preset == "auto")
     except (ModelError, ConfigError) as exc:
         print(f"voice-assistant: {exc}", file=sys.stderr)
         return 1
+    return serve(settings, engines)
+
+
+def load_engines(settings: Settings, *, fallback: bool) -> tuple[Settings, Engines]:
+    """Load the chosen preset; when it was picked automatically and a gpu model cannot be had
+    (no network on first launch), run the offline cpu preset instead of failing."""
+    from .engines import Engines
+
+    try:
+        return settings, Engines.load(settings)
+    except ModelError as exc:
+        if not (fallback and settings.preset == "gpu"):
+            raise
+        log.warning("%s -- starting the offline cpu preset instead", exc)
+        cpu = load_settings("cpu", {"host": settings.host, "port": settings.port})
+        return cpu, Engines.load(cpu)
+
+
+def serve(settings: Settings, engines: Engines) -> int:
+    import uvicorn
+
+    from .server import create_app
+
     app = create_app(settings, engines)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     engines.close()

@@ -11,6 +11,7 @@ import msgspec
 from .asr import AsrSettings
 from .chunking import ChunkSettings
 from .llm import LlmSettings
+from .tts.csm.engine import CsmSettings
 from .tts.piper import PiperSettings
 from .turns import TurnSettings
 
@@ -25,8 +26,9 @@ class ConfigError(ValueError):
 
 
 class TtsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    engine: Literal["piper"] = "piper"
+    engine: Literal["piper", "csm"] = "piper"
     piper: PiperSettings = PiperSettings()
+    csm: CsmSettings = CsmSettings()
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -62,6 +64,7 @@ def preset_values(preset: Preset) -> dict[str, Any]:
             "temperature": 0.7,
             "repeat_penalty": 1.1,
         },
+        "tts": {"engine": "csm"},
     }
 
 

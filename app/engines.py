@@ -45,7 +45,8 @@ class Engines:
 
     def describe(self) -> dict[str, str]:
         s = self.settings
-        return {"asr": s.asr.model, "llm": s.llm.model, "tts": f"{self.tts.name}"}
+        tts = s.tts.csm.model if s.tts.engine == "csm" else s.tts.piper.model
+        return {"asr": s.asr.model, "llm": s.llm.model, "tts": tts}
 
     def close(self) -> None:
         for worker in (self.asr_worker, self.llm_worker, self.tts_worker):
@@ -53,6 +54,8 @@ class Engines:
 
 
 def load_tts(settings: Settings) -> TtsEngine:
-    if settings.tts.engine == "piper":
-        return PiperEngine.load(settings.tts.piper)
-    raise ValueError(f"unknown tts engine {settings.tts.engine!r}")
+    if settings.tts.engine == "csm":
+        from .tts.csm.engine import load_csm_engine  # imports torch: only when CSM is wanted
+
+        return load_csm_engine(settings.tts.csm)
+    return PiperEngine.load(settings.tts.piper)

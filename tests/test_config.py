@@ -15,6 +15,7 @@ def test_gpu_preset_puts_models_on_cuda():
     s = load_settings("gpu", environ={})
     assert s.asr.device == "cuda" and s.asr.compute_type == "float16"
     assert s.llm.n_gpu_layers == -1 and "Q4_K_M" in s.llm.model
+    assert s.tts.engine == "csm" and s.tts.csm.model == "senstella/csm-expressiva-1b"
 
 
 def test_environment_then_flags_override_the_preset():

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 import numpy as np
 
+from app.audio import float_to_int16
+
 if TYPE_CHECKING:
     from app.tts.csm.generator import CsmGenerator, GenerationConfig, Segment, Utterance
 
@@ -105,11 +107,6 @@ def _speakable(text: str) -> bool:
     return any(ch.isalnum() for ch in text)
 
 
-def to_int16(pcm: np.ndarray) -> np.ndarray:
-    """float PCM in [-1, 1] -> int16, clipped."""
-    return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
-
-
 class CsmEngine:
     """TtsEngine over a loaded CsmGenerator. Calls come from one worker thread."""
 
@@ -154,7 +151,7 @@ class CsmEngine:
         self.last_utterance = utterance
         start = time.monotonic()
         for pcm in utterance:
-            yield to_int16(pcm)
+            yield float_to_int16(pcm)
         self._log(text, utterance, time.monotonic() - start)
         if memory is not None and utterance.stop_reason == "eos" and utterance.codes.shape[0]:
             from app.tts.csm.generator import Segment
