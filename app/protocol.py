@@ -15,12 +15,19 @@ import msgspec
 # ---------------------------------------------------------------- client -> server
 
 
+Mode = Literal["hands_free", "push_to_talk"]
+
+
 class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
-    """Optional first message: per-session options."""
+    """Optional, any time: per-session options (sent again when the user changes a setting)."""
 
     system_prompt: str | None = None
     temperature: float | None = None
     end_silence_ms: int | None = None  # silence that ends a spoken turn (server default: 600)
+    # hands_free: the server ends turns by itself after end_silence_ms of silence;
+    # push_to_talk: a turn is exactly the audio between audio_start and audio_stop.
+    mode: Mode = "hands_free"
+    speaker: int | None = None  # voice of engines that have several (CSM speaker id)
 
     def __post_init__(self) -> None:
         if self.end_silence_ms is not None and not 100 <= self.end_silence_ms <= 5000:
@@ -54,7 +61,13 @@ class UserText(msgspec.Struct, tag="text", forbid_unknown_fields=True):
 
 
 class Interrupt(msgspec.Struct, tag="interrupt", forbid_unknown_fields=True):
-    """Stop the reply in progress (its turn ends with reason "interrupted")."""
+    """Stop the reply in progress (its turn ends with reason "interrupted").
+
+    played_samples: how much of the reply's audio the page actually played, so that the history
+    keeps only what the user heard; without it the server estimates from its own clock.
+    """
+
+    played_samples: int | None = None
 
 
 class Reset(msgspec.Struct, tag="reset", forbid_unknown_fields=True):
@@ -87,7 +100,13 @@ class StateChanged(msgspec.Struct, tag="state"):
 
 
 class SpeechStarted(msgspec.Struct, tag="speech_started"):
-    """Voice activity began in the microphone stream."""
+    """Voice activity began in the microphone stream; `turn` is the id the user's turn will have.
+
+    Arriving while reply audio plays, it means barge-in: the page stops playback at once; the
+    server cancels that reply and its turn_end (reason "interrupted") follows.
+    """
+
+    turn: int
 
 
 class SpeechStopped(msgspec.Struct, tag="speech_stopped"):
@@ -95,6 +114,8 @@ class SpeechStopped(msgspec.Struct, tag="speech_stopped"):
 
 
 class Transcript(msgspec.Struct, tag="transcript"):
+    """final=False: an interim guess while the user is still speaking; the final one replaces it."""
+
     turn: int
     text: str
     final: bool = True

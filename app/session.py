@@ -117,6 +117,7 @@ class Session:
         self._voice = engines.tts.new_voice()
         self._current: asyncio.Task[None] | None = None
         self._state: p.State | None = None
+        self._speaking_turn: int | None = None  # id given to the user's turn when speech began
 
     # ------------------------------------------------------------ socket plumbing
 
@@ -234,11 +235,13 @@ class Session:
     # ------------------------------------------------------------ events from the recording
 
     def speech_started(self) -> None:
-        self.send(p.SpeechStarted())
+        self._speaking_turn = next(self._turn_ids)
+        self.send(p.SpeechStarted(self._speaking_turn))
 
     def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float) -> None:
+        turn_id, self._speaking_turn = self._speaking_turn or next(self._turn_ids), None
         self.send(p.SpeechStopped())
-        self._enqueue(PendingTurn(next(self._turn_ids), t_speech_end, t_decided, audio=audio))
+        self._enqueue(PendingTurn(turn_id, t_speech_end, t_decided, audio=audio))
 
     def recording_ended(self, recording: Recording, error: str | None) -> None:
         if error is not None:
