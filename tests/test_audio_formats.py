@@ -1,0 +1,58 @@
+"""Containers other browsers record: Safari's fragmented MP4/AAC and Firefox's Ogg/Opus, streamed in pieces."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+import pytest
+
+from app.audio import ASR_RATE, float_to_int16
+from tests.test_audio import decode_in_pieces
+
+# What Safari's MediaRecorder produces: an empty moov up front, then one moof+mdat per fragment,
+# so the stream can be decoded before it ends.
+FRAGMENTED_MP4 = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+
+
+def encode(pcm: np.ndarray, rate: int, *, container: str, codec: str, options: dict[str, str]) -> bytes:
+    """Mono float32 PCM -> one whole recording in `container`/`codec`, at 48 kHz like a microphone."""
+    sink = io.BytesIO()
+    with av.open(sink, mode="w", format=container, options=options) as out:
+        stream = out.add_stream(codec, rate=48_000, layout="mono")
+        resampler = av.AudioResampler(format=stream.format.name, layout="mono", rate=48_000)
+        frame = av.AudioFrame.from_ndarray(float_to_int16(pcm).reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = rate
+        for resampled in [*resampler.resample(frame), *resampler.resample(None)]:
+            for packet in stream.encode(resampled):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("container", "codec", "options"),
+    [("mp4", "aac", FRAGMENTED_MP4), ("ogg", "libopus", {})],
+    ids=["safari-fragmented-mp4-aac", "firefox-ogg-opus"],
+)
+def test_streamed_container_decodes(jfk_pcm: np.ndarray, container: str, codec: str, options: dict) -> None:
+    data = encode(jfk_pcm, ASR_RATE, container=container, codec=codec, options=options)
+    if container == "mp4":  # the point of the test: the index comes first, fragments after
+        assert data[4:8] == b"ftyp" and b"moof" in data
+    pcm, error, before_close = decode_in_pieces(data, piece=1000)
+    assert error is None
+    assert abs(len(pcm) - len(jfk_pcm)) < 0.1 * ASR_RATE  # codec padding aside, the same duration
+    assert before_close > ASR_RATE  # decoded as it streamed, not only after the end
+    offset = best_offset(pcm, jfk_pcm)
+    n = min(len(pcm) - offset, len(jfk_pcm))
+    corr = np.corrcoef(pcm[offset : offset + n], jfk_pcm[:n])[0, 1]
+    assert corr > 0.9, f"{container}/{codec}: correlation {corr:.3f} at offset {offset}"
+
+
+def best_offset(decoded: np.ndarray, truth: np.ndarray, max_shift: int = ASR_RATE // 10) -> int:
+    """AAC adds priming samples in front: find the shift that lines the two signals up."""
+    window = truth[ASR_RATE : 2 * ASR_RATE]
+    scores = [float(np.dot(decoded[ASR_RATE + s : 2 * ASR_RATE + s], window)) for s in range(max_shift)]
+    return int(np.argmax(scores))
