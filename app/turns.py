@@ -20,13 +20,20 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     speech_threshold: float = 0.5  # probability that counts as speech
     silence_threshold: float = 0.35  # below this counts as silence (hysteresis)
     min_speech_ms: int = 250  # shorter bursts (clicks, coughs) never start a turn
-    end_silence_ms: int = 600  # this much silence after speech ends the turn
+    end_silence_ms: int = 500  # this much silence after speech ends the turn (hands-free)
     pad_ms: int = 200  # audio kept before the first and after the last speech window
     max_turn_s: float = 30.0  # endless speech is cut into turns of at most this length
+    # While the assistant talks, its own voice may leak back through the microphone; only
+    # confident, sustained speech counts as the user barging in.
+    barge_in_threshold: float = 0.7  # mean speech probability over the run
+    barge_in_min_speech_ms: int = 400
+    interim_every_ms: int = 1000  # re-transcribe the growing turn this often (0: never)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.silence_threshold <= self.speech_threshold < 1.0:
             raise ValueError("need 0 < silence_threshold <= speech_threshold < 1")
+        if not self.speech_threshold <= self.barge_in_threshold < 1.0:
+            raise ValueError("need speech_threshold <= barge_in_threshold < 1")
         if self.end_silence_ms < 100 or self.min_speech_ms < 0 or self.max_turn_s < 1:
             raise ValueError("end_silence_ms >= 100, min_speech_ms >= 0, max_turn_s >= 1")
 
@@ -67,6 +74,7 @@ class StreamingVad:
 
 class Event(Enum):
     SPEECH_STARTED = "speech_started"
+    INTERIM = "interim"  # enough new speech for another interim transcript: see snapshot()
     TURN_ENDED = "turn_ended"
 
 
@@ -77,12 +85,16 @@ class TurnDetector:
     the turn's audio and where in the stream its speech ended (for latency metrics).
     """
 
-    def __init__(self, settings: TurnSettings, vad: StreamingVad) -> None:
+    def __init__(self, settings: TurnSettings, vad: StreamingVad, *, push_to_talk: bool = False) -> None:
         self.settings = settings
         self._vad = vad
         ms = ASR_RATE // 1000
         self._min_speech = settings.min_speech_ms * ms
-        self._end_silence = settings.end_silence_ms * ms
+        self._barge_in_speech = settings.barge_in_min_speech_ms * ms
+        # Push-to-talk: silence never ends the turn, releasing the button (flush) does.
+        self._end_silence = 1 << 62 if push_to_talk else settings.end_silence_ms * ms
+        self._interim_every = settings.interim_every_ms * ms
+        self.strict = False  # set while the assistant speaks: barge-in needs real speech
         self._pad = settings.pad_ms * ms
         self._max_turn = int(settings.max_turn_s * ASR_RATE)
         self.reset()
@@ -94,9 +106,11 @@ class TurnDetector:
         self._turn: list[np.ndarray] = []  # audio of the turn in progress
         self.position = 0  # samples scored since reset
         self._speech_run = 0  # consecutive-ish speech samples before the turn is confirmed
+        self._run_confidence = 0.0  # sum of their speech probabilities
         self._silence_run = 0
         self.in_speech = False
         self._speech_end_at = 0
+        self._next_interim = 0
         self._finished: tuple[np.ndarray, int] | None = None
 
     def feed(self, pcm: np.ndarray) -> list[Event]:
@@ -124,20 +138,29 @@ class TurnDetector:
         turn_len = len(self._turn) * WINDOW
         if self._silence_run >= self._end_silence or turn_len >= self._max_turn:
             return self._finish()
+        if self._interim_every and self._silence_run == 0 and turn_len >= self._next_interim:
+            self._next_interim = turn_len + self._interim_every
+            return Event.INTERIM
         return None
 
     def _step_idle(self, window: np.ndarray, prob: float) -> Event | None:
+        strict = self.strict
+        needed = max(self._barge_in_speech if strict else self._min_speech, WINDOW)
         self._recent.append(window)
         # Keep pre-roll for the pad plus the speech that is not yet confirmed.
-        keep = (self._pad + self._min_speech) // WINDOW + 1
-        del self._recent[:-keep]
+        del self._recent[: -((self._pad + needed) // WINDOW + 1)]
         if prob >= self.settings.speech_threshold:
             self._speech_run += WINDOW
+            self._run_confidence += prob
         elif prob < self.settings.silence_threshold:
-            self._speech_run = 0
-        if self._speech_run < max(self._min_speech, WINDOW):
+            self._speech_run, self._run_confidence = 0, 0.0
+        if self._speech_run < needed:
+            return None
+        mean = self._run_confidence * WINDOW / self._speech_run
+        if strict and mean < self.settings.barge_in_threshold:
             return None
         self.in_speech = True
+        self._next_interim = self._interim_every
         self._turn = list(self._recent)
         self._recent = []
         self._silence_run = 0
@@ -157,9 +180,13 @@ class TurnDetector:
         self._finished = (audio, self._speech_end_at)
         self.in_speech = False
         self._turn = []
-        self._speech_run = 0
+        self._speech_run, self._run_confidence = 0, 0.0
         self._silence_run = 0
         return Event.TURN_ENDED
+
+    def snapshot(self) -> np.ndarray:
+        """The audio of the turn in progress so far (for an interim transcript)."""
+        return np.concatenate(self._turn) if self._turn else np.zeros(0, np.float32)
 
     def take_turn(self) -> tuple[np.ndarray, int]:
         """(audio of the finished turn, stream position in samples where its speech ended)."""

@@ -7,12 +7,13 @@ from app.audio import ASR_RATE
 from app.turns import WINDOW, Event, StreamingVad, TurnDetector, TurnSettings
 
 
-def feed_stream(detector: TurnDetector, audio: np.ndarray, block: int = 1600):
-    """Feed 100 ms blocks; return [(event, stream position in samples)]."""
+def feed_stream(detector: TurnDetector, audio: np.ndarray, block: int = 1600, interim: bool = False):
+    """Feed 100 ms blocks; return [(event, stream position in samples)], INTERIM only if asked."""
     out = []
     for i in range(0, len(audio), block):
         for event in detector.feed(audio[i : i + block]):
-            out.append((event, detector.position))
+            if interim or event is not Event.INTERIM:
+                out.append((event, detector.position))
     return out
 
 
@@ -73,6 +74,42 @@ def test_flush_ends_a_turn_in_progress(jfk_pcm):
     assert detector.flush() is Event.TURN_ENDED
     audio, _ = detector.take_turn()
     assert len(audio) > ASR_RATE
+
+
+def test_interim_snapshots_come_during_speech_only(jfk_pcm):
+    detector = TurnDetector(TurnSettings(end_silence_ms=1500, interim_every_ms=1000), StreamingVad())
+    seen = []
+    for i in range(0, len(jfk_pcm) + 2 * ASR_RATE, 1600):
+        block = np.concatenate([jfk_pcm, silence(2)])[i : i + 1600]
+        for event in detector.feed(block):
+            if event is Event.INTERIM:
+                seen.append(len(detector.snapshot()))
+            elif event is Event.TURN_ENDED:
+                break
+    assert 5 <= len(seen) <= 11  # about one a second of an 11 s turn
+    assert seen == sorted(seen) and seen[0] >= ASR_RATE  # the snapshot grows
+
+
+def test_barge_in_needs_confident_sustained_speech(jfk_pcm):
+    burst = jfk_pcm[int(1.2 * ASR_RATE) : int(1.65 * ASR_RATE)]  # 450 ms cut from a word
+    for strict, expected in ((False, [Event.SPEECH_STARTED]), (True, [])):
+        detector = TurnDetector(TurnSettings(end_silence_ms=2000), StreamingVad())
+        detector.strict = strict
+        events = feed_stream(detector, np.concatenate([silence(0.5), burst, silence(0.5)]))
+        assert [e for e, _ in events] == expected, strict
+    detector = TurnDetector(TurnSettings(), StreamingVad())
+    detector.strict = True
+    events = feed_stream(detector, jfk_pcm[: 3 * ASR_RATE])  # the user really talks
+    assert events and events[0][0] is Event.SPEECH_STARTED
+
+
+def test_push_to_talk_never_ends_on_silence(jfk_pcm):
+    detector = TurnDetector(TurnSettings(), StreamingVad(), push_to_talk=True)
+    events = feed_stream(detector, np.concatenate([jfk_pcm, silence(3)]))
+    assert [e for e, _ in events] == [Event.SPEECH_STARTED]  # JFK's pauses do not cut it
+    assert detector.flush() is Event.TURN_ENDED
+    audio, _ = detector.take_turn()
+    assert len(audio) / ASR_RATE > 10
 
 
 def test_settings_are_validated():
