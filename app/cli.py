@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 from .config import ConfigError, Settings, load_settings
+from .lan import ALL_INTERFACES, TlsFiles, announce, tls_files, uvicorn_tls
 from .models import ModelError
 
 if TYPE_CHECKING:
@@ -28,6 +30,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--asr-model", help="speech-to-text model reference (see README)")
     serve.add_argument("--llm-model", help="language model reference (GGUF)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning"], help="log detail")
+    serve.add_argument("--lan", action="store_true",
+                       help="serve phones on the local network: all interfaces, HTTPS (self-signed unless --cert)")
+    serve.add_argument("--cert", type=Path, help="TLS certificate (PEM file); with --key, serve HTTPS")
+    serve.add_argument("--key", type=Path, help="private key of --cert (PEM file)")
     return parser.parse_args(argv)
 
 
@@ -36,6 +42,8 @@ def flag_overrides(args: argparse.Namespace) -> dict:
     for key in ("host", "port", "log_level"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
+    if args.lan and args.host is None:
+        values["host"] = ALL_INTERFACES
     if args.asr_model:
         values["asr"] = {"model": args.asr_model}
     if args.llm_model:
@@ -48,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings(args.preset, flag_overrides(args))
+        tls = tls_files(lan=args.lan, cert=args.cert, key=args.key)
     except ConfigError as exc:
         print(f"voice-assistant: {exc}", file=sys.stderr)
         return 2
@@ -58,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelError, ConfigError) as exc:
         print(f"voice-assistant: {exc}", file=sys.stderr)
         return 1
-    return serve(settings, engines)
+    return serve(settings, engines, tls=tls)
 
 
 def load_engines(settings: Settings, *, fallback: bool) -> tuple[Settings, Engines]:
@@ -76,13 +85,14 @@ def load_engines(settings: Settings, *, fallback: bool) -> tuple[Settings, Engin
         return cpu, Engines.load(cpu)
 
 
-def serve(settings: Settings, engines: Engines) -> int:
+def serve(settings: Settings, engines: Engines, *, tls: TlsFiles | None = None) -> int:
     import uvicorn
 
     from .server import create_app
 
     app = create_app(settings, engines)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    announce(settings.host, settings.port, tls)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **uvicorn_tls(tls))
     engines.close()
     return 0
 

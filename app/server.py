@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from litestar import Litestar, MediaType, get, websocket
+from litestar import Litestar, MediaType, Request, get, websocket
 from litestar.connection import WebSocket
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.datastructures import State
@@ -19,6 +19,7 @@ from litestar.template.config import TemplateConfig
 
 from .config import Settings
 from .engines import Engines
+from .lan import LOOPBACK_NAMES, phone_url, qr_svg
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,17 @@ TITLE = "Voice assistant"
 
 
 @get("/", include_in_schema=False)
-async def index() -> Template:
-    return Template("index.html", context={"title": TITLE, "ws_path": "/ws"})
+async def index(request: Request, state: State) -> Template:
+    bind = state.settings.host
+    context = {"title": TITLE, "ws_path": "/ws", "phone_url": phone_url(str(request.base_url), bind),
+               "on_lan": bind not in LOOPBACK_NAMES}
+    return Template("index.html", context=context)
+
+
+@get("/qr.svg", media_type="image/svg+xml", include_in_schema=False)
+async def qr_code(request: Request, state: State) -> str:
+    """The page's address for a phone as a QR code (the LAN IP when this page was opened as localhost)."""
+    return qr_svg(phone_url(str(request.base_url), state.settings.host))
 
 
 @get("/health")
@@ -86,6 +96,7 @@ def create_app(settings: Settings, engines: Engines | None = None) -> Litestar:
             index,
             health,
             status,
+            qr_code,
             conversation,
             create_static_files_router(path="/static", directories=[ROOT / "static"]),
         ],
