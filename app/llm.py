@@ -95,14 +95,25 @@ class ChatModel:
     def build_messages(
         self, history: list[Message], user_text: str, system_prompt: str | None = None
     ) -> list[Message]:
-        """System prompt + the most recent exchanges that fit + the new user message."""
-        keep = history[-2 * self.settings.history_turns :] if self.settings.history_turns else []
-        budget = self.settings.n_ctx - self.settings.max_tokens - 64
+        """System prompt + the history + the new user message, trimming `history` in place so
+        that the prompt and the longest reply fit the context."""
         system = {"role": "system", "content": system_prompt or self.settings.system_prompt}
         user = {"role": "user", "content": user_text}
-        while keep and self._count_tokens([system, *keep, user]) > budget:
-            keep = keep[2:]  # drop the oldest exchange first
-        return [system, *keep, user]
+        reserved = self._count_tokens([system, user]) + self.settings.max_tokens + 64
+        self.trim_history(history, budget=self.settings.n_ctx - reserved)
+        return [system, *history, user]
+
+    def trim_history(self, history: list[Message], budget: int) -> None:
+        """Keep the history within `budget` tokens and history_turns exchanges, oldest out first.
+
+        Once over, it is cut to half, not just below the limit: then the prompt's prefix stays
+        the same for the next few turns and llama.cpp reuses its cached state for it.
+        """
+        max_messages = 2 * self.settings.history_turns
+        if len(history) <= max_messages and self._count_tokens(history) <= budget:
+            return
+        while history and (len(history) > max_messages // 2 or self._count_tokens(history) > budget // 2):
+            del history[:2]
 
     def _count_tokens(self, messages: list[Message]) -> int:
         text = "\n".join(m["content"] for m in messages)

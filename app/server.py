@@ -20,6 +20,7 @@ from litestar.template.config import TemplateConfig
 from .config import Settings
 from .engines import Engines
 from .lan import LOOPBACK_NAMES, phone_url, qr_svg
+from .metrics import Metrics
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,16 @@ def _short(ref: str) -> str:
     return html.escape(name)
 
 
+@get("/metrics", media_type="text/plain; version=0.0.4", include_in_schema=False)
+async def metrics(state: State) -> bytes:
+    """Prometheus text format: per-stage latency histograms, turn, error and session counts."""
+    return state.metrics.render()
+
+
 @websocket("/ws")
 async def conversation(socket: WebSocket, state: State) -> None:
     await socket.accept()
-    session = Session(state.engines)
+    session = Session(state.engines, state.metrics)
     log.info("session %s opened from %s", session.id, socket.client)
     await session.serve(socket.receive, socket.send_text, socket.send_bytes)
 
@@ -97,10 +104,11 @@ def create_app(settings: Settings, engines: Engines | None = None) -> Litestar:
             health,
             status,
             qr_code,
+            metrics,
             conversation,
             create_static_files_router(path="/static", directories=[ROOT / "static"]),
         ],
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=ROOT / "templates", engine=JinjaTemplateEngine),
-        state=State({"settings": settings}),
+        state=State({"settings": settings, "metrics": Metrics()}),
     )

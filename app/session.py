@@ -3,6 +3,7 @@
 Follow a turn: Recording (decoder thread: Opus -> PCM -> TurnDetector) hands a finished turn to
 the session's queue; _answer() transcribes it, streams the LLM reply through the phrase chunker
 into TTS, and sends PCM as soon as each chunk exists; its finally block always sends turn_end.
+Speech that starts while the assistant thinks or talks cuts the reply off (barge-in).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 import numpy as np
@@ -24,11 +25,14 @@ from .audio import ASR_RATE, StreamDecoder
 from .chunking import PhraseChunker
 from .engines import Engines
 from .llm import Message
+from .metrics import Metrics
+from .reply import JITTER_BUFFER_S, Reply
 from .turns import Event, StreamingVad, TurnDetector
 
 log = logging.getLogger(__name__)
 
 MAX_AUDIO_FRAME = 512 * 1024  # bytes; MediaRecorder sends ~2 KB every 100 ms
+CARRY_GAP = np.zeros(ASR_RATE // 5, np.float32)  # between a resumed turn's two parts
 
 
 class StageError(Exception):
@@ -48,34 +52,23 @@ class PendingTurn:
     text: str | None = None
 
 
-@dataclass
-class Reply:
-    """What has happened so far in answering one turn."""
-
-    text: str = ""  # everything the LLM said
-    spoken: list[str] = field(default_factory=list)  # phrases whose audio was all sent
-    samples: int = 0
-    marks: dict[str, float] = field(default_factory=dict)
-
-    def mark(self, name: str) -> None:
-        self.marks.setdefault(name, time.perf_counter())
-
-
 class Recording:
     """One microphone stream: decodes on its own thread and reports turns to the session."""
 
     def __init__(self, session: Session) -> None:
         self._session = session
         self._loop = asyncio.get_running_loop()
-        settings = session.engines.settings.turns
-        if session.end_silence_ms is not None:
-            settings = msgspec.structs.replace(settings, end_silence_ms=session.end_silence_ms)
+        options, settings = session.options, session.engines.settings.turns
+        if options.end_silence_ms is not None:
+            settings = msgspec.structs.replace(settings, end_silence_ms=options.end_silence_ms)
         # A VAD state of its own: the previous recording's thread may still be draining.
-        self.detector = TurnDetector(settings, StreamingVad(session.engines.vad_model))
+        vad = StreamingVad(session.engines.vad_model)
+        self.detector = TurnDetector(settings, vad, push_to_talk=options.mode == "push_to_talk")
         self.turns_found = 0
         self.decoder = StreamDecoder(self._on_pcm, self._on_end)
 
     def _on_pcm(self, pcm: np.ndarray) -> None:  # decoder thread
+        self.detector.strict = time.perf_counter() < self._session.playback_end
         for event in self.detector.feed(pcm):
             self._report(event)
 
@@ -87,13 +80,15 @@ class Recording:
     def _report(self, event: Event) -> None:
         if event is Event.SPEECH_STARTED:
             self._post(self._session.speech_started)
-            return
-        self.turns_found += 1
-        audio, speech_end = self.detector.take_turn()
-        now = time.perf_counter()
-        # The stream runs in real time, so the speech ended as long ago as the audio after it.
-        t_speech_end = now - (self.detector.position - speech_end) / ASR_RATE
-        self._post(self._session.speech_turn, audio, t_speech_end, now)
+        elif event is Event.INTERIM:
+            self._post(self._session.interim, self.detector.snapshot())
+        else:
+            self.turns_found += 1
+            audio, speech_end = self.detector.take_turn()
+            now = time.perf_counter()
+            # The stream runs in real time, so the speech ended as long ago as the audio after it.
+            t_speech_end = now - (self.detector.position - speech_end) / ASR_RATE
+            self._post(self._session.speech_turn, audio, t_speech_end, now)
 
     def _post(self, fn: Callable[..., object], *args: object) -> None:
         try:
@@ -103,21 +98,28 @@ class Recording:
 
 
 class Session:
-    def __init__(self, engines: Engines) -> None:
+    def __init__(self, engines: Engines, metrics: Metrics | None = None) -> None:
         self.engines = engines
+        self.metrics = metrics or Metrics()
         self.id = uuid.uuid4().hex[:12]
+        self.options = p.Hello()
         self.history: list[Message] = []
-        self.system_prompt: str | None = None
-        self.temperature: float | None = None
-        self.end_silence_ms: int | None = None
-        self._out: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self.playback_end = 0.0  # perf_counter() when the page will have played all reply audio
+        self._out: asyncio.Queue[str | tuple[int, bytes] | None] = asyncio.Queue()
         self._turns: asyncio.Queue[PendingTurn] = asyncio.Queue()
         self._turn_ids = itertools.count(1)
         self._recording: Recording | None = None
         self._voice = engines.tts.new_voice()
         self._current: asyncio.Task[None] | None = None
+        self._current_id = 0
         self._state: p.State | None = None
         self._speaking_turn: int | None = None  # id given to the user's turn when speech began
+        self._last_reply: Reply | None = None  # the latest reply that had audio
+        self._silenced: set[int] = set()  # turns whose queued audio must not go out any more
+        self._cut: tuple[str, int | None] | None = None  # why the running turn is cancelled
+        self._carry: np.ndarray | None = None  # speech of a turn the user went on talking over
+        self._interim_busy = False
+        self._background: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ socket plumbing
 
@@ -133,6 +135,7 @@ class Session:
         s = self.engines.describe()
         self.send(p.Ready(self.id, self.engines.tts.sample_rate, self.engines.settings.preset, **s))
         self.set_state("idle")
+        self.metrics.sessions.inc()
         try:
             while True:
                 message = await receive()
@@ -143,6 +146,7 @@ class Session:
                 elif message.get("text") is not None:
                     self.on_control(message["text"])
         finally:
+            self.metrics.sessions.dec()
             runner.cancel()
             if self._current is not None:
                 self._current.cancel()
@@ -157,13 +161,17 @@ class Session:
     ) -> None:
         # One writer keeps events and PCM in the order they were produced.
         while (item := await self._out.get()) is not None:
+            if isinstance(item, tuple) and item[0] in self._silenced:
+                continue  # audio of a reply the user cut off
             try:
-                await (send_bytes(item) if isinstance(item, bytes) else send_text(item))
+                await (send_bytes(item[1]) if isinstance(item, tuple) else send_text(item))
             except Exception:  # the client vanished; the receive loop notices and cleans up
                 log.info("session %s: send failed, client gone", self.id)
                 return
 
     def send(self, event: p.ServerEvent) -> None:
+        if isinstance(event, p.Error):
+            self.metrics.errors.labels(event.code).inc()
         self._out.put_nowait(p.encode_event(event))
 
     def set_state(self, state: p.State) -> None:
@@ -184,19 +192,17 @@ class Session:
             return
         match message:
             case p.Hello():
-                self.system_prompt = message.system_prompt
-                self.temperature = message.temperature
-                self.end_silence_ms = message.end_silence_ms
+                self.options = message
             case p.AudioStart():
                 self.start_recording()
             case p.AudioStop():
                 self.stop_recording()
             case p.UserText():
                 now = time.perf_counter()
-                self._enqueue(PendingTurn(next(self._turn_ids), now, now, text=message.text.strip()))
+                self.interrupt("client", None)  # typing while it talks means "stop, listen to this"
+                self._turns.put_nowait(PendingTurn(next(self._turn_ids), now, now, text=message.text.strip()))
             case p.Interrupt():
-                if self._current is not None:
-                    self._current.cancel()
+                self.interrupt("client", message.played_samples)
             case p.Reset():
                 self.reset()
 
@@ -227,48 +233,98 @@ class Session:
         while not self._turns.empty():
             turn = self._turns.get_nowait()
             self.send(p.TurnEnd(turn.id, "interrupted"))
-        if self._current is not None:
-            self._current.cancel()
+        self.interrupt("client", None)
         self.history.clear()
+        self._last_reply = None
+        self._carry = None
         self._voice = self.engines.tts.new_voice()
+
+    # ------------------------------------------------------------ barge-in
+
+    def interrupt(self, cause: str, played: int | None) -> None:
+        """Stop the reply: cancel the running turn, or trim what the history says was heard."""
+        if self._current is not None and not self._current.done():
+            self._cut = (cause, played)
+            self._silenced.add(self._current_id)  # queued audio stops now, not when the task unwinds
+            self._current.cancel()
+        elif self._last_reply is not None and (played is not None or self._last_reply.still_playing()):
+            self._forget_unheard(self._last_reply, played)
+        self.playback_end = 0.0
+
+    def _forget_unheard(self, reply: Reply, played: int | None) -> None:
+        """A finished reply was cut off while the page still played it: keep only what was heard."""
+        index = reply.history_index
+        if index is None or index != len(self.history) - 1:
+            return  # a newer exchange followed; this one is no longer the last word
+        heard = reply.heard(reply.played_estimate() if played is None else played)
+        if heard:
+            self.history[index]["content"] = heard
+        else:
+            del self.history[index - 1 :]  # nothing heard: the exchange never happened
+        reply.history_index = None
+        self.metrics.barge_ins.inc()
 
     # ------------------------------------------------------------ events from the recording
 
     def speech_started(self) -> None:
         self._speaking_turn = next(self._turn_ids)
         self.send(p.SpeechStarted(self._speaking_turn))
+        if self._current is not None or (self._last_reply and self._last_reply.still_playing()):
+            self.interrupt("speech", None)
+
+    def interim(self, audio: np.ndarray) -> None:
+        turn_id = self._speaking_turn
+        if turn_id is None or self._interim_busy:
+            return  # one interim at a time: never let guesses queue up before the final
+        self._interim_busy = True
+        task = asyncio.create_task(self._send_interim(turn_id, audio))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_interim(self, turn_id: int, audio: np.ndarray) -> None:
+        try:
+            text = await self.engines.asr_worker.run(self.engines.asr.transcribe, audio)
+        except Exception:
+            log.warning("session %s: interim transcript failed", self.id, exc_info=True)
+            return
+        finally:
+            self._interim_busy = False
+        if text and self._speaking_turn == turn_id:  # the final transcript has not overtaken it
+            self.send(p.Transcript(turn_id, text, final=False))
 
     def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float) -> None:
         turn_id, self._speaking_turn = self._speaking_turn or next(self._turn_ids), None
+        if self._carry is not None:  # the user had paused, not finished: answer both parts
+            audio, self._carry = np.concatenate([self._carry, CARRY_GAP, audio]), None
         self.send(p.SpeechStopped())
-        self._enqueue(PendingTurn(turn_id, t_speech_end, t_decided, audio=audio))
+        self._turns.put_nowait(PendingTurn(turn_id, t_speech_end, t_decided, audio=audio))
 
     def recording_ended(self, recording: Recording, error: str | None) -> None:
         if error is not None:
             self.send(p.Error("bad_audio", f"Could not decode the microphone audio ({error})."))
         if recording.turns_found == 0:  # the user stopped without saying anything
-            turn_id = next(self._turn_ids)
+            turn_id = self._speaking_turn or next(self._turn_ids)
+            self._speaking_turn = None
             self.send(p.TurnEnd(turn_id, "no_speech"))
         if self._recording is recording:
             self._recording = None
             if self._current is None:
                 self.set_state("idle")
 
-    def _enqueue(self, turn: PendingTurn) -> None:
-        self._turns.put_nowait(turn)
-
     # ------------------------------------------------------------ answering turns
 
     async def _run_turns(self) -> None:
         while True:
             turn = await self._turns.get()
+            self._cut = None
+            self._current_id = turn.id
             self._current = asyncio.create_task(self._answer(turn))
             await asyncio.wait({self._current})  # an interrupt cancels only this turn
             self._current = None
             self.set_state(self._resting_state())
 
     async def _answer(self, turn: PendingTurn) -> None:
-        reply = Reply()
+        reply = Reply(self.engines.tts.sample_rate)
         reply.marks["end_of_turn"] = turn.t_decided
         reason, user_text = "completed", turn.text
         try:
@@ -281,10 +337,12 @@ class Session:
                 return
             self.send(p.Transcript(turn.id, user_text))
             await self._reply(turn.id, user_text, reply)
-            if not reply.spoken:
+            if not reply.phrases:
                 raise StageError("llm", RuntimeError("it returned an empty reply"))
         except asyncio.CancelledError:
             reason = "interrupted"
+            if self._cut and self._cut[0] == "speech" and not reply.samples and turn.audio is not None:
+                self._carry = turn.audio  # cut off before it spoke: the user was not done yet
         except StageError as exc:
             reason = "error"
             log.error("session %s turn %d: %s failed", self.id, turn.id, exc.stage, exc_info=exc.__cause__)
@@ -305,19 +363,27 @@ class Session:
     def _finish_turn(self, turn: PendingTurn, user_text: str | None, reply: Reply, reason: str) -> None:
         if reply.samples:
             self.send(p.ReplyAudioEnd(turn.id, reply.samples))
-        spoken = " ".join(reply.spoken)
-        if user_text and spoken:
-            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": spoken}]
+        said = reply.spoken
+        if reason == "interrupted":
+            played = self._cut[1] if self._cut and self._cut[1] is not None else reply.played_estimate()
+            said = reply.heard(played)
+            self.metrics.barge_ins.inc()
+        if user_text and said:
+            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": said}]
+            reply.history_index = len(self.history) - 1
+        if reply.samples:
+            self._last_reply = reply
         reply.mark("done")
         metrics = _metrics(turn, reply)
+        self.metrics.observe_turn(metrics, reason)
         self.send(metrics)
-        self.send(p.TurnEnd(turn.id, reason, spoken))  # type: ignore[arg-type]
+        self.send(p.TurnEnd(turn.id, reason, said))  # type: ignore[arg-type]
         log.info("session %s turn %d %s: voice-to-voice %s ms, total %s ms", self.id, turn.id,
                  reason, metrics.first_audio_ms, metrics.total_ms)
 
     async def _reply(self, turn_id: int, user_text: str, reply: Reply) -> None:
         """LLM -> phrases -> TTS as a pipeline: speech starts while the LLM is still writing."""
-        messages = self.engines.llm.build_messages(self.history, user_text, self.system_prompt)
+        messages = self.engines.llm.build_messages(self.history, user_text, self.options.system_prompt)
         phrases: asyncio.Queue[str | None] = asyncio.Queue()
         producer = asyncio.create_task(self._generate(turn_id, messages, phrases, reply))
         try:
@@ -330,8 +396,7 @@ class Session:
         self, turn_id: int, messages: list[Message], phrases: asyncio.Queue[str | None], reply: Reply
     ) -> None:
         chunker = PhraseChunker(self.engines.settings.chunking)
-        llm = self.engines.llm
-        make = functools.partial(_llm_stream, llm, messages, self.temperature)
+        make = functools.partial(_llm_stream, self.engines.llm, messages, self.options.temperature)
         try:
             async for delta in self.engines.llm_worker.stream(make):
                 reply.mark("first_token")
@@ -357,12 +422,14 @@ class Session:
                     if not reply.samples:
                         self.send(p.ReplyAudioStart(turn_id, tts.sample_rate))
                         self.set_state("speaking")
-                    self._out.put_nowait(chunk.astype("<i2").tobytes())
-                    reply.samples += len(chunk)
-                    reply.mark("first_audio")
+                    self._out.put_nowait((turn_id, chunk.astype("<i2").tobytes()))
+                    reply.add_audio(len(chunk))
+                    self.playback_end = (
+                        reply.marks["first_audio"] + JITTER_BUFFER_S + reply.samples / tts.sample_rate
+                    )
             except Exception as exc:
                 raise StageError("tts", exc) from exc
-            reply.spoken.append(phrase)
+            reply.end_phrase(phrase)
 
 
 def _llm_stream(llm, messages, temperature, cancel):  # runs on the LLM worker thread

@@ -44,6 +44,24 @@ def test_old_turns_are_dropped_to_fit_the_context(engines):
     kept = [m["content"] for m in messages if m["role"] == "assistant"]
     assert 0 < len(kept) < 6
     assert kept[-1] == "answer 5"  # the newest exchange survives, the oldest go first
+    assert len(history) == 2 * len(kept)  # the session's history itself was trimmed
+    n_ctx = engines.llm.settings.n_ctx
+    assert len(engines.llm._llama.tokenize(str(messages).encode())) < n_ctx
+
+
+def test_history_is_cut_to_half_so_the_prompt_prefix_stays_stable(engines):
+    limit = engines.llm.settings.history_turns
+    history = []
+    prefixes = []
+    for i in range(3 * limit):
+        engines.llm.build_messages(history, f"question {i}")
+        prefixes.append(history[0]["content"] if history else None)
+        history += [{"role": "user", "content": f"question {i}"},
+                    {"role": "assistant", "content": f"answer {i}"}]
+        assert len(history) <= 2 * limit + 2
+    # The oldest kept message changes only when a cut happens, not on every turn.
+    changes = sum(1 for a, b in zip(prefixes, prefixes[1:]) if a != b)
+    assert changes <= 3 * limit // (limit // 2) + 1
 
 
 def test_settings_validation():
