@@ -111,7 +111,7 @@ class Session:
         self._recording: Recording | None = None
         self._voice = engines.tts.new_voice()
         self._current: asyncio.Task[None] | None = None
-        self._current_id = 0
+        self._active: tuple[PendingTurn, Reply] | None = None  # the turn being answered
         self._state: p.State | None = None
         self._speaking_turn: int | None = None  # id given to the user's turn when speech began
         self._last_reply: Reply | None = None  # the latest reply that had audio
@@ -243,9 +243,12 @@ class Session:
 
     def interrupt(self, cause: str, played: int | None) -> None:
         """Stop the reply: cancel the running turn, or trim what the history says was heard."""
-        if self._current is not None and not self._current.done():
+        if self._current is not None and not self._current.done() and self._active is not None:
+            turn, reply = self._active
             self._cut = (cause, played)
-            self._silenced.add(self._current_id)  # queued audio stops now, not when the task unwinds
+            self._silenced.add(turn.id)  # queued audio stops now, not when the task unwinds
+            if cause == "speech" and not reply.samples and turn.audio is not None:
+                self._carry = turn.audio  # cut off before it spoke: the user was not done yet
             self._current.cancel()
         elif self._last_reply is not None and (played is not None or self._last_reply.still_playing()):
             self._forget_unheard(self._last_reply, played)
@@ -317,14 +320,13 @@ class Session:
         while True:
             turn = await self._turns.get()
             self._cut = None
-            self._current_id = turn.id
-            self._current = asyncio.create_task(self._answer(turn))
+            self._active = (turn, Reply(self.engines.tts.sample_rate))
+            self._current = asyncio.create_task(self._answer(*self._active))
             await asyncio.wait({self._current})  # an interrupt cancels only this turn
-            self._current = None
+            self._current, self._active = None, None
             self.set_state(self._resting_state())
 
-    async def _answer(self, turn: PendingTurn) -> None:
-        reply = Reply(self.engines.tts.sample_rate)
+    async def _answer(self, turn: PendingTurn, reply: Reply) -> None:
         reply.marks["end_of_turn"] = turn.t_decided
         reason, user_text = "completed", turn.text
         try:
@@ -341,8 +343,6 @@ class Session:
                 raise StageError("llm", RuntimeError("it returned an empty reply"))
         except asyncio.CancelledError:
             reason = "interrupted"
-            if self._cut and self._cut[0] == "speech" and not reply.samples and turn.audio is not None:
-                self._carry = turn.audio  # cut off before it spoke: the user was not done yet
         except StageError as exc:
             reason = "error"
             log.error("session %s turn %d: %s failed", self.id, turn.id, exc.stage, exc_info=exc.__cause__)
