@@ -192,6 +192,8 @@ class Session:
             return
         match message:
             case p.Hello():
+                if message.speaker != self.options.speaker:  # a new voice starts a fresh memory
+                    self._voice = self.engines.tts.new_voice(message.speaker)
                 self.options = message
             case p.AudioStart():
                 self.start_recording()
@@ -237,7 +239,7 @@ class Session:
         self.history.clear()
         self._last_reply = None
         self._carry = None
-        self._voice = self.engines.tts.new_voice()
+        self._voice = self.engines.tts.new_voice(self.options.speaker)
 
     # ------------------------------------------------------------ barge-in
 

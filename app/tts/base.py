@@ -15,8 +15,9 @@ class TtsEngine(Protocol):
     name: str
     sample_rate: int  # Hz of every chunk synthesize() yields
 
-    def new_voice(self) -> object | None:
-        """Per-conversation voice memory (CSM keeps its recent utterances here); None if stateless."""
+    def new_voice(self, speaker: int | None = None) -> object | None:
+        """Per-conversation voice: which speaker (None: the engine's default) and its memory
+        (CSM keeps its recent utterances here); None for an engine with neither."""
         ...
 
     def synthesize(

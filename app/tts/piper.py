@@ -50,8 +50,8 @@ class PiperEngine:
         log.info("tts: loaded Piper voice %s in %.1f s", path.name, time.perf_counter() - t0)
         return cls(settings, voice)
 
-    def new_voice(self) -> None:
-        return None
+    def new_voice(self, speaker: int | None = None) -> None:
+        return None  # one speaker per Piper voice file here; nothing to remember
 
     def synthesize(
         self, text: str, *, voice: object | None = None, cancel: threading.Event | None = None

@@ -109,6 +109,16 @@ def test_voice_remembers_clean_utterances_as_context(make_generator, scripted) -
     assert [s.text for s in voice.segments] == ["First phrase.", "Second phrase."]
 
 
+def test_a_voice_can_pick_another_speaker(make_generator, scripted) -> None:
+    engine = _engine(make_generator)
+    engine.generator.generate_frame = scripted(_eos_after(4))
+    voice = engine.new_voice(speaker=2)
+    list(engine.synthesize("Hello.", voice=voice))
+    assert [s.speaker for s in voice.segments] == [2]
+    list(engine.synthesize("Hello.", voice=engine.new_voice()))  # the default is untouched
+    assert engine.speaker == 4
+
+
 def test_cancelled_or_runaway_utterances_are_not_remembered(make_generator, scripted) -> None:
     engine = _engine(make_generator)
     voice = engine.new_voice()

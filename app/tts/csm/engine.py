@@ -86,8 +86,9 @@ class CsmVoice:
     phrase. Only utterances that ended cleanly are kept, oldest dropped beyond the frame budget.
     """
 
-    def __init__(self, budget_frames: int) -> None:
+    def __init__(self, budget_frames: int, speaker: int | None = None) -> None:
         self.budget_frames = budget_frames
+        self.speaker = speaker  # None: the engine's default speaker
         self._segments: deque[Segment] = deque()
 
     @property
@@ -123,8 +124,8 @@ class CsmEngine:
         self.config = settings.generation_config()
         self.last_utterance: Utterance | None = None  # for metrics and tests
 
-    def new_voice(self) -> CsmVoice:
-        return CsmVoice(self.settings.context_frames)
+    def new_voice(self, speaker: int | None = None) -> CsmVoice:
+        return CsmVoice(self.settings.context_frames, speaker)
 
     def synthesize(
         self, text: str, *, voice: object | None = None, cancel: threading.Event | None = None
@@ -138,10 +139,12 @@ class CsmEngine:
         if not _speakable(text):
             return
         memory = voice if isinstance(voice, CsmVoice) else None
-        pinned = [self.voice_prompt] if self.voice_prompt is not None else []
+        speaker = memory.speaker if memory is not None and memory.speaker is not None else self.speaker
+        # The voice prompt shows how the default speaker sounds; it would mislead another one.
+        pinned = [self.voice_prompt] if self.voice_prompt is not None and speaker == self.speaker else []
         utterance = self.generator.utterance(
             text,
-            speaker=self.speaker,
+            speaker=speaker,
             context=pinned + (memory.segments if memory else []),
             pinned=len(pinned),
             config=self.config,
@@ -156,7 +159,7 @@ class CsmEngine:
         if memory is not None and utterance.stop_reason == "eos" and utterance.codes.shape[0]:
             from app.tts.csm.generator import Segment
 
-            memory.remember(Segment(speaker=self.speaker, text=text, codes=utterance.codes))
+            memory.remember(Segment(speaker=speaker, text=text, codes=utterance.codes))
 
     def _log(self, text: str, utterance: Utterance, seconds: float) -> None:
         frames = utterance.codes.shape[0]
