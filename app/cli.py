@@ -7,16 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from typing import TYPE_CHECKING
-
 from .config import ConfigError, Settings, load_settings
 from .lan import ALL_INTERFACES, TlsFiles, announce, tls_files, uvicorn_tls
-from .models import ModelError
-
-if TYPE_CHECKING:
-    from .engines import Engines
-
-log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,39 +53,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"voice-assistant: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
-    try:
-        # Load before binding the port: a missing model is a one-line error, not a traceback wall.
-        settings, engines = load_engines(settings, fallback=args.preset == "auto")
-    except (ModelError, ConfigError) as exc:
-        print(f"voice-assistant: {exc}", file=sys.stderr)
-        return 1
-    return serve(settings, engines, tls=tls)
+    return serve(settings, fallback=args.preset == "auto", tls=tls)
 
 
-def load_engines(settings: Settings, *, fallback: bool) -> tuple[Settings, Engines]:
-    """Load the chosen preset; when it was picked automatically and a gpu model cannot be had
-    (no network on first launch), run the offline cpu preset instead of failing."""
-    from .engines import Engines
-
-    try:
-        return settings, Engines.load(settings)
-    except ModelError as exc:
-        if not (fallback and settings.preset == "gpu"):
-            raise
-        log.warning("%s -- starting the offline cpu preset instead", exc)
-        cpu = load_settings("cpu", {"host": settings.host, "port": settings.port})
-        return cpu, Engines.load(cpu)
-
-
-def serve(settings: Settings, engines: Engines, *, tls: TlsFiles | None = None) -> int:
+def serve(settings: Settings, *, fallback: bool = False, tls: TlsFiles | None = None) -> int:
+    """Open the port at once; the models load and warm up behind it (/health says "loading").
+    A model that cannot load ends the server: exit 1 with the one-line reason, no traceback wall."""
     import uvicorn
 
     from .server import create_app
 
-    app = create_app(settings, engines)
+    def stop(_reason: str) -> None:
+        server.should_exit = True  # `server` exists: the lifespan that can fail runs inside server.run()
+
+    app = create_app(settings, fallback=fallback, on_failure=stop)
     announce(settings.host, settings.port, tls)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **uvicorn_tls(tls))
-    engines.close()
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            **uvicorn_tls(tls))
+    server = uvicorn.Server(config)
+    server.run()
+    now = app.state.loading.state
+    if now.phase == "failed":
+        print(f"voice-assistant: {now.message}", file=sys.stderr)
+        return 1
     return 0
 
 

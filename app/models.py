@@ -12,8 +12,15 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .loading import LoadStatus
 
 log = logging.getLogger(__name__)
+
+# How the status line names a slot's model while it downloads.
+SLOT_LABELS = {"asr": "speech-to-text model", "llm": "language model", "tts": "voice model"}
 
 
 class ModelError(RuntimeError):
@@ -25,12 +32,12 @@ class ModelError(RuntimeError):
         self.ref = ref
 
 
-def resolve(ref: str, slot: str) -> Path:
-    """Return a local path for `ref`, downloading it from the hub on first use."""
+def resolve(ref: str, slot: str, status: LoadStatus | None = None) -> Path:
+    """Return a local path for `ref`, downloading it from the hub on first use (progress to `status`)."""
     if ref.startswith("pkg:"):
         return _from_package(ref, slot)
     if ref.startswith("hf:"):
-        return _from_hub(ref, slot)
+        return _from_hub(ref, slot, status)
     path = Path(ref).expanduser()
     if not path.exists():
         raise ModelError(slot, ref, "no such file or folder", "Check the path you configured.")
@@ -59,17 +66,36 @@ def split_hub_ref(ref: str) -> tuple[str, str | None]:
     return f"{parts[0]}/{parts[1]}", (parts[2] if len(parts) == 3 else None)
 
 
-def _from_hub(ref: str, slot: str) -> Path:
+def hub_file_size(repo: str, filename: str, token: str | None = None) -> int:
+    """Bytes of one file in a hub repo (one metadata request)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    return get_hf_file_metadata(hf_hub_url(repo, filename), token=token).size or 0
+
+
+def hub_repo_size(repo: str, token: str | None = None) -> int:
+    """Bytes of every file in a hub repo (what snapshot_download fetches)."""
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo, files_metadata=True, token=token)
+    return sum(sibling.size or 0 for sibling in info.siblings or [])
+
+
+def _from_hub(ref: str, slot: str, status: LoadStatus | None = None) -> Path:
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    from .loading import watch_hub_download
+
     repo, filename = split_hub_ref(ref)
-    token = os.environ.get("HF_TOKEN") or None
+    token = os.environ.get("HF_TOKEN") or None  # only gated repos need it; the defaults do not
     log.info("%s: fetching %s from the Hugging Face hub (cached after the first time)", slot, ref)
+    size = (lambda: hub_file_size(repo, filename, token)) if filename else (lambda: hub_repo_size(repo, token))
     try:
-        if filename:
-            return Path(hf_hub_download(repo, filename, token=token))
-        return Path(snapshot_download(repo, token=token))
+        with watch_hub_download(repo, SLOT_LABELS.get(slot, slot), status=status, total=size):
+            if filename:
+                return Path(hf_hub_download(repo, filename, token=token))
+            return Path(snapshot_download(repo, token=token))
     except LocalEntryNotFoundError as exc:
         raise ModelError(
             slot, ref, "not in the local cache and the hub cannot be reached",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import html
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from litestar import Litestar, MediaType, Request, get, websocket
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, get, websocket
 from litestar.connection import WebSocket
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.datastructures import State
@@ -17,9 +17,11 @@ from litestar.response import Template
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
+from . import protocol as p
 from .config import Settings
-from .engines import Engines
+from .engines import BackgroundLoad, Engines
 from .lan import LOOPBACK_NAMES, phone_url, qr_svg
+from .loading import LoadState, LoadStatus
 from .metrics import Metrics
 from .session import Session
 
@@ -44,14 +46,35 @@ async def qr_code(request: Request, state: State) -> str:
 
 
 @get("/health")
-async def health(state: State) -> dict[str, object]:
-    engines: Engines = state.engines
-    return {"status": "ok", "preset": engines.settings.preset, **engines.describe()}
+async def health(state: State) -> Response[dict[str, object]]:
+    """200 "ok" once every model is loaded and warm; 503 "loading" before that, with the progress;
+    500 "failed" with the one-line reason when the models cannot load."""
+    now: LoadState = state.loading.state
+    if now.phase == "ready":
+        engines: Engines = state.engines
+        return Response({"status": "ok", "preset": engines.settings.preset, **engines.describe()})
+    if now.phase == "failed":
+        return Response({"status": "failed", "error": now.message}, status_code=500)
+    body = {"status": "loading", "preset": state.settings.preset, **msgspec.structs.asdict(now)}
+    return Response(body, status_code=503)
+
+
+PHASE_LABELS = {"loading": "Loading", "downloading": "Downloading", "warming": "Warming up"}
 
 
 @get("/status", media_type=MediaType.HTML, include_in_schema=False)
 async def status(state: State) -> str:
-    """A fragment that the page polls with htmx."""
+    """A fragment that the page polls with htmx; while loading it asks again every second by itself."""
+    now: LoadState = state.loading.state
+    if now.phase == "failed":
+        return f'<span class="error">Could not start</span> · {html.escape(now.message)}'
+    if now.phase != "ready":
+        # Replaces itself a second later (outerHTML), so progress moves faster than the page's
+        # own 10 s poll; the ready fragment carries no trigger, which ends the fast polling.
+        return (
+            '<span hx-get="/status" hx-trigger="load delay:1s" hx-swap="outerHTML">'
+            f'<span class="loading">{PHASE_LABELS[now.phase]}</span> · {html.escape(now.message)}</span>'
+        )
     engines: Engines = state.engines
     d = engines.describe()
     return (
@@ -79,24 +102,57 @@ async def metrics(state: State) -> bytes:
 @websocket("/ws")
 async def conversation(socket: WebSocket, state: State) -> None:
     await socket.accept()
+    if state.loading.state.phase != "ready":
+        await _not_yet(socket, state.loading.state)
+        return
     session = Session(state.engines, state.metrics)
     log.info("session %s opened from %s", session.id, socket.client)
     await session.serve(socket.receive, socket.send_text, socket.send_bytes)
 
 
-def create_app(settings: Settings, engines: Engines | None = None) -> Litestar:
-    """Wire the app. Models load (and warm up) in the lifespan unless `engines` is given."""
+async def _not_yet(socket: WebSocket, now: LoadState) -> None:
+    """No conversation before the models are ready: say why in words and close politely
+    (1013: try again later); the page reconnects with backoff."""
+    if now.phase == "failed":
+        event = p.Error(code="load_failed", message=f"The assistant could not start: {now.message}")
+    else:
+        event = p.Error(code="loading", message=f"The assistant is still starting ({now.message}). "
+                                                "It will connect by itself when it is ready.")
+    await socket.send_text(p.encode_event(event))
+    await socket.close(code=1013, reason=event.code)
+
+
+def create_app(
+    settings: Settings,
+    engines: Engines | None = None,
+    *,
+    fallback: bool = False,
+    on_failure: Callable[[str], None] | None = None,
+) -> Litestar:
+    """Wire the app. Unless `engines` is given (loaded already), the lifespan starts a thread that
+    fetches, loads and warms up the models, so the port opens at once and /health says "loading"
+    until they are ready; `fallback` allows the cpu preset when auto-picked gpu models cannot be had;
+    `on_failure` gets the one-line reason when they cannot load at all."""
+    loading = LoadStatus(LoadState("ready", "ready") if engines is not None else None)
+
+    def ready(loaded_settings: Settings, loaded: Engines, app: Litestar) -> None:
+        app.state.settings = loaded_settings  # the cpu preset's, after a fallback
+        app.state.engines = loaded
+        log.info("ready: preset %s, listening on %s:%d", loaded_settings.preset, settings.host, settings.port)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        own = engines is None
-        app.state.engines = await asyncio.to_thread(Engines.load, settings) if own else engines
-        log.info("ready: preset %s, listening on http://%s:%d", settings.preset, settings.host, settings.port)
+        if engines is not None:
+            ready(settings, engines, app)
+            yield
+            return
+        loader = BackgroundLoad(settings, loading, fallback=fallback, on_failure=on_failure,
+                                on_ready=lambda s, e: ready(s, e, app))
+        loader.start()
         try:
             yield
         finally:
-            if own:
-                app.state.engines.close()
+            loader.close()
 
     return Litestar(
         route_handlers=[
@@ -110,5 +166,5 @@ def create_app(settings: Settings, engines: Engines | None = None) -> Litestar:
         ],
         lifespan=[lifespan],
         template_config=TemplateConfig(directory=ROOT / "templates", engine=JinjaTemplateEngine),
-        state=State({"settings": settings, "metrics": Metrics()}),
+        state=State({"settings": settings, "metrics": Metrics(), "loading": loading, "engines": engines}),
     )

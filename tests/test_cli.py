@@ -1,10 +1,12 @@
-"""The `voice-assistant serve` command: clear one-line errors, and a real start on the cpu preset."""
+"""The `voice-assistant serve` command: clear one-line errors, and a real start on the cpu preset
+(the port opens at once; /health says "loading" until every model is warm)."""
 
 import json
 import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 from app.cli import main
@@ -18,10 +20,16 @@ def test_bad_setting_is_one_clear_line(monkeypatch, capsys):
     assert "llm.temperature" in err and "Traceback" not in err
 
 
-def test_missing_model_names_the_slot(capsys):
-    assert main(["serve", "--preset", "cpu", "--llm-model", "/nowhere/model.gguf"]) == 1
-    err = capsys.readouterr().err
-    assert "llm model '/nowhere/model.gguf': no such file" in err
+def test_missing_model_names_the_slot():
+    # The port opens first; the load fails behind it and ends the server with the one-line reason.
+    # (A subprocess: the app configures logging onto the stderr it finds, which capsys would close.)
+    argv = ["serve", "--preset", "cpu", "--port", str(free_port()), "--llm-model", "/nowhere/model.gguf"]
+    done = subprocess.run([sys.executable, "-m", "app.cli", *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        "voice-assistant: llm model '/nowhere/model.gguf': no such file or folder. Check the path you configured."
+    )
+    assert "Traceback" not in done.stderr
 
 
 def test_serve_starts_offline_and_answers_health():
@@ -37,18 +45,22 @@ def test_serve_starts_offline_and_answers_health():
     finally:
         proc.terminate()
         output = proc.communicate(timeout=30)[0]
-    assert "warmed up" in output  # every model ran once before the port opened
+    assert output.index("warmed up") < output.index("ready: preset cpu")  # every model ran once first
 
 
 def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    """The body of the first 200 from /health; a 503 ("loading") or a refused connection means wait."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"server exited: {proc.stdout.read()}")
         try:
             return json.loads(urllib.request.urlopen(url, timeout=2).read())
+        except urllib.error.HTTPError as error:
+            assert error.code == 503 and json.loads(error.read())["status"] == "loading"
+            time.sleep(0.1)
         except OSError:
-            time.sleep(0.3)
+            time.sleep(0.1)
     raise AssertionError("server did not answer /health in time")
 
 
@@ -63,16 +75,18 @@ def offline_hub(monkeypatch, tmp_path):
 def test_auto_gpu_without_network_falls_back_to_cpu(monkeypatch, tmp_path):
     import pytest
 
-    from app.cli import load_engines
     from app.config import load_settings
+    from app.engines import load_engines
     from app.models import ModelError
 
     offline_hub(monkeypatch, tmp_path)
-    gpu = load_settings("gpu", environ={})
+    gpu = load_settings("gpu", {"port": 9123, "turns": {"end_silence_ms": 700}}, environ={})
     with pytest.raises(ModelError, match="asr model 'hf:"):
         load_engines(gpu, fallback=False)  # asked for gpu by name: say what is missing
     settings, engines = load_engines(gpu, fallback=True)  # picked automatically: run offline
     try:
         assert settings.preset == "cpu" and engines.tts.name == "piper"
+        assert settings.asr.device == "cpu" and settings.llm.n_gpu_layers == 0
+        assert settings.port == 9123 and settings.turns.end_silence_ms == 700  # the rest is kept
     finally:
         engines.close()

@@ -17,12 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,8 +34,12 @@ from huggingface_hub.errors import (
 )
 from tokenizers import Tokenizer
 
-from app.models import ModelError
+from app.loading import watch_hub_download
+from app.models import ModelError, hub_file_size
 from app.tts.csm.model import FLAVORS, CsmModel, CsmModelConfig, LlamaShape
+
+if TYPE_CHECKING:
+    from app.loading import LoadStatus
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +71,13 @@ def _is_repo_id(ref: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", ref) is not None and not ref.startswith(".")
 
 
-def resolve_file(ref: str, filenames: Sequence[str], *, what: str, offline: bool = False) -> Path:
+def resolve_file(
+    ref: str, filenames: Sequence[str], *, what: str, offline: bool = False, status: LoadStatus | None = None
+) -> Path:
     """A local file, the first of `filenames` in a local folder, or a hub download of the first that exists.
 
-    `ref` is a path or a hub repo id, with or without the project's `hf:` prefix.
+    `ref` is a path or a hub repo id, with or without the project's `hf:` prefix; a download reports
+    its progress to `status`.
     """
     ref = ref.removeprefix("hf:")
     path = Path(ref).expanduser()
@@ -93,7 +98,7 @@ def resolve_file(ref: str, filenames: Sequence[str], *, what: str, offline: bool
         raise ModelNotAvailableError(ref, _offline_problem(filenames[0], what, "offline mode is on"), _OFFLINE_HINT)
     for name in filenames:
         try:
-            return _download(ref, name, what=what)
+            return _download(ref, name, what=what, status=status)
         except LocalEntryNotFoundError:
             problem = _offline_problem(name, what, "the hub cannot be reached")
             raise ModelNotAvailableError(ref, problem, _OFFLINE_HINT) from None
@@ -114,11 +119,12 @@ def _offline_problem(filename: str, what: str, reason: str) -> str:
     return f"{what} ({filename}) is not on this machine and {reason}"
 
 
-def _download(repo: str, filename: str, *, what: str) -> Path:
+def _download(repo: str, filename: str, *, what: str, status: LoadStatus | None = None) -> Path:
     log.info("%s: downloading %s from hub repo %s (first launch only; cached afterwards)", what, filename, repo)
     start = time.monotonic()
+    label = what.split(" (", 1)[0]  # "CSM checkpoint (setting `model`)" -> "CSM checkpoint"
     try:
-        with _log_download_progress(repo, filename):
+        with watch_hub_download(repo, label, status=status, total=lambda: hub_file_size(repo, filename)):
             path = Path(hf_hub_download(repo, filename))
     except GatedRepoError:
         hint = "Accept its licence on huggingface.co and set HF_TOKEN, or use an ungated copy (unsloth/csm-1b)"
@@ -131,35 +137,20 @@ def _download(repo: str, filename: str, *, what: str) -> Path:
     return path
 
 
-@contextmanager
-def _log_download_progress(repo: str, filename: str, every_s: float = 10.0) -> Iterator[None]:
-    """Log the bytes received so far while hf_hub_download runs (its bar goes to a terminal, not the log)."""
-    blobs = Path(hub_constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}" / "blobs"
-    done = threading.Event()
-
-    def report() -> None:
-        while not done.wait(every_s):
-            partial = sum(p.stat().st_size for p in blobs.glob("*.incomplete")) if blobs.is_dir() else 0
-            log.info("still downloading %s/%s: %.0f MB so far", repo, filename, partial / 1e6)
-
-    watcher = threading.Thread(target=report, name="hub-download-progress", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-
-
-def resolve_checkpoint(ref: str, filename: str | None = None, *, offline: bool = False) -> list[Path]:
+def resolve_checkpoint(
+    ref: str, filename: str | None = None, *, offline: bool = False, status: LoadStatus | None = None
+) -> list[Path]:
     """The checkpoint file(s) of a CSM reference: several when the checkpoint is sharded."""
     ref = ref.removeprefix("hf:")
     names = (filename,) if filename else KNOWN_CHECKPOINTS.get(ref, CHECKPOINT_FILES)
-    first = resolve_file(ref, names, what="CSM checkpoint (setting `model`)", offline=offline)
+    first = resolve_file(ref, names, what="CSM checkpoint (setting `model`)", offline=offline, status=status)
     if not first.name.endswith(".index.json"):
         return [first]
     shards = sorted(set(json.loads(first.read_text())["weight_map"].values()))
     base = ref if _is_repo_id(ref) and not Path(ref).exists() else str(first.parent)
-    return [resolve_file(base, (s,), what=f"CSM checkpoint shard {s}", offline=offline) for s in shards]
+    return [
+        resolve_file(base, (s,), what=f"CSM checkpoint shard {s}", offline=offline, status=status) for s in shards
+    ]
 
 
 def resolve_config_json(ref: str, checkpoint: Path, *, offline: bool = False) -> dict[str, Any] | None:
