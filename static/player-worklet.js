@@ -1,17 +1,23 @@
-// AudioWorklet that plays the reply's mono PCM from a queue: ~80 ms jitter buffer, silence on underrun, linear resampling.
+// AudioWorklet that plays the reply's mono PCM from a queue: ~80 ms jitter buffer, silence on underrun,
+// linear resampling, and a count of the samples of each turn actually played (for text reveal and barge-in).
 "use strict";
 
 // Enough buffered audio to ride out network jitter without adding noticeable delay.
 const JITTER_SECONDS = 0.08;
+// Report progress about every 20 ms (blocks of 128 frames): smooth text reveal, few messages.
+const PROGRESS_EVERY_BLOCKS = Math.max(1, Math.round((0.02 * sampleRate) / 128));
 
 class PcmPlayer extends AudioWorkletProcessor {
   constructor(options) {
     super();
-    this.chunks = []; // Float32Arrays in arrival order
-    this.head = 0; // read index into chunks[0]
+    this.chunks = []; // {samples: Float32Array, turn} in arrival order
+    this.head = 0; // read index into chunks[0].samples
     this.available = 0; // samples queued, not yet read
     this.playing = false;
     this.ended = false; // audio_end arrived: play out whatever is left, then report "drained"
+    this.turn = null; // turn of the samples being played
+    this.played = 0; // input samples of this.turn played so far
+    this.blocks = 0;
     this.setRate((options.processorOptions || {}).inputRate || sampleRate);
     this.resetInterpolation();
     this.port.onmessage = (event) => this.onMessage(event.data);
@@ -32,13 +38,14 @@ class PcmPlayer extends AudioWorkletProcessor {
 
   onMessage(msg) {
     if (msg.type === "chunk" && msg.samples.length) {
-      this.chunks.push(msg.samples);
+      this.chunks.push({ samples: msg.samples, turn: msg.turn });
       this.available += msg.samples.length;
       // Audio after an "end" is the next reply, queued behind the last one: play on, end with it.
       this.ended = false;
     } else if (msg.type === "end") {
       this.ended = true;
     } else if (msg.type === "flush") {
+      this.reportProgress();
       this.chunks = [];
       this.head = 0;
       this.available = 0;
@@ -52,13 +59,23 @@ class PcmPlayer extends AudioWorkletProcessor {
 
   pop() {
     const chunk = this.chunks[0];
-    const value = chunk[this.head++];
-    if (this.head >= chunk.length) {
+    if (chunk.turn !== this.turn) {
+      this.reportProgress(); // the last count of the previous turn
+      this.turn = chunk.turn;
+      this.played = 0;
+    }
+    const value = chunk.samples[this.head++];
+    this.played++;
+    if (this.head >= chunk.samples.length) {
       this.chunks.shift();
       this.head = 0;
     }
     this.available--;
     return value;
+  }
+
+  reportProgress() {
+    if (this.turn !== null) this.port.postMessage({ type: "progress", turn: this.turn, played: this.played });
   }
 
   shouldStart() {
@@ -69,6 +86,7 @@ class PcmPlayer extends AudioWorkletProcessor {
     this.playing = false;
     this.ended = false;
     this.resetInterpolation();
+    this.reportProgress();
     this.port.postMessage({ type: "drained" });
   }
 
@@ -91,6 +109,7 @@ class PcmPlayer extends AudioWorkletProcessor {
       this.playing = true;
       this.port.postMessage({ type: "playing" });
     }
+    if (++this.blocks % PROGRESS_EVERY_BLOCKS === 0) this.reportProgress();
     for (let i = 0; i < out.length; i++) {
       while (this.frac >= 1) {
         if (this.available === 0) return this.underrun(out, i);

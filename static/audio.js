@@ -1,0 +1,235 @@
+// Browser audio: reply playback (AudioWorklet + AnalyserNode for the speaking animation) and the
+// microphone (MediaRecorder in whatever container this browser records, plus a level meter).
+
+// Chromium and Firefox record WebM/Opus or Ogg/Opus; Safari records MP4/AAC. The server probes any of them.
+const RECORDER_TYPES = ["audio/webm;codecs=opus", "audio/ogg;codecs=opus", "audio/mp4"];
+const TIMESLICE_MS = 100; // MediaRecorder chunk size: small enough for the server's end-of-turn VAD
+
+/** A 0..1 loudness from an AnalyserNode: RMS on a square-root scale (quiet speech still shows),
+ * less a floor so that room noise keeps the animation still. */
+export class LevelMeter {
+  constructor(analyser) {
+    this.analyser = analyser;
+    analyser.fftSize = 1024;
+    this.buffer = new Float32Array(analyser.fftSize);
+    this.smoothed = 0;
+  }
+
+  read() {
+    this.analyser.getFloatTimeDomainData(this.buffer);
+    let sum = 0;
+    for (const v of this.buffer) sum += v * v;
+    const level = Math.min(1, Math.max(0, Math.sqrt(Math.sqrt(sum / this.buffer.length)) * 2.4 - 0.12));
+    // Rise at once, fall slowly: the animation follows syllables without flickering.
+    this.smoothed = Math.max(level, this.smoothed * 0.85);
+    return this.smoothed;
+  }
+}
+
+/** Plays the reply PCM of each turn and counts, per turn, the samples actually played. */
+export class Player {
+  constructor({ workletUrl, onChange, onError }) {
+    this.workletUrl = workletUrl;
+    this.onChange = onChange; // playing started or drained
+    this.onError = onError;
+    this.ctx = null;
+    this.node = null;
+    this.meter = null;
+    this.pending = []; // messages for the worklet while its module loads
+    this.rate = 0; // the server's sample rate
+    this.active = false; // audio of some turn is queued or playing
+    this.played = new Map(); // turn -> samples played
+    this.accepted = new Set(); // turns whose audio went to the worklet
+  }
+
+  /** Must run inside a user gesture (click, key, touch): browsers only let one start audio. */
+  unlock() {
+    if (!this.ctx) {
+      this.ctx = createAudioContext(this.rate);
+      this.load();
+    }
+    if (this.ctx.state !== "running") this.ctx.resume().catch(() => {});
+  }
+
+  get running() {
+    return Boolean(this.ctx && this.ctx.state === "running");
+  }
+
+  async load() {
+    const ctx = this.ctx;
+    try {
+      await ctx.audioWorklet.addModule(this.workletUrl);
+      const node = new AudioWorkletNode(ctx, "pcm-player", {
+        numberOfInputs: 0,
+        outputChannelCount: [1],
+        processorOptions: { inputRate: this.rate || ctx.sampleRate },
+      });
+      // The analyser sits on the playback path, so the animation follows what is really heard.
+      const analyser = ctx.createAnalyser();
+      node.connect(analyser).connect(ctx.destination);
+      node.port.onmessage = (event) => this.onWorkletMessage(event.data);
+      this.meter = new LevelMeter(analyser);
+      this.node = node;
+      this.pending.splice(0).forEach((msg) => node.port.postMessage(msg));
+    } catch (err) {
+      this.onError(`Audio playback is unavailable: ${err.message}`);
+    }
+  }
+
+  post(msg, transfer) {
+    if (this.node) this.node.port.postMessage(msg, transfer || []);
+    else if (this.ctx) this.pending.push(msg);
+  }
+
+  setRate(rate) {
+    this.rate = rate;
+    this.post({ type: "rate", rate });
+  }
+
+  /** Reply audio of `turn` begins; false when nothing can play it (no gesture yet). */
+  begin(turn, rate) {
+    if (!this.ctx) return false;
+    this.setRate(rate);
+    this.accepted.add(turn);
+    // Speaking from now on, not from the worklet's first "playing": no flicker while it buffers.
+    this.active = true;
+    return true;
+  }
+
+  /** s16le bytes of `turn` -> float samples for the worklet. */
+  chunk(turn, buffer) {
+    if (!this.accepted.has(turn)) return;
+    const count = buffer.byteLength >> 1;
+    const pcm = new Int16Array(buffer, 0, count);
+    const samples = new Float32Array(count);
+    for (let i = 0; i < count; i++) samples[i] = pcm[i] / 32768;
+    this.post({ type: "chunk", turn, samples }, [samples.buffer]);
+  }
+
+  end(turn) {
+    if (this.accepted.has(turn)) this.post({ type: "end" });
+  }
+
+  /** Stop at once: everything queued is dropped. */
+  flush() {
+    this.post({ type: "flush" });
+    this.active = false;
+  }
+
+  playedOf(turn) {
+    return this.played.get(turn) || 0;
+  }
+
+  level() {
+    return this.meter && this.active ? this.meter.read() : 0;
+  }
+
+  onWorkletMessage(msg) {
+    if (msg.type === "progress") {
+      this.played.set(msg.turn, msg.played);
+      return;
+    }
+    this.active = msg.type === "playing";
+    this.onChange(msg.type);
+  }
+}
+
+function createAudioContext(rate) {
+  try {
+    return new AudioContext({ sampleRate: rate || undefined, latencyHint: "interactive" });
+  } catch (err) {
+    // Some browsers refuse unusual rates: the worklet then resamples.
+    console.warn("voice assistant: AudioContext refused", rate, "Hz:", err.message);
+    return new AudioContext({ latencyHint: "interactive" });
+  }
+}
+
+/** The microphone: one stream kept while needed, one MediaRecorder (one container) per recording. */
+export class Mic {
+  constructor() {
+    this.stream = null;
+    this.meter = null;
+    this.meterCtx = null; // only when the player's context cannot take the mic (Firefox, other rate)
+    this.recording = null;
+  }
+
+  get open() {
+    return Boolean(this.stream);
+  }
+
+  async openStream(ctx) {
+    if (this.stream) return;
+    this.stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+    });
+    this.meter = this.makeMeter(ctx);
+  }
+
+  makeMeter(ctx) {
+    for (const make of [() => ctx, () => (this.meterCtx = new AudioContext())]) {
+      try {
+        const context = make();
+        if (!context) continue;
+        const analyser = context.createAnalyser();
+        // Through a muted gain to the destination: every engine then runs the analyser, and the
+        // user does not hear their own voice.
+        const mute = context.createGain();
+        mute.gain.value = 0;
+        context.createMediaStreamSource(this.stream).connect(analyser).connect(mute).connect(context.destination);
+        return new LevelMeter(analyser);
+      } catch (err) {
+        // Firefox refuses a stream whose rate differs from the context's: try a context of its own.
+      }
+    }
+    return null;
+  }
+
+  /** Start a recording; onBlob(rec, blob) gets each piece in order. */
+  record(onBlob) {
+    const recorder = new MediaRecorder(this.stream, recorderOptions());
+    const rec = { recorder, started: false };
+    recorder.ondataavailable = (event) => {
+      if (event.data.size > 0) onBlob(rec, event.data);
+    };
+    recorder.start(TIMESLICE_MS);
+    this.recording = rec;
+    return rec;
+  }
+
+  /** Stop the recording; resolves after its last piece was handed to onBlob. */
+  async stopRecording() {
+    const rec = this.recording;
+    this.recording = null;
+    if (!rec || rec.recorder.state === "inactive") return rec;
+    const stopped = new Promise((resolve) => rec.recorder.addEventListener("stop", resolve, { once: true }));
+    rec.recorder.stop();
+    await stopped;
+    return rec;
+  }
+
+  close() {
+    if (this.stream) this.stream.getTracks().forEach((track) => track.stop());
+    if (this.meterCtx) this.meterCtx.close().catch(() => {});
+    this.stream = null;
+    this.meter = null;
+    this.meterCtx = null;
+  }
+
+  level() {
+    return this.meter && this.recording ? this.meter.read() : 0;
+  }
+}
+
+function recorderOptions() {
+  if (!window.MediaRecorder || !MediaRecorder.isTypeSupported) return {};
+  const mimeType = RECORDER_TYPES.find((type) => MediaRecorder.isTypeSupported(type));
+  return mimeType ? { mimeType } : {};
+}
+
+export function micErrorText(err) {
+  if (!window.isSecureContext) return "The microphone needs a secure page (https or localhost).";
+  if (!navigator.mediaDevices) return "This browser gives no access to a microphone.";
+  if (err && err.name === "NotAllowedError") return "Microphone access was refused. Allow it in the browser and try again.";
+  if (err && err.name === "NotFoundError") return "No microphone was found.";
+  return `The microphone could not start: ${err && err.message ? err.message : err}`;
+}

@@ -1,0 +1,259 @@
+// The conversation on screen: one <li> per turn with the user's bubble (interim, then final transcript),
+// the assistant's bubble (its text revealed as its voice plays) and a discreet latency line.
+
+const DEFAULT_CHARS_PER_SECOND = 14; // speaking rate before any reply has been measured
+
+export class Chat {
+  constructor(log, scroller) {
+    this.log = log;
+    this.scroller = scroller;
+    this.turns = new Map(); // turn id -> entry, for the current server session
+    this.pendingTyped = null; // a typed message's entry, until the server gives its turn an id
+    this.charsPerSecond = DEFAULT_CHARS_PER_SECOND;
+  }
+
+  get empty() {
+    return this.log.childElementCount === 0;
+  }
+
+  /** A new server session numbers turns afresh: keep what is on screen, forget the ids. */
+  newSession() {
+    this.abandon("connection lost");
+    if (!this.empty && !this.log.lastElementChild.classList.contains("divider")) {
+      const note = document.createElement("li");
+      note.className = "divider";
+      note.setAttribute("role", "separator");
+      note.textContent = "Reconnected. The assistant does not remember the messages above.";
+      this.log.append(note);
+    }
+    this.turns.clear();
+    this.pendingTyped = null;
+  }
+
+  clear() {
+    this.log.replaceChildren();
+    this.turns.clear();
+    this.pendingTyped = null;
+  }
+
+  /** The entry of an event's turn; a typed message's entry is adopted by the next new turn. */
+  entryFor(turn, { adopt = true } = {}) {
+    let entry = this.turns.get(turn);
+    if (entry) return entry;
+    entry = (adopt && this.pendingTyped) || this.newEntry();
+    if (entry === this.pendingTyped) this.pendingTyped = null;
+    this.turns.set(turn, entry);
+    return entry;
+  }
+
+  newEntry() {
+    const item = document.createElement("li");
+    item.className = "turn";
+    this.log.append(item);
+    return {
+      item, user: null, assistant: null, meta: null,
+      reply: "", shown: -1, final: false, audio: false, revealAll: false, done: false,
+      rate: 0, totalSamples: null,
+    };
+  }
+
+  typed(text) {
+    const entry = this.newEntry();
+    entry.final = true;
+    this.setText(this.bubble(entry, "user"), text);
+    this.pendingTyped = entry;
+  }
+
+  /** The server heard speech begin: a placeholder bubble for this turn, filled by transcripts. */
+  speechStarted(turn) {
+    const entry = this.entryFor(turn, { adopt: false });
+    if (entry.user) return;
+    const el = this.bubble(entry, "user");
+    el.classList.add("interim", "placeholder");
+    this.setText(el, "…");
+  }
+
+  transcript(m) {
+    const entry = this.turns.get(m.turn);
+    if (entry && entry.final && !m.final) return; // a late guess after the final words
+    if (!m.text.trim() && !entry) return;
+    const current = entry || this.entryFor(m.turn);
+    const el = this.bubble(current, "user");
+    el.classList.remove("placeholder");
+    el.classList.toggle("interim", !m.final);
+    current.final = current.final || m.final;
+    this.setText(el, m.text.trim() || "…");
+  }
+
+  replyText(turn, delta) {
+    const entry = this.entryFor(turn);
+    entry.reply += delta;
+    this.bubble(entry, "assistant");
+  }
+
+  /** Reply audio of this turn begins; `playing` false when this browser cannot play it. */
+  audioStarted(turn, rate, playing) {
+    const entry = this.entryFor(turn);
+    entry.audio = playing;
+    entry.rate = rate;
+    if (!playing) entry.revealAll = true;
+  }
+
+  audioEnded(turn, samples) {
+    const entry = this.turns.get(turn);
+    if (entry) entry.totalSamples = samples;
+  }
+
+  /** Show as much of each reply as its voice has said (played: turn -> samples played). */
+  reveal(playedOf) {
+    for (const [turn, entry] of this.turns) {
+      if (!entry.assistant || entry.shown === entry.reply.length) continue;
+      const target = this.revealTarget(entry, playedOf(turn));
+      if (target !== entry.shown) this.showReply(entry, target);
+    }
+  }
+
+  revealTarget(entry, played) {
+    const text = entry.reply;
+    if (entry.revealAll) return text.length;
+    if (!entry.audio || played <= 0) return 0;
+    let chars = entry.totalSamples
+      ? (text.length * played) / entry.totalSamples // exact once the whole reply's length is known
+      : ((played / entry.rate) * this.charsPerSecond);
+    chars = Math.min(text.length, Math.ceil(chars));
+    // Whole words: a word appears as its first sound is played.
+    const space = text.slice(chars).search(/\s/);
+    return space < 0 ? text.length : chars + space;
+  }
+
+  showReply(entry, count) {
+    entry.shown = count;
+    const el = entry.assistant;
+    el.classList.toggle("waiting", count === 0 && !entry.revealAll);
+    el.setAttribute("aria-busy", String(count < entry.reply.length));
+    this.setText(el, count === 0 ? "" : entry.reply.slice(0, count));
+  }
+
+  /** Playback of every queued reply has finished: whatever was said is all on screen. */
+  drained() {
+    for (const entry of this.turns.values()) {
+      if (entry.audio && entry.done) this.finishReveal(entry);
+    }
+  }
+
+  /** Playback was cut short locally: replies the server had finished are shown whole (it remembers them so). */
+  flushed() {
+    for (const entry of this.turns.values()) {
+      if (entry.audio && entry.done && !entry.assistant?.classList.contains("interrupted")) this.finishReveal(entry);
+    }
+  }
+
+  finishReveal(entry) {
+    if (entry.revealAll) return;
+    entry.revealAll = true;
+    // Learn this voice's speaking rate, so the next reply's text keeps pace from its first word.
+    if (entry.totalSamples && entry.rate && entry.reply.length > 20) {
+      const measured = entry.reply.length / (entry.totalSamples / entry.rate);
+      this.charsPerSecond = 0.5 * this.charsPerSecond + 0.5 * measured;
+    }
+  }
+
+  metrics(m) {
+    if (m.first_audio_ms == null) return;
+    const entry = this.entryFor(m.turn);
+    if (!entry.meta) {
+      entry.meta = document.createElement("p");
+      entry.meta.className = "meta";
+      entry.item.append(entry.meta);
+    }
+    const seconds = (m.first_audio_ms / 1000).toFixed(2);
+    entry.meta.textContent = `voice after ${seconds} s`;
+    entry.meta.title = metricsTitle(m);
+    entry.meta.setAttribute("aria-label", `The reply started ${seconds} seconds after you finished`);
+  }
+
+  /** turn_end: the last event of a turn. `playing`: its audio is still in the player. */
+  finish(m, playing) {
+    const entry = this.turns.get(m.turn);
+    if (!entry) return;
+    entry.done = true;
+    if (m.reason === "no_speech" && !entry.final && !entry.assistant) {
+      entry.item.remove(); // noise that never became words
+      this.turns.delete(m.turn);
+      return;
+    }
+    if (entry.user && !entry.final) this.setText(entry.user, "…"); // no words were understood
+    if (m.reason === "interrupted") this.interrupted(entry, m.reply);
+    else if (m.reason === "error" && !entry.reply) this.failed(entry, "(no reply: something went wrong)");
+    else if (!playing) this.finishReveal(entry);
+  }
+
+  interrupted(entry, spoken) {
+    if (!entry.assistant) return;
+    // What the assistant remembers is what was heard: the server's account, else what was shown.
+    if (spoken) entry.reply = spoken;
+    else entry.reply = entry.reply.slice(0, Math.max(0, entry.shown));
+    entry.revealAll = true;
+    entry.assistant.classList.add("interrupted");
+    this.showReply(entry, entry.reply.length);
+  }
+
+  failed(entry, text) {
+    const el = this.bubble(entry, "assistant");
+    entry.reply = text;
+    entry.revealAll = true;
+    el.classList.add("failed");
+    this.showReply(entry, text.length);
+  }
+
+  /** The connection dropped: turns in flight will never end, so say so instead of waiting. */
+  abandon(why) {
+    for (const entry of this.turns.values()) {
+      if (entry.done) continue;
+      entry.done = true;
+      if (entry.assistant && !entry.revealAll) {
+        entry.revealAll = true;
+        entry.assistant.classList.add("interrupted");
+        this.showReply(entry, entry.reply.length);
+      } else if (!entry.assistant && entry.user && !entry.final) {
+        this.setText(entry.user, `(${why})`);
+      }
+    }
+  }
+
+  bubble(entry, role) {
+    if (entry[role]) return entry[role];
+    const el = document.createElement("div");
+    el.className = `bubble ${role}`;
+    const who = document.createElement("span");
+    who.className = "visually-hidden";
+    who.textContent = role === "user" ? "You: " : "Assistant: ";
+    const text = document.createElement("span");
+    text.className = "text";
+    el.append(who, text);
+    // The user's words always come first, even if the transcript arrives after reply text.
+    if (role === "user") entry.item.prepend(el);
+    else entry.item.insertBefore(el, entry.meta);
+    if (role === "assistant") el.classList.add("waiting"); // dots until its voice starts
+    entry[role] = el;
+    this.scrollToEnd();
+    return el;
+  }
+
+  setText(el, text) {
+    el.querySelector(".text").textContent = text;
+    this.scrollToEnd();
+  }
+
+  scrollToEnd() {
+    this.scroller.scrollTop = this.scroller.scrollHeight;
+  }
+}
+
+function metricsTitle(m) {
+  const names = ["end_of_turn_ms", "transcript_ms", "first_token_ms", "first_phrase_ms", "first_audio_ms", "total_ms"];
+  return names
+    .filter((name) => m[name] != null)
+    .map((name) => `${name.replace(/_ms$/, "").replace(/_/g, " ")}: ${Math.round(m[name])} ms`)
+    .join("\n");
+}

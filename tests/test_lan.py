@@ -1,0 +1,110 @@
+"""LAN serving: the self-signed certificate, the phone's address and QR code, and a real HTTPS/WSS server."""
+
+from __future__ import annotations
+
+import json
+import ssl
+import stat
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from websockets.sync.client import connect
+
+from app import lan
+from app.cli import main
+from app.config import Settings
+from app.engines import Engines
+from tests.conftest import free_port
+
+LAN_IP = "192.168.77.5"  # an address the test pretends the machine has on its network
+
+
+def alt_names(cert_path: Path) -> tuple[set[str], set[str]]:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return set(names.get_values_for_type(x509.DNSName)), {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
+
+
+def test_certificate_is_made_once_and_covers_the_lan_ip(tmp_path: Path) -> None:
+    files = lan.ensure_certificate(tmp_path, ips=[LAN_IP])
+    assert files.self_signed
+    assert alt_names(files.cert) == ({"localhost"}, {"127.0.0.1", LAN_IP})
+    assert stat.S_IMODE(files.key.stat().st_mode) == 0o600  # the private key is the owner's alone
+    first = files.cert.read_bytes()
+    assert lan.ensure_certificate(tmp_path, ips=[LAN_IP]).cert.read_bytes() == first  # reused
+    # On another network the LAN IP changes: the old certificate would not match it.
+    moved = lan.ensure_certificate(tmp_path, ips=["10.1.2.3"])
+    assert alt_names(moved.cert)[1] == {"127.0.0.1", "10.1.2.3"}
+
+
+def test_given_cert_and_key_are_used_as_they_are(tmp_path: Path) -> None:
+    made = lan.ensure_certificate(tmp_path, ips=[LAN_IP])
+    given = lan.tls_files(lan=True, cert=made.cert, key=made.key)
+    assert given == lan.TlsFiles(made.cert, made.key) and not given.self_signed
+    assert lan.tls_files(lan=False, cert=None, key=None) is None  # plain http on localhost
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--cert", "c.pem"], "--cert and --key go together"), (["--cert", "/no/c.pem", "--key", "/no/k.pem"], "no such file")],
+)
+def test_bad_tls_flags_are_one_clear_line(capsys, argv: list[str], message: str) -> None:
+    assert main(["serve", "--preset", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_phone_url_replaces_loopback_only_when_serving_the_lan() -> None:
+    assert lan.phone_url("https://localhost:8443/", "0.0.0.0", ip=LAN_IP) == f"https://{LAN_IP}:8443"
+    assert lan.phone_url("https://10.0.0.9:8443/", "0.0.0.0", ip=LAN_IP) == "https://10.0.0.9:8443"
+    assert lan.phone_url("http://127.0.0.1:8000/", "127.0.0.1", ip=LAN_IP) == "http://127.0.0.1:8000"
+
+
+def test_qr_codes_carry_the_url() -> None:
+    url = f"https://{LAN_IP}:8000"
+    svg = lan.qr_svg(url)
+    assert svg.startswith("<svg") and f"<title>{url}</title>" in svg
+    assert len(lan.qr_text(url).splitlines()) > 10  # a square of block characters
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory, cpu_settings: Settings, engines: Engines) -> Iterator[tuple[str, Path]]:
+    """The real app over HTTPS on all interfaces, with a certificate app/lan.py made; (base URL, cert)."""
+    import msgspec
+    import uvicorn
+
+    from app.server import create_app
+
+    tls = lan.ensure_certificate(tmp_path_factory.mktemp("tls"))
+    settings = msgspec.structs.replace(cpu_settings, host=lan.ALL_INTERFACES)
+    port = free_port()
+    config = uvicorn.Config(create_app(settings, engines), host=lan.ALL_INTERFACES, port=port,
+                            log_level="warning", **lan.uvicorn_tls(tls))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the HTTPS test server did not start"
+        time.sleep(0.05)
+    yield f"https://127.0.0.1:{port}", tls.cert
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_https_server_accepts_the_websocket(https_server: tuple[str, Path]) -> None:
+    base, cert = https_server
+    trust = ssl.create_default_context(cafile=str(cert))  # a phone that accepted the warning
+    with connect(base.replace("https", "wss") + "/ws", ssl=trust, open_timeout=10) as ws:
+        ready = json.loads(ws.recv(timeout=10))
+        assert ready["type"] == "ready" and ready["preset"] == "cpu"
+        ws.send(json.dumps({"type": "hello", "mode": "push_to_talk"}))
+    page = urllib.request.urlopen(base + "/", context=trust, timeout=10).read().decode()
+    assert "https://" in page  # the page names its https address for the phone
+    svg = urllib.request.urlopen(base + "/qr.svg", context=trust, timeout=10).read().decode()
+    assert svg.startswith("<svg") and f"https://{lan.lan_ip()}:" in svg  # localhost -> the LAN IP
