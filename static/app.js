@@ -6,6 +6,7 @@ import { Chat } from "./chat.js";
 import { SettingsPanel, helloMessage, loadSettings } from "./settings.js";
 
 const MAX_RETRY_MS = 15000;
+const STARTING_RETRY_MS = 2000; // the server is up but its models still load: ask again soon
 const PTT_KEEP_MIC_MS = 30000; // push-to-talk keeps the mic open between presses, so no word is lost
 const LABELS = {
   connecting: "Connecting…",
@@ -55,7 +56,8 @@ const record = {
   micLevelMax: 0,
   wakeLock: false,
 };
-const conn = { ws: null, ready: null, retries: 0, retryTimer: 0, lost: false };
+// refused: the error event of a connection the server turned away before `ready`.
+const conn = { ws: null, ready: null, refused: null, retries: 0, retryTimer: 0, lost: false };
 // want: the user wants the mic recording (hands-free on, or the talk button / Space held down).
 const talk = { want: false, starting: false, keyHeld: false, chain: Promise.resolve(), closeTimer: 0 };
 // audioTurn: the turn whose audio frames are arriving; answering: the newest turn the server answers;
@@ -137,9 +139,11 @@ function isReplying() {
   return player.active || view.serverState === "thinking" || view.serverState === "speaking";
 }
 
-function showError(message, { reconnect = false } = {}) {
+// notice: news that is not a fault (the server is still starting), shown without the alarm colour.
+function showError(message, { reconnect = false, notice = false } = {}) {
   ui.errorText.textContent = message;
   ui.reconnect.hidden = !reconnect;
+  ui.error.classList.toggle("notice", notice);
   ui.error.hidden = false;
 }
 
@@ -173,19 +177,22 @@ function connect() {
 function onClose(ws) {
   if (ws !== conn.ws) return;
   const wasReady = Boolean(conn.ready);
+  const starting = conn.refused && conn.refused.code === "loading";
   conn.ws = null;
   conn.ready = null;
-  conn.lost = true;
+  conn.lost = !starting;
   micOff({ tellServer: false, close: true });
   player.flush();
   view.serverState = "idle";
   chat.abandon("connection lost");
   // Back off so a server that is down is not hammered; the button retries at once.
-  const delay = Math.min(1000 * 2 ** conn.retries, MAX_RETRY_MS);
-  conn.retries += 1;
+  const delay = starting ? STARTING_RETRY_MS : Math.min(1000 * 2 ** conn.retries, MAX_RETRY_MS);
+  conn.retries += starting ? 0 : 1;
   conn.retryTimer = setTimeout(connect, delay);
-  const why = wasReady ? "Disconnected from the server." : "Cannot reach the server.";
-  showError(`${why} Retrying in ${Math.round(delay / 1000)} s…`, { reconnect: true });
+  const why = conn.refused ? conn.refused.message : wasReady ? "Disconnected from the server." : "Cannot reach the server.";
+  conn.refused = null;
+  if (starting) showError(why, { notice: true });
+  else showError(`${why} Retrying in ${Math.round(delay / 1000)} s…`, { reconnect: true });
   render();
 }
 
@@ -206,7 +213,7 @@ const handlers = {
     player.setRate(m.sample_rate);
     panel.showVoiceChoice(/csm/i.test(m.tts || ""));
     sendJson(helloMessage(settings));
-    if (!ui.reconnect.hidden) hideError();
+    if (!ui.reconnect.hidden || ui.error.classList.contains("notice")) hideError();
   },
   state(m) {
     view.serverState = m.state;
@@ -250,8 +257,10 @@ const handlers = {
     chat.finish(m, player.active && player.accepted.has(m.turn));
   },
   error(m) {
-    view.errorEvent = true;
-    showError(m.message || m.code);
+    // Before `ready`: the server turns the connection away (models still loading, or failed) and closes it.
+    if (!conn.ready) conn.refused = m;
+    else view.errorEvent = true;
+    showError(m.message || m.code, { notice: m.code === "loading" });
   },
 };
 

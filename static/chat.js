@@ -70,6 +70,7 @@ export class Chat {
     if (entry.user) return;
     const el = this.bubble(entry, "user");
     el.classList.add("interim", "placeholder");
+    el.setAttribute("aria-busy", "true"); // screen readers wait for the final words
     this.setText(el, "…");
   }
 
@@ -81,6 +82,7 @@ export class Chat {
     const el = this.bubble(current, "user");
     el.classList.remove("placeholder");
     el.classList.toggle("interim", !m.final);
+    el.setAttribute("aria-busy", String(!m.final));
     current.final = current.final || m.final;
     this.setText(el, m.text.trim() || "…");
   }
@@ -182,7 +184,10 @@ export class Chat {
       this.turns.delete(m.turn);
       return;
     }
-    if (entry.user && !entry.final) this.setText(entry.user, "…"); // no words were understood
+    if (entry.user && !entry.final) {
+      entry.user.setAttribute("aria-busy", "false");
+      this.setText(entry.user, "…"); // no words were understood
+    }
     if (m.reason === "interrupted") this.interrupted(entry, m.reply);
     else if (m.reason === "error" && !entry.reply) this.failed(entry, "(no reply: something went wrong)");
     else if (!playing) this.finishReveal(entry);

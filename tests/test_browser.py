@@ -131,6 +131,7 @@ def barge_in(page, frames: Frames) -> None:
     page.get_by_label("Type a message").fill(STORY)
     page.get_by_label("Type a message").press("Enter")
     page.wait_for_function("() => window.voiceAssistant.outputLevel > 0.05", timeout=TURN_TIMEOUT_MS)
+    page.screenshot(path=str(SCREENSHOTS / "desktop-speaking.png"))
     page.get_by_role("button", name="Start talking").click()
     follow_turn(page, frames, turns=3)  # the story (interrupted), then the question again
     interrupts = [m for m in frames.sent if m["type"] == "interrupt"]
