@@ -1,27 +1,88 @@
-# GPU image of the voice assistant: `docker build -t voice-assistant .` then
-# `docker run --gpus all -p 8000:8000 -v va-models:/models voice-assistant`
-# (issue 6 finishes this image: CUDA llama.cpp build, non-root user, healthcheck, hadolint.)
-FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# GPU image of the voice assistant: the `gpu` preset (faster-whisper, llama.cpp and Sesame CSM on CUDA).
+#   docker build -t voice-assistant .
+#   docker run --gpus all -p 8000:8000 -v va-models:/models voice-assistant
+# CUDA 13.0 matches torch 2.13's PyPI wheels (the nvidia-*/cu13 packages in uv.lock); the host needs an
+# NVIDIA driver >= 580. The venv is built in the CUDA devel image (llama-cpp-python compiles llama.cpp
+# with nvcc) and copied into the smaller runtime image. Every Python package comes from uv.lock.
 
-ENV DEBIAN_FRONTEND=noninteractive \
+ARG CUDA_VERSION=13.0.1
+ARG UBUNTU_VERSION=24.04
+ARG UV_VERSION=0.13.9
+
+FROM ghcr.io/astral-sh/uv:${UV_VERSION} AS uv
+
+# ---------------------------------------------------------------- build: the venv, with CUDA llama.cpp
+FROM nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION} AS build
+
+# Distribution packages follow the base image's release; pinning them would break on every update.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.12 python3.12-dev build-essential cmake ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=uv /uv /usr/local/bin/uv
+
+# pyproject.toml's extra-build-variables gives llama-cpp-python CMAKE_ARGS="-DGGML_NATIVE=OFF", and uv
+# lets that win over this environment's CMAKE_ARGS: so the CUDA switch goes through scikit-build-core's
+# own SKBUILD_CMAKE_DEFINE, which is added to it. GGML_NATIVE=OFF: the build machine's CPU is not the
+# user's; llama.cpp then compiles for its default GPUs of CUDA 13 (Turing to Blackwell).
+ENV UV_PYTHON=/usr/bin/python3.12 \
+    UV_PYTHON_DOWNLOADS=never \
     UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
-    HF_HOME=/models \
-    CMAKE_ARGS="-DGGML_NATIVE=OFF"
-
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 python3.12-dev build-essential cmake curl ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
-COPY --from=ghcr.io/astral-sh/uv:0.9 /uv /usr/local/bin/uv
+    UV_NO_CACHE=1 \
+    CMAKE_ARGS="-DGGML_CUDA=on -DGGML_NATIVE=OFF" \
+    SKBUILD_CMAKE_DEFINE="GGML_CUDA=on;GGML_NATIVE=OFF"
 
 WORKDIR /app
+# Dependencies first (the slow layer: torch, the llama.cpp build), then the app on top.
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --frozen --no-dev --no-install-project --python python3.12
+RUN uv sync --locked --no-dev --no-install-project
 COPY app ./app
 COPY static ./static
 COPY templates ./templates
-RUN uv sync --frozen --no-dev --python python3.12
+RUN uv sync --locked --no-dev
+
+# ---------------------------------------------------------------- runtime
+FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION}
+
+# torch and llama.cpp use CUDA 13 (torch from its wheels, llama.cpp from this image). faster-whisper's
+# CTranslate2 wheels are built for CUDA 12: they load libcublas.so.12 and cuDNN 9 for CUDA 12, which
+# come from NVIDIA's apt repository (already set up in this image); the same >= 580 driver runs both.
+# libgomp1: llama.cpp's CPU threads. Distribution packages are not pinned (see above).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.12 libgomp1 ca-certificates libcublas-12-8 libcudnn9-cuda-12 \
+    && rm -rf /var/lib/apt/lists/* \
+    && echo /usr/local/cuda-12.8/targets/*/lib > /etc/ld.so.conf.d/zz-cuda-12-for-ctranslate2.conf \
+    && ldconfig \
+    && ldconfig -p > /tmp/libs \
+    && grep -F 'libcublas.so.12 ' /tmp/libs \
+    && grep -F 'libcudnn.so.9 ' /tmp/libs \
+    && rm /tmp/libs
+
+# A user of its own (numeric below, so the host can resolve it); /models, the Hugging Face cache and
+# a volume, is the one place it writes to besides its home (a --lan certificate).
+RUN groupadd --gid 10001 assistant \
+    && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin assistant \
+    && mkdir /models \
+    && chown 10001:10001 /models
+
+WORKDIR /app
+COPY --from=build /app /app
+
+ENV PATH=/app/.venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    HF_HOME=/models \
+    VA_HOST=0.0.0.0 \
+    VA_PORT=8000
 
 VOLUME ["/models"]
 EXPOSE 8000
-CMD ["uv", "run", "--frozen", "--no-dev", "voice-assistant", "serve", "--host", "0.0.0.0", "--port", "8000"]
+USER 10001:10001
+
+# Healthy = every model loaded and warmed up (/health answers 200; 503 while loading). A first launch
+# downloads about 6 GB of models, hence the long start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20m --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('VA_PORT', '8000'), timeout=4)"]
+
+CMD ["voice-assistant", "serve"]
