@@ -41,3 +41,22 @@ def test_hub_refs_split_into_repo_and_file():
     assert split_hub_ref("hf:a/b") == ("a/b", None)
     with pytest.raises(ValueError):
         split_hub_ref("hf:a")
+
+
+def test_hub_token_comes_from_the_environment_and_is_optional(monkeypatch, tmp_path):
+    import huggingface_hub
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    seen: list[str | None] = []
+
+    def fake_download(repo, filename, token=None):
+        seen.append(token)
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    resolve("hf:owner/repo/model.gguf", "llm")  # the default repos are ungated: no token
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    resolve("hf:owner/gated/model.gguf", "llm")
+    assert seen == [None, "hf_secret"]
