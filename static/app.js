@@ -270,7 +270,9 @@ function onEvent(message) {
     console.warn("voice assistant: unknown event", message.type);
     return;
   }
-  handler(message);
+  // Late events of a turn dropped here (New conversation, a stop) must not open a new bubble.
+  const stale = typeof message.turn === "number" && isDiscarded(message.turn) && !chat.has(message.turn);
+  if (!stale || message.type === "turn_end") handler(message);
   render();
 }
 
@@ -421,6 +423,7 @@ function onSubmit(event) {
   if (!text || !conn.ready) return;
   view.errorEvent = false;
   player.unlock();
+  if (isReplying()) stopReply(); // a new message replaces the reply being spoken
   sendJson({ type: "text", text });
   chat.typed(text);
   ui.input.value = "";

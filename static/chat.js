@@ -16,6 +16,10 @@ export class Chat {
     return this.log.childElementCount === 0;
   }
 
+  has(turn) {
+    return this.turns.has(turn);
+  }
+
   /** A new server session numbers turns afresh: keep what is on screen, forget the ids. */
   newSession() {
     this.abandon("connection lost");

@@ -144,7 +144,8 @@ def barge_in(page, frames: Frames) -> None:
 
 def test_phone_settings_persist_and_survive_a_dropped_connection(live_server: str, browser) -> None:
     """Phone-sized: settings are kept in the browser and sent as `hello` on change, after a reload and
-    after the connection drops; the conversation on screen stays through the reconnection."""
+    after the connection drops; push-to-talk by holding the button; the conversation on screen stays
+    through the reconnection."""
     context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
                                   is_mobile=True, has_touch=True)
     page = context.new_page()
@@ -166,19 +167,38 @@ def test_phone_settings_persist_and_survive_a_dropped_connection(live_server: st
         assert page.get_by_role("button", name="Hold to talk").is_visible()
         wait_until(page, lambda: frames.sent and frames.sent[-1] == PIRATE_HELLO)  # sent when a session starts
 
+        push_to_talk(page, frames)
+
         page.get_by_label("Type a message").fill("Hello there")
         page.get_by_role("button", name="Send").click()
         hellos = len([m for m in frames.sent if m["type"] == "hello"])
         sockets[-1].close(code=1011, reason="test: the network dropped")
         page.get_by_text("Disconnected from the server").wait_for()
         page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=30_000)
-        assert page.locator(".bubble.user .text").first.text_content() == "Hello there"  # kept on screen
+        assert page.locator(".bubble.user .text").last.text_content() == "Hello there"  # kept on screen
         assert page.locator(".divider").is_visible()
         assert len([m for m in frames.sent if m["type"] == "hello"]) == hellos + 1
         assert page.get_by_role("alert").is_hidden()  # the "disconnected" message went away
+        page.screenshot(path=str(SCREENSHOTS / "phone-reconnected.png"))
         assert not errors, f"console errors: {errors}"
     finally:
         context.close()
+
+
+def push_to_talk(page, frames: Frames) -> None:
+    """Hold the talk button (pointer down ... up, as a finger does): the turn is what was said meanwhile."""
+    button = page.get_by_role("button", name="Hold to talk")
+    box = button.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.wait_for_timeout(3200)  # the fake microphone says the question within these 3.2 s
+    assert page.get_by_role("button", name="Release to send").get_attribute("aria-pressed") == "true"
+    assert "audio_stop" not in [m["type"] for m in frames.sent]  # nothing ends the turn while held
+    page.mouse.up()
+    page.wait_for_function("() => window.voiceAssistant.turnEnds.length > 0", timeout=TURN_TIMEOUT_MS)
+    kinds = [m["type"] for m in frames.sent]
+    assert kinds.index("audio_start") < kinds.index("audio_stop"), kinds
+    assert any(re.search("capital", t, re.I) for t in snapshot(page)["transcripts"])
 
 
 def change_settings(page) -> None:
