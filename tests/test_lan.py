@@ -74,7 +74,8 @@ def test_qr_codes_carry_the_url() -> None:
 
 @pytest.fixture(scope="module")
 def https_server(tmp_path_factory, cpu_settings: Settings, engines: Engines) -> Iterator[tuple[str, Path]]:
-    """The real app over HTTPS on all interfaces, with a certificate app/lan.py made; (base URL, cert)."""
+    """The real app over HTTPS, configured as `--lan` (all interfaces) but bound to loopback only, so the
+    test opens nothing to the network; with a certificate app/lan.py made. Yields (base URL, cert)."""
     import msgspec
     import uvicorn
 
@@ -83,7 +84,7 @@ def https_server(tmp_path_factory, cpu_settings: Settings, engines: Engines) -> 
     tls = lan.ensure_certificate(tmp_path_factory.mktemp("tls"))
     settings = msgspec.structs.replace(cpu_settings, host=lan.ALL_INTERFACES)
     port = free_port()
-    config = uvicorn.Config(create_app(settings, engines), host=lan.ALL_INTERFACES, port=port,
+    config = uvicorn.Config(create_app(settings, engines), host="127.0.0.1", port=port,
                             log_level="warning", **lan.uvicorn_tls(tls))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
