@@ -210,6 +210,7 @@ const handlers = {
     // A new server session: turn ids start again and it knows nothing of the settings yet.
     chat.newSession();
     Object.assign(view, { serverState: "idle", errorEvent: false, audioTurn: null, answering: -Infinity, discardUpTo: -Infinity });
+    player.newSession();
     player.setRate(m.sample_rate);
     panel.showVoiceChoice(/csm/i.test(m.tts || ""));
     sendJson(helloMessage(settings));

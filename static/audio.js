@@ -110,6 +110,13 @@ export class Player {
     if (this.accepted.has(turn)) this.post({ type: "end" });
   }
 
+  /** A new server session numbers its turns from 1 again: forget the old turns' counts. */
+  newSession() {
+    this.flush();
+    this.played.clear();
+    this.accepted.clear();
+  }
+
   /** Stop at once: everything queued is dropped. */
   flush() {
     this.post({ type: "flush" });
