@@ -59,9 +59,6 @@ async def health(state: State) -> Response[dict[str, object]]:
     return Response(body, status_code=503)
 
 
-PHASE_LABELS = {"loading": "Loading", "downloading": "Downloading", "warming": "Warming up"}
-
-
 @get("/status", media_type=MediaType.HTML, include_in_schema=False)
 async def status(state: State) -> str:
     """A fragment that the page polls with htmx; while loading it asks again every second by itself."""
@@ -73,7 +70,7 @@ async def status(state: State) -> str:
         # own 10 s poll; the ready fragment carries no trigger, which ends the fast polling.
         return (
             '<span hx-get="/status" hx-trigger="load delay:1s" hx-swap="outerHTML">'
-            f'<span class="loading">{PHASE_LABELS[now.phase]}</span> · {html.escape(now.message)}</span>'
+            f'<span class="loading">Starting</span> · {html.escape(now.message)}</span>'
         )
     engines: Engines = state.engines
     d = engines.describe()

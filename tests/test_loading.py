@@ -224,7 +224,7 @@ def test_health_says_loading_until_ready_and_the_websocket_is_told(monkeypatch, 
             "message": "downloading voice 1 of 2 GB (50%)", "done_bytes": 1_000_000_000, "total_bytes": 2_000_000_000,
         }
         code, fragment = get(url + "/status")
-        assert code == 200 and "downloading voice 1 of 2 GB (50%)" in fragment
+        assert code == 200 and "Starting</span> · downloading voice 1 of 2 GB (50%)" in fragment
         assert 'hx-trigger="load delay:1s"' in fragment  # polls itself faster while loading
 
         event, close_code = first_event_then_close(url)
