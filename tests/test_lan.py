@@ -109,3 +109,15 @@ def test_https_server_accepts_the_websocket(https_server: tuple[str, Path]) -> N
     assert "https://" in page  # the page names its https address for the phone
     svg = urllib.request.urlopen(base + "/qr.svg", context=trust, timeout=10).read().decode()
     assert svg.startswith("<svg") and f"https://{lan.lan_ip()}:" in svg  # localhost -> the LAN IP
+
+
+def test_startup_log_names_the_lan_address_with_a_qr_code(monkeypatch, capsys, caplog, tmp_path: Path) -> None:
+    monkeypatch.setattr(lan, "lan_ip", lambda: LAN_IP)
+    tls = lan.ensure_certificate(tmp_path, ips=[LAN_IP])
+    with caplog.at_level("INFO", logger="app.lan"):
+        lan.announce(lan.ALL_INTERFACES, 8000, tls)
+    assert f"https://{LAN_IP}:8000" in caplog.text and "self-signed" in caplog.text
+    assert capsys.readouterr().out.count("\n") > 10  # the QR code, for the phone to scan
+    caplog.clear()
+    lan.announce("127.0.0.1", 8000, None)  # localhost only: nothing to scan
+    assert not caplog.text and not capsys.readouterr().out
