@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import msgspec
@@ -193,7 +193,7 @@ class GpuMemory:
         )
 
 
-def _measured(gpu: GpuMemory | None, name: str):  # noqa: ANN202 - a context manager either way
+def _measured(gpu: GpuMemory | None, name: str) -> AbstractContextManager[None]:
     return gpu.measure(name) if gpu is not None else nullcontext()
 
 
