@@ -87,7 +87,9 @@ class Engines:
 
 def load_tts(settings: Settings) -> TtsEngine:
     if settings.tts.engine == "csm":
-        from .tts.csm.engine import load_csm_engine  # imports torch: only when CSM is wanted
+        from .tts.csm.engine import (
+            load_csm_engine,  # imports torch: only when CSM is wanted
+        )
 
         return load_csm_engine(settings.tts.csm)
     return PiperEngine.load(settings.tts.piper)

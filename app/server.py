@@ -11,8 +11,8 @@ from pathlib import Path
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get, websocket
 from litestar.connection import WebSocket
-from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.datastructures import State
+from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Template
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig

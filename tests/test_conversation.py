@@ -12,7 +12,14 @@ import numpy as np
 
 from app.audio import ASR_RATE, encode_webm_opus
 from tests.conftest import JFK_TEXT, word_error_rate
-from tests.test_server import TIMEOUT, events_until_turn_end, next_event, of_type, send_recording, session
+from tests.test_server import (
+    TIMEOUT,
+    events_until_turn_end,
+    next_event,
+    of_type,
+    send_recording,
+    session,
+)
 
 
 def silence(seconds: float) -> np.ndarray:

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from app.audio import ASR_RATE, encode_webm_opus
