@@ -33,14 +33,10 @@ QUESTIONS = [
 def spoken_questions(n: int) -> list[tuple[str, np.ndarray]]:
     """The questions spoken by Piper's joe voice, at 16 kHz."""
     from app.tts.piper import PiperEngine, PiperSettings
+    from tests.conftest import speak
 
     voice = PiperEngine.load(PiperSettings())
-    out = []
-    for text in (QUESTIONS * n)[:n]:
-        pcm = np.concatenate(list(voice.synthesize(text))).astype(np.float32) / 32768
-        t = np.arange(int(len(pcm) * ASR_RATE / voice.sample_rate)) * voice.sample_rate / ASR_RATE
-        out.append((text, np.interp(t, np.arange(len(pcm)), pcm).astype(np.float32)))
-    return out
+    return [(text, speak(voice, text, ASR_RATE)) for text in (QUESTIONS * n)[:n]]
 
 
 def start_local_server(preset: str) -> str:

@@ -82,6 +82,18 @@ def live_server(cpu_settings: Settings, engines: Engines) -> Iterator[str]:
     thread.join(10)
 
 
+def resample(pcm: np.ndarray, src: int, dst: int) -> np.ndarray:
+    """Linear resampling: good enough to hand synthetic speech to a model or a fake microphone."""
+    t = np.arange(int(len(pcm) * dst / src)) * (src / dst)
+    return np.interp(t, np.arange(len(pcm)), pcm).astype(np.float32)
+
+
+def speak(tts, text: str, rate: int) -> np.ndarray:
+    """`text` said by a TtsEngine, as float32 at `rate` Hz."""
+    pcm = np.concatenate(list(tts.synthesize(text))).astype(np.float32) / 32768
+    return resample(pcm, tts.sample_rate, rate)
+
+
 def word_error_rate(heard: str, truth: str) -> float:
     """Levenshtein distance over words, divided by the number of true words."""
     a, b = words(heard), words(truth)

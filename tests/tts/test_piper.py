@@ -6,12 +6,7 @@ import numpy as np
 import pytest
 
 from app.tts.piper import PiperSettings
-from tests.conftest import word_error_rate, words
-
-
-def resample(pcm: np.ndarray, src: int, dst: int) -> np.ndarray:
-    t = np.arange(int(len(pcm) * dst / src)) * (src / dst)
-    return np.interp(t, np.arange(len(pcm)), pcm).astype(np.float32)
+from tests.conftest import resample, word_error_rate, words
 
 
 def test_piper_speech_is_understood_by_whisper(engines):
