@@ -31,23 +31,51 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_tokens: int = 120
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     history_turns: int = 6  # user+assistant exchanges kept as context
+    slice_tokens: int = 16  # tokens per worker job: other sessions' replies interleave between
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError("llm temperature must be between 0 and 2")
-        if self.n_ctx < 256 or self.max_tokens < 1:
-            raise ValueError("llm n_ctx must be >= 256 and max_tokens >= 1")
+        if self.n_ctx < 256 or self.max_tokens < 1 or self.slice_tokens < 1:
+            raise ValueError("llm n_ctx must be >= 256, max_tokens and slice_tokens >= 1")
 
 
 Message = dict[str, str]  # {"role": ..., "content": ...}, the shape llama.cpp's chat API takes
 
 
+class Prompt(msgspec.Struct, frozen=True):
+    """A chat turned into the model's own template: the tokens to continue, and its stop strings."""
+
+    tokens: list[int]
+    stop: list[str]
+
+
 class ChatModel:
-    """One loaded GGUF model. stream_reply() blocks and runs on the LLM worker thread."""
+    """One loaded GGUF model. Its methods block and run on the LLM worker thread.
+
+    A reply is generated in slices of a few tokens (stream_slice), each its own job on the worker:
+    between two slices of a long reply, another session's reply gets its turn. llama.cpp keeps the
+    evaluated prefix, so a slice that follows its own previous one costs no prompt re-evaluation.
+    """
 
     def __init__(self, settings: LlmSettings, llama) -> None:  # llama: llama_cpp.Llama
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
         self.settings = settings
         self._llama = llama
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"llm model '{settings.model}' has no chat template in its GGUF metadata")
+        eos, bos = llama.token_eos(), llama.token_bos()
+        self._format = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(eos),
+            bos_token=self._token_text(bos),
+            stop_token_ids=[eos],
+        )
+
+    def _token_text(self, token: int) -> str:
+        return self._llama.detokenize([token], special=True).decode(errors="ignore") if token >= 0 else ""
 
     @classmethod
     def load(cls, settings: LlmSettings) -> ChatModel:
@@ -65,6 +93,47 @@ class ChatModel:
         log.info("llm: loaded %s in %.1f s", settings.model, time.perf_counter() - t0)
         return cls(settings, llama)
 
+    def prompt(self, messages: list[Message]) -> Prompt:
+        result = self._format(messages=messages)
+        tokens = self._llama.tokenize(
+            result.prompt.encode(), add_bos=not result.added_special, special=True
+        )
+        stop = [] if result.stop is None else [result.stop] if isinstance(result.stop, str) else result.stop
+        return Prompt(tokens, list(stop))
+
+    def stream_slice(
+        self,
+        prompt: Prompt,
+        so_far: str,
+        *,
+        max_new: int,
+        temperature: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[tuple[str, bool]]:
+        """Continue the reply `so_far` by at most `max_new` tokens: yields (text, finished) per
+        token; finished is True on the token where the model ends its reply by itself."""
+        s = self.settings
+        tokens = prompt.tokens + (self._llama.tokenize(so_far.encode(), add_bos=False) if so_far else [])
+        chunks = self._llama.create_completion(
+            tokens,
+            stream=True,
+            max_tokens=max_new,
+            stop=prompt.stop,
+            temperature=s.temperature if temperature is None else temperature,
+            top_p=s.top_p,
+            repeat_penalty=s.repeat_penalty,
+        )
+        try:
+            for chunk in chunks:
+                if cancel is not None and cancel.is_set():
+                    return
+                choice = chunk["choices"][0]
+                if choice["finish_reason"] == "length" and not choice["text"]:
+                    return  # the slice's own end, not a token
+                yield choice["text"], choice["finish_reason"] == "stop"
+        finally:
+            chunks.close()  # frees llama.cpp's generation state when stopped early
+
     def stream_reply(
         self,
         messages: list[Message],
@@ -72,25 +141,14 @@ class ChatModel:
         temperature: float | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Yield pieces of the reply text as the model produces them; stop early on `cancel`."""
-        s = self.settings
-        chunks = self._llama.create_chat_completion(
-            messages=messages,
-            stream=True,
-            temperature=s.temperature if temperature is None else temperature,
-            top_p=s.top_p,
-            repeat_penalty=s.repeat_penalty,
-            max_tokens=s.max_tokens,
+        """The whole reply in one go (warm-up, tools, tests); the server uses slices."""
+        pieces = self.stream_slice(
+            self.prompt(messages), "", max_new=self.settings.max_tokens, temperature=temperature,
+            cancel=cancel,
         )
-        try:
-            for chunk in chunks:
-                if cancel is not None and cancel.is_set():
-                    return
-                piece = chunk["choices"][0]["delta"].get("content")
-                if piece:
-                    yield piece
-        finally:
-            chunks.close()  # frees llama.cpp's generation state when stopped early
+        for piece, _ in pieces:
+            if piece:
+                yield piece
 
     def build_messages(
         self, history: list[Message], user_text: str, system_prompt: str | None = None

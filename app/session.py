@@ -397,16 +397,21 @@ class Session:
     async def _generate(
         self, turn_id: int, messages: list[Message], phrases: asyncio.Queue[str | None], reply: Reply
     ) -> None:
-        chunker = PhraseChunker(self.engines.settings.chunking)
-        make = functools.partial(_llm_stream, self.engines.llm, messages, self.options.temperature)
+        llm, chunker = self.engines.llm, PhraseChunker(self.engines.settings.chunking)
         try:
-            async for delta in self.engines.llm_worker.stream(make):
-                reply.mark("first_token")
-                reply.text += delta
-                self.send(p.ReplyText(turn_id, delta))
-                for phrase in chunker.push(delta):
-                    reply.mark("first_phrase")
-                    phrases.put_nowait(phrase)
+            prompt = await self.engines.llm_worker.run(llm.prompt, messages)
+            used, finished = 0, False
+            while not finished and used < llm.settings.max_tokens:
+                # One slice per worker job, so other sessions' replies interleave with this one.
+                size = min(llm.settings.slice_tokens, llm.settings.max_tokens - used)
+                make = functools.partial(_llm_slice, llm, prompt, reply.text, size, self.options.temperature)
+                got = 0
+                async for piece, stop in self.engines.llm_worker.stream(make):
+                    got, finished = got + 1, finished or stop
+                    if piece:
+                        self._add_text(turn_id, piece, chunker, phrases, reply)
+                used += got
+                finished = finished or got < size  # a stop string or a full context ends it too
             for phrase in chunker.flush():
                 reply.mark("first_phrase")
                 phrases.put_nowait(phrase)
@@ -414,6 +419,16 @@ class Session:
             raise StageError("llm", exc) from exc
         finally:
             phrases.put_nowait(None)
+
+    def _add_text(
+        self, turn_id: int, piece: str, chunker: PhraseChunker, phrases: asyncio.Queue[str | None], reply: Reply
+    ) -> None:
+        reply.mark("first_token")
+        reply.text += piece
+        self.send(p.ReplyText(turn_id, piece))
+        for phrase in chunker.push(piece):
+            reply.mark("first_phrase")
+            phrases.put_nowait(phrase)
 
     async def _speak(self, turn_id: int, phrases: asyncio.Queue[str | None], reply: Reply) -> None:
         tts = self.engines.tts
@@ -434,8 +449,8 @@ class Session:
             reply.end_phrase(phrase)
 
 
-def _llm_stream(llm, messages, temperature, cancel):  # runs on the LLM worker thread
-    return llm.stream_reply(messages, temperature=temperature, cancel=cancel)
+def _llm_slice(llm, prompt, so_far, size, temperature, cancel):  # runs on the LLM worker thread
+    return llm.stream_slice(prompt, so_far, max_new=size, temperature=temperature, cancel=cancel)
 
 
 def _tts_stream(tts, phrase, voice, cancel):  # runs on the TTS worker thread

@@ -116,16 +116,22 @@ def test_push_to_talk_keeps_pauses_inside_one_turn(live_server, jfk_pcm):
     assert word_error_rate(final["text"], JFK_TEXT) < 0.1  # all of it, though JFK pauses twice
 
 
-def test_two_sessions_at_once_both_complete(live_server):
+def test_two_sessions_at_once_both_complete_and_neither_starves(live_server):
     results: dict[str, tuple[list[dict], bytes]] = {}
+    heard: dict[str, float] = {}
 
-    def converse(name: str, question: str) -> None:
+    def converse(name: str, question: str, delay: float) -> None:
         with session(live_server) as ws:
+            time.sleep(delay)
             ws.send(json.dumps({"type": "text", "text": question}))
-            results[name] = events_until_turn_end(ws)
 
-    threads = [threading.Thread(target=converse, args=("a", "Tell me a long story about the sea.")),
-               threading.Thread(target=converse, args=("b", "What is two plus two?"))]
+            def note(event: dict) -> None:
+                heard.setdefault(f"{name}_{event['type']}", time.perf_counter())
+
+            results[name] = events_until_turn_end(ws, on_event=note)
+
+    threads = [threading.Thread(target=converse, args=("a", "Tell me a long story about the sea and its ships.", 0)),
+               threading.Thread(target=converse, args=("b", "What is two plus two?", 0.3))]
     for t in threads:
         t.start()
     for t in threads:
@@ -134,6 +140,8 @@ def test_two_sessions_at_once_both_complete(live_server):
         events, audio = results[name]
         assert of_type(events, "turn_end")[0]["reason"] == "completed", name
         assert len(audio) > 0, name
+    # The LLM works in slices, so b's short answer is spoken while a's long one is still going.
+    assert heard["b_audio_start"] < heard["a_turn_end"], heard
 
 
 def test_metrics_endpoint_reports_latency_histograms(live_server):

@@ -67,3 +67,17 @@ def test_history_is_cut_to_half_so_the_prompt_prefix_stays_stable(engines):
 def test_settings_validation():
     with pytest.raises(ValueError):
         LlmSettings(temperature=3)
+
+
+def test_a_reply_continues_across_slices(engines):
+    llm = engines.llm
+    prompt = llm.prompt(llm.build_messages([], "What is the capital of France?"))
+    text, slices, finished = "", 0, False
+    while not finished and slices < 20:
+        got = list(llm.stream_slice(prompt, text, max_new=4, temperature=0.0))
+        assert 1 <= len(got) <= 4
+        text += "".join(piece for piece, _ in got)
+        finished = got[-1][1] or len(got) < 4
+        slices += 1
+    assert slices >= 2 and finished  # several jobs, and the model ended the reply itself
+    assert "paris" in text.lower()
