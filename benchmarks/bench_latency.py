@@ -14,6 +14,7 @@ import json
 import statistics
 import threading
 import time
+from contextlib import ExitStack, closing
 from pathlib import Path
 
 import numpy as np
@@ -39,23 +40,17 @@ def spoken_questions(n: int) -> list[tuple[str, np.ndarray]]:
     return [(text, speak(voice, text, ASR_RATE)) for text in (QUESTIONS * n)[:n]]
 
 
-def start_local_server(preset: str) -> str:
-    import uvicorn
-
+def start_local_server(preset: str, stack: ExitStack) -> str:
+    """Load the preset and serve it in this process until `stack` closes; returns its /ws URL."""
     from app.config import load_settings
     from app.engines import Engines
     from app.server import create_app
-    from tests.conftest import free_port
+    from tests.conftest import serving
 
     settings = load_settings(preset)
-    engines = Engines.load(settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, engines), port=port,
-                                          log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"ws://127.0.0.1:{port}/ws"
+    engines = stack.enter_context(closing(Engines.load(settings)))
+    base = stack.enter_context(serving(create_app(settings, engines)))
+    return base.replace("http", "ws", 1) + "/ws"
 
 
 def speech_end_seconds(pcm: np.ndarray) -> float:
@@ -102,6 +97,23 @@ def run_turn(ws, speech: np.ndarray, trailing_silence: float) -> dict:
     return result
 
 
+def run_turns(url: str, turns: list[tuple[str, np.ndarray]], silence: float) -> list[dict]:
+    """One session, the turns one after another; prints a line per turn."""
+    results = []
+    with connect(url, max_size=None) as ws:
+        ws.recv(timeout=30)  # ready
+        for text, speech in turns:
+            r = run_turn(ws, speech, silence)
+            r["question"] = text
+            results.append(r)
+            s = r.get("server", {})
+            print(f"{r['voice_to_voice_ms']!s:>8} ms client | server: eot {s.get('end_of_turn_ms')} "
+                  f"asr {s.get('transcript_ms')} token {s.get('first_token_ms')} "
+                  f"phrase {s.get('first_phrase_ms')} audio {s.get('first_audio_ms')} | "
+                  f"{r.get('transcript', '')!r} -> {r.get('reply', '')[:50]!r}")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="ws://host:port/ws of a running server (default: start one)")
@@ -112,23 +124,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/latency.json")
     args = parser.parse_args()
 
-    url = args.url or start_local_server(args.preset)
     if args.wav:
         turns = [(Path(args.wav).name, read_audio_file(args.wav))] * args.turns
     else:
         turns = spoken_questions(args.turns)
-    results = []
-    with connect(url, max_size=None) as ws:
-        ws.recv(timeout=30)  # ready
-        for text, speech in turns:
-            r = run_turn(ws, speech, args.silence)
-            r["question"] = text
-            results.append(r)
-            s = r.get("server", {})
-            print(f"{r['voice_to_voice_ms']!s:>8} ms client | server: eot {s.get('end_of_turn_ms')} "
-                  f"asr {s.get('transcript_ms')} token {s.get('first_token_ms')} "
-                  f"phrase {s.get('first_phrase_ms')} audio {s.get('first_audio_ms')} | "
-                  f"{r.get('transcript', '')!r} -> {r.get('reply', '')[:50]!r}")
+    with ExitStack() as stack:
+        url = args.url or start_local_server(args.preset, stack)
+        results = run_turns(url, turns, args.silence)
     v2v = [r["voice_to_voice_ms"] for r in results if r["voice_to_voice_ms"] is not None]
     server = [r["server"]["first_audio_ms"] for r in results if r.get("server", {}).get("first_audio_ms")]
     summary = {

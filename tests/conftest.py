@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -59,16 +60,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def live_server(cpu_settings: Settings, engines: Engines) -> Iterator[str]:
-    """The real app under uvicorn on a free local port; yields its base URL."""
+@contextmanager
+def serving(app, **options) -> Iterator[str]:
+    """Run `app` under uvicorn on a free loopback port, on a thread; yields its base URL.
+
+    `options` go to uvicorn.Config; with TLS files (ssl_certfile) the URL is https.
+    """
     import uvicorn
 
-    from app.server import create_app
-
-    port = free_port()
-    config = uvicorn.Config(create_app(cpu_settings, engines), host="127.0.0.1", port=port,
-                            log_level="warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -76,10 +76,22 @@ def live_server(cpu_settings: Settings, engines: Engines) -> Iterator[str]:
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("the test server did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+        time.sleep(0.02)
+    scheme = "https" if options.get("ssl_certfile") else "http"
+    try:
+        yield f"{scheme}://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def live_server(cpu_settings: Settings, engines: Engines) -> Iterator[str]:
+    """The real app on the cpu preset, served on a free local port; yields its base URL."""
+    from app.server import create_app
+
+    with serving(create_app(cpu_settings, engines)) as url:
+        yield url
 
 
 def resample(pcm: np.ndarray, src: int, dst: int) -> np.ndarray:

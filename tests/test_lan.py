@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import ssl
 import stat
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from app import lan
 from app.cli import main
 from app.config import Settings
 from app.engines import Engines
-from tests.conftest import free_port
+from tests.conftest import serving
 
 LAN_IP = "192.168.77.5"  # an address the test pretends the machine has on its network
 
@@ -77,25 +75,13 @@ def https_server(tmp_path_factory, cpu_settings: Settings, engines: Engines) -> 
     """The real app over HTTPS, configured as `--lan` (all interfaces) but bound to loopback only, so the
     test opens nothing to the network; with a certificate app/lan.py made. Yields (base URL, cert)."""
     import msgspec
-    import uvicorn
 
     from app.server import create_app
 
     tls = lan.ensure_certificate(tmp_path_factory.mktemp("tls"))
     settings = msgspec.structs.replace(cpu_settings, host=lan.ALL_INTERFACES)
-    port = free_port()
-    config = uvicorn.Config(create_app(settings, engines), host="127.0.0.1", port=port,
-                            log_level="warning", **lan.uvicorn_tls(tls))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the HTTPS test server did not start"
-        time.sleep(0.05)
-    yield f"https://127.0.0.1:{port}", tls.cert
-    server.should_exit = True
-    thread.join(10)
+    with serving(create_app(settings, engines), **lan.uvicorn_tls(tls)) as url:
+        yield url, tls.cert
 
 
 def test_https_server_accepts_the_websocket(https_server: tuple[str, Path]) -> None:

@@ -9,8 +9,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import msgspec
@@ -23,7 +21,7 @@ from app import loading
 from app.config import Settings, load_settings
 from app.engines import BackgroundLoad, Engines, GpuMemory
 from app.loading import DownloadProgress, LoadStatus, progress_text, watch_hub_download
-from tests.conftest import free_port
+from tests.conftest import serving
 
 
 class RecordingStatus(LoadStatus):
@@ -167,24 +165,6 @@ def test_a_missing_model_fails_in_one_line(cpu_settings):
 # ---------------------------------------------------------------- the server while it loads
 
 
-@contextmanager
-def running(app) -> Iterator[str]:
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 def get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -213,7 +193,7 @@ def test_health_says_loading_until_ready_and_the_websocket_is_told(monkeypatch, 
         return settings, Engines(settings, engines.asr, engines.llm, engines.tts)
 
     monkeypatch.setattr(engines_module, "load_engines", held_load)
-    with running(create_app(cpu_settings)) as url:
+    with serving(create_app(cpu_settings)) as url:
         deadline = time.monotonic() + 10
         while (health := get(url + "/health"))[1].find("downloading") < 0 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -247,7 +227,7 @@ def test_a_failed_load_is_500_with_the_reason(cpu_settings):
 
     broken = load_settings("cpu", {"llm": {"model": "/nowhere/model.gguf"}}, environ={})
     app = create_app(broken)
-    with running(app) as url:
+    with serving(app) as url:
         app.state.loading.wait(30)
         code, body = get(url + "/health")
         assert code == 500

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +12,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from app.audio import ASR_RATE, encode_webm_opus
 from app.engines import Engines
-from tests.conftest import JFK_TEXT, word_error_rate
+from tests.conftest import JFK_TEXT, serving, word_error_rate
 
 TIMEOUT = 120  # seconds for one turn; the cpu preset on 2 cores needs a few
 
@@ -176,26 +175,12 @@ class BrokenVoice:
 
 
 def test_a_failing_stage_is_said_in_words_and_ends_the_turn(cpu_settings, engines):
-    import uvicorn
-
     from app.server import create_app
-    from tests.conftest import free_port
 
     broken = Engines(cpu_settings, engines.asr, engines.llm, BrokenVoice())
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(cpu_settings, broken), port=port,
-                                          log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            thread.join(0.05)
-        with session(f"http://127.0.0.1:{port}") as ws:
-            ws.send(json.dumps({"type": "text", "text": "Hello!"}))
-            events, _ = events_until_turn_end(ws)
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with serving(create_app(cpu_settings, broken)) as url, session(url) as ws:
+        ws.send(json.dumps({"type": "text", "text": "Hello!"}))
+        events, _ = events_until_turn_end(ws)
     (error,) = of_type(events, "error")
     assert error["code"] == "tts_failed" and "voice model crashed" in error["message"]
     assert of_type(events, "turn_end")[0]["reason"] == "error"
