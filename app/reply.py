@@ -47,8 +47,13 @@ class Reply:
         elapsed = max(0.0, now - start - JITTER_BUFFER_S)
         return min(self.samples, int(elapsed * self.sample_rate))
 
+    def playback_end(self) -> float:
+        """perf_counter() when the page will have played all the audio sent so far (0: none sent)."""
+        start = self.marks.get("first_audio")
+        return 0.0 if start is None else start + JITTER_BUFFER_S + self.samples / self.sample_rate
+
     def still_playing(self, now: float | None = None) -> bool:
-        return self.samples > 0 and self.played_estimate(now) < self.samples
+        return (time.perf_counter() if now is None else now) < self.playback_end()
 
     def heard(self, played: int) -> str:
         """The words the user heard when playback stopped after `played` samples."""

@@ -26,7 +26,7 @@ from .chunking import PhraseChunker
 from .engines import Engines
 from .llm import Message
 from .metrics import Metrics
-from .reply import JITTER_BUFFER_S, Reply
+from .reply import Reply
 from .turns import Event, StreamingVad, TurnDetector
 
 log = logging.getLogger(__name__)
@@ -441,9 +441,7 @@ class Session:
                         self.set_state("speaking")
                     self._out.put_nowait((turn_id, chunk.astype("<i2").tobytes()))
                     reply.add_audio(len(chunk))
-                    self.playback_end = (
-                        reply.marks["first_audio"] + JITTER_BUFFER_S + reply.samples / tts.sample_rate
-                    )
+                    self.playback_end = reply.playback_end()
             except Exception as exc:
                 raise StageError("tts", exc) from exc
             reply.end_phrase(phrase)
