@@ -81,21 +81,30 @@ def hub_repo_size(repo: str, token: str | None = None) -> int:
     return sum(sibling.size or 0 for sibling in info.siblings or [])
 
 
-def _from_hub(ref: str, slot: str, status: LoadStatus | None = None) -> Path:
+def hub_download(
+    repo: str, filename: str | None, label: str, status: LoadStatus | None = None
+) -> Path:
+    """One file of a hub repo (or, without `filename`, the whole repo) into the Hugging Face cache,
+    reporting progress to `status`. Raises huggingface_hub's errors; callers word them."""
     from huggingface_hub import hf_hub_download, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     from .loading import watch_hub_download
 
-    repo, filename = split_hub_ref(ref)
     token = os.environ.get("HF_TOKEN") or None  # only gated repos need it; the defaults do not
-    log.info("%s: fetching %s from the Hugging Face hub (cached after the first time)", slot, ref)
     size = (lambda: hub_file_size(repo, filename, token)) if filename else (lambda: hub_repo_size(repo, token))
+    with watch_hub_download(repo, label, status=status, total=size):
+        if filename:
+            return Path(hf_hub_download(repo, filename, token=token))
+        return Path(snapshot_download(repo, token=token))
+
+
+def _from_hub(ref: str, slot: str, status: LoadStatus | None = None) -> Path:
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    repo, filename = split_hub_ref(ref)
+    log.info("%s: fetching %s from the Hugging Face hub (cached after the first time)", slot, ref)
     try:
-        with watch_hub_download(repo, SLOT_LABELS.get(slot, slot), status=status, total=size):
-            if filename:
-                return Path(hf_hub_download(repo, filename, token=token))
-            return Path(snapshot_download(repo, token=token))
+        return hub_download(repo, filename, SLOT_LABELS.get(slot, slot), status)
     except LocalEntryNotFoundError as exc:
         raise ModelError(
             slot, ref, "not in the local cache and the hub cannot be reached",

@@ -34,8 +34,7 @@ from huggingface_hub.errors import (
 )
 from tokenizers import Tokenizer
 
-from app.loading import watch_hub_download
-from app.models import ModelError, hub_file_size
+from app.models import ModelError, hub_download
 from app.tts.csm.model import FLAVORS, CsmModel, CsmModelConfig, LlamaShape
 
 if TYPE_CHECKING:
@@ -124,8 +123,7 @@ def _download(repo: str, filename: str, *, what: str, status: LoadStatus | None 
     start = time.monotonic()
     label = what.split(" (", 1)[0]  # "CSM checkpoint (setting `model`)" -> "CSM checkpoint"
     try:
-        with watch_hub_download(repo, label, status=status, total=lambda: hub_file_size(repo, filename)):
-            path = Path(hf_hub_download(repo, filename))
+        path = hub_download(repo, filename, label, status)
     except GatedRepoError:
         hint = "Accept its licence on huggingface.co and set HF_TOKEN, or use an ungated copy (unsloth/csm-1b)"
         raise ModelNotAvailableError(repo, f"{what}: the hub repo is gated", hint) from None
