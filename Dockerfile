@@ -41,24 +41,21 @@ COPY app ./app
 COPY static ./static
 COPY templates ./templates
 RUN uv sync --locked --no-dev
+# A build that silently fell back to the CPU would only show at run time, as a slow LLM: stop here.
+RUN [ -n "$(find .venv -name 'libggml-cuda.so*')" ] \
+    || { echo "llama-cpp-python was built without CUDA" >&2; exit 1; }
 
 # ---------------------------------------------------------------- runtime
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION}
 
 # torch and llama.cpp use CUDA 13 (torch from its wheels, llama.cpp from this image). faster-whisper's
-# CTranslate2 wheels are built for CUDA 12: they load libcublas.so.12 and cuDNN 9 for CUDA 12, which
-# come from NVIDIA's apt repository (already set up in this image); the same >= 580 driver runs both.
+# CTranslate2 wheels are built for CUDA 12 and load libcublas.so.12 (and no cuDNN): that comes from
+# the nvidia-cublas-cu12 wheel in uv.lock, which app/asr.py loads; the same >= 580 driver runs both.
 # libgomp1: llama.cpp's CPU threads. Distribution packages are not pinned (see above).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.12 libgomp1 ca-certificates libcublas-12-8 libcudnn9-cuda-12 \
-    && rm -rf /var/lib/apt/lists/* \
-    && echo /usr/local/cuda-12.8/targets/*/lib > /etc/ld.so.conf.d/zz-cuda-12-for-ctranslate2.conf \
-    && ldconfig \
-    && ldconfig -p > /tmp/libs \
-    && grep -F 'libcublas.so.12 ' /tmp/libs \
-    && grep -F 'libcudnn.so.9 ' /tmp/libs \
-    && rm /tmp/libs
+    && apt-get install -y --no-install-recommends python3.12 libgomp1 ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 
 # A user of its own (numeric below, so the host can resolve it); /models, the Hugging Face cache and
 # a volume, is the one place it writes to besides its home (a --lan certificate).

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import importlib.metadata
 import logging
+import os
 import time
 
 import msgspec
@@ -22,6 +25,23 @@ class AsrSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     language: str | None = "en"
 
 
+def load_cuda12_cublas() -> str | None:
+    """Load the nvidia-cublas-cu12 wheel's cuBLAS, so CTranslate2 finds it on a GPU; its path, or None.
+
+    CTranslate2 asks the dynamic linker for "libcublas.so.12" by name only, and a pip wheel's library
+    is on no search path. A library already loaded globally answers to its soname, so this works
+    without LD_LIBRARY_PATH; without the wheel (not on x86-64 Linux) a system CUDA 12 is left to answer.
+    """
+    try:
+        dist = importlib.metadata.distribution("nvidia-cublas-cu12")
+    except importlib.metadata.PackageNotFoundError:
+        log.warning("asr: nvidia-cublas-cu12 is not installed; CTranslate2 needs a system libcublas.so.12")
+        return None
+    path = str(dist.locate_file("nvidia/cublas/lib/libcublas.so.12"))
+    ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)
+    return path
+
+
 class Transcriber:
     """One loaded Whisper model; transcribe() is blocking and runs on the ASR worker thread."""
 
@@ -34,6 +54,8 @@ class Transcriber:
         from faster_whisper import WhisperModel
 
         path = models.resolve(settings.model, "asr")
+        if settings.device != "cpu":
+            load_cuda12_cublas()
         t0 = time.perf_counter()
         model = WhisperModel(
             str(path), device=settings.device, compute_type=settings.compute_type,

@@ -1,6 +1,14 @@
 """faster-whisper tiny.en on real speech."""
 
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from app.asr import Transcriber
 from tests.conftest import JFK_TEXT, words
@@ -20,3 +28,47 @@ def test_silence_and_noise_give_no_text(engines):
 
 def test_engine_is_a_transcriber(engines):
     assert isinstance(engines.asr, Transcriber)
+
+
+
+def _ctranslate2_library() -> bytes:
+    import ctranslate2
+
+    folder = Path(ctranslate2.__file__).parent
+    found = [*folder.glob("libctranslate2*.so*"), *(folder.parent / "ctranslate2.libs").glob("libctranslate2*.so*")]
+    assert found, "no libctranslate2 shared library beside the ctranslate2 package"
+    return found[0].read_bytes()
+
+
+# Run in a clean process: a library loaded globally stays loaded, and the system's search path must not help.
+CUBLAS_PROBE = textwrap.dedent("""
+    import ctypes
+    from app.asr import load_cuda12_cublas
+    try:
+        ctypes.CDLL("libcublas.so.12")
+        print("system")
+    except OSError:
+        print(load_cuda12_cublas())
+        major = ctypes.c_int()
+        assert ctypes.CDLL("libcublas.so.12").cublasGetProperty(0, ctypes.byref(major)) == 0  # 0: MAJOR_VERSION
+        print(major.value)
+""")
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64", reason="nvidia-cublas-cu12 ships for x86-64 Linux only"
+)
+def test_cublas_12_for_ctranslate2_is_loadable_by_name():
+    # CTranslate2 on a GPU dlopens cuBLAS by the name of the CUDA major version it was built for...
+    library = _ctranslate2_library()
+    assert b"libcublas.so.12\x00" in library, "CTranslate2 wants another cuBLAS: update nvidia-cublas-cu12"
+    # ...which the gpu preset must answer from the wheel, with no LD_LIBRARY_PATH.
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    done = subprocess.run([sys.executable, "-c", CUBLAS_PROBE], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split()
+    if lines == ["system"]:
+        pytest.skip("this machine has a system libcublas.so.12, so the wheel's loading cannot be told apart")
+    path, major = lines
+    assert path.endswith("nvidia/cublas/lib/libcublas.so.12")
+    assert major == "12"

@@ -140,6 +140,19 @@ def test_llama_cpp_is_compiled_for_cuda(steps):
     else:
         assert "GGML_CUDA=on" in defines or "-DGGML_CUDA=on" in env.get("CMAKE_ARGS", "")
     assert "GGML_NATIVE=OFF" in defines  # the build machine's CPU is not the user's
+    # ...and the build stops if the CUDA backend is missing, instead of shipping a CPU-only llama.cpp.
+    build = stages(steps)[1]
+    last_sync = max(i for i, (k, a) in enumerate(build) if k == "RUN" and "uv sync" in a)
+    assert any("libggml-cuda.so" in a and "exit 1" in a for k, a in build[last_sync:] if k == "RUN")
+
+
+def test_ctranslate2s_cuda_12_cublas_comes_from_the_lock(steps):
+    # The image's cuBLAS 12 for faster-whisper is a locked wheel (app/asr.py loads it), not an apt package.
+    project = lock_package("voice-assistant")
+    (cublas,) = [d for d in project["dependencies"] if d["name"] == "nvidia-cublas-cu12"]
+    assert "linux" in cublas.get("marker", "") and "x86_64" in cublas.get("marker", "")
+    installs = " ".join(a for k, a in steps if k == "RUN" and "apt-get install" in a)
+    assert "libcublas" not in installs and "libcudnn" not in installs
 
 
 def test_runtime_is_non_root_with_a_model_volume_and_a_health_check(steps):
