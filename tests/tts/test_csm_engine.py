@@ -193,6 +193,19 @@ def test_load_csm_engine_from_local_files_with_a_voice_prompt(csm_files: dict) -
     assert chunks and engine.last_utterance.prompt.segments_used == 1
 
 
+def test_benchmarks_random_folder_loads_through_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The gpu preset's runbook without the hub: benchmarks/random_csm.py writes what the env settings name.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from random_csm import write_folder
+
+    write_folder(tmp_path, "tiny", seed=0)
+    settings = CsmSettings(model=str(tmp_path), tokenizer=str(tmp_path / "tokenizer.json"),
+                           mimi=str(tmp_path / "mimi.safetensors"), device="cpu", offline=True, **FAST)
+    engine = load_csm_engine(settings)
+    assert engine.generator.model.config.backbone.embed_dim == 64  # read off the checkpoint and config.json
+    assert list(engine.synthesize("Hello there."))
+
+
 def test_load_csm_engine_offline_without_the_model_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
