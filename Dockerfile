@@ -67,9 +67,14 @@ RUN groupadd --gid 10001 assistant \
 WORKDIR /app
 COPY --from=build /app /app
 
+# llama.cpp ships machine code for sm_86, sm_89 and sm_120-121 and only PTX for the other generations
+# (Turing, A100, H100), which the driver compiles at the first start: its cache goes in the volume
+# too, at the largest size the driver allows, so that happens once, not on every container start.
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/models \
+    CUDA_CACHE_PATH=/models/cuda-jit-cache \
+    CUDA_CACHE_MAXSIZE=4294967296 \
     VA_HOST=0.0.0.0 \
     VA_PORT=8000
 

@@ -162,6 +162,7 @@ def test_runtime_is_non_root_with_a_model_volume_and_a_health_check(steps):
     env = env_values(runtime)
     volumes = " ".join(args for keyword, args in runtime if keyword == "VOLUME")
     assert env["HF_HOME"] in volumes
+    assert env["CUDA_CACHE_PATH"].startswith(env["HF_HOME"] + "/")  # PTX compiled once, kept with the models
     (check,) = [args for keyword, args in runtime if keyword == "HEALTHCHECK"]
     assert "/health" in check and "urllib" in check and "curl" not in check and "wget" not in check
     assert "--start-period" in check  # models download and warm up before /health says 200
