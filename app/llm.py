@@ -178,5 +178,7 @@ class ChatModel:
         return len(self._llama.tokenize(text.encode(), add_bos=False)) + 8 * len(messages)
 
     def warm_up(self) -> None:
-        for _ in self.stream_reply([{"role": "user", "content": "Hi"}]):
+        # With the system prompt: llama.cpp keeps the evaluated tokens, so the first real turn,
+        # which starts with the same prompt, evaluates only its own words, like every later turn.
+        for _ in self.stream_reply(self.build_messages([], "Hi")):
             break

@@ -81,3 +81,21 @@ def test_a_reply_continues_across_slices(engines):
         slices += 1
     assert slices >= 2 and finished  # several jobs, and the model ended the reply itself
     assert "paris" in text.lower()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_warm_up_leaves_the_system_prompt_evaluated(engines):
+    # So the first real turn evaluates only its own words, as every later turn does.
+    chat = engines.llm
+    chat.warm_up()
+    turn = chat.prompt(chat.build_messages([], "What is the capital of France?")).tokens
+    shareable = _common_prefix(chat.prompt(chat.build_messages([], "Hi")).tokens, turn)
+    assert shareable > 20  # the system prompt
+    evaluated = [int(t) for t in chat._llama._input_ids]  # what llama.cpp holds in its KV cache
+    assert _common_prefix(evaluated, turn) >= shareable
