@@ -9,8 +9,8 @@ that cannot download Sesame's checkpoint can still run the whole preset at full 
         uv run python benchmarks/bench_latency.py --preset gpu --turns 5
 
 The folder holds ckpt.safetensors (Sesame's key layout; the loader reads the sizes off it), a
-config.json with the head counts,
-mimi.safetensors (Mimi at its real size, untrained) and a small byte-level tokenizer.json.
+config.json with the head counts, mimi.safetensors (Mimi at its real size, untrained) and a small
+byte-level tokenizer.json.
 Random weights never say EOS: every phrase is spoken to its length cap, as noise.
 """
 

@@ -1,4 +1,4 @@
-"""faster-whisper tiny.en on real speech."""
+"""faster-whisper tiny.en on real speech, and the CUDA 12 cuBLAS its GPU path loads."""
 
 import os
 import platform
@@ -28,7 +28,6 @@ def test_silence_and_noise_give_no_text(engines):
 
 def test_engine_is_a_transcriber(engines):
     assert isinstance(engines.asr, Transcriber)
-
 
 
 def _ctranslate2_library() -> bytes:
