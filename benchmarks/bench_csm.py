@@ -24,6 +24,7 @@ import torch
 from app.tts.csm.generator import SAMPLES_PER_FRAME, CsmGenerator, GenerationConfig
 from app.tts.csm.loader import load_text_tokenizer
 from app.tts.csm.model import CsmModel, CsmModelConfig
+from tests.tts.conftest import build_tokenizer_json
 
 TEXTS = [
     "Hello there, how are you today?",
@@ -34,16 +35,7 @@ TEXTS = [
 
 def build_tokenizer() -> Path:
     """A byte-level BPE trained on the benchmark texts (the Llama tokenizer needs a download)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tokenizer.train_from_iterator(TEXTS, trainer)
-    path = Path(tempfile.mkdtemp()) / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path
+    return build_tokenizer_json(Path(tempfile.mkdtemp()) / "tokenizer.json", TEXTS)
 
 
 def build_generator(size: str, device: torch.device, dtype: torch.dtype, seed: int) -> CsmGenerator:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -26,7 +25,8 @@ from safetensors.torch import save_file
 
 from app.tts.csm.model import CsmModel, CsmModelConfig
 
-from bench_csm import build_tokenizer  # run as a script: benchmarks/ is on sys.path
+from bench_csm import TEXTS  # run as a script: benchmarks/ is on sys.path
+from tests.tts.conftest import build_tokenizer_json
 
 
 def write_folder(out: Path, size: str, seed: int) -> None:
@@ -50,7 +50,7 @@ def write_folder(out: Path, size: str, seed: int) -> None:
     mimi = loaders.get_mimi(None, device="cpu", num_codebooks=32)
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in mimi.state_dict().items()},
               str(out / "mimi.safetensors"))
-    shutil.move(build_tokenizer(), out / "tokenizer.json")
+    build_tokenizer_json(out / "tokenizer.json", TEXTS)
 
 
 def main() -> None:

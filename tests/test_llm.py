@@ -1,5 +1,6 @@
 """The real SmolLM2-135M GGUF through llama-cpp-python."""
 
+import os
 import threading
 
 import pytest
@@ -84,10 +85,7 @@ def test_a_reply_continues_across_slices(engines):
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    return len(os.path.commonprefix([a, b]))  # works on any sequences, not only strings
 
 
 def test_warm_up_leaves_the_system_prompt_evaluated(engines):

@@ -21,8 +21,9 @@ SENTENCES = [
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 
-def build_tokenizer_json(path: Path) -> Path:
-    """A byte-level BPE tokenizer trained on a few sentences, with Llama's BOS/EOS names (ids 0, 1)."""
+def build_tokenizer_json(path: Path, texts: list[str] = SENTENCES) -> Path:
+    """A byte-level BPE tokenizer trained on a few sentences, with Llama's BOS/EOS names (ids 0, 1).
+    Also the benchmarks' stand-in for the Llama tokenizer, which needs a download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -32,7 +33,7 @@ def build_tokenizer_json(path: Path) -> Path:
         vocab_size=320, special_tokens=[BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(SENTENCES, trainer)
+    tokenizer.train_from_iterator(texts, trainer)
     tokenizer.save(str(path))
     return path
 
