@@ -72,9 +72,6 @@ class StreamDecoder:
         """No more bytes: the decoder drains what it has, then calls on_end."""
         self._pipe.close_input()
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-
     def _run(self) -> None:
         error: str | None = None
         try:
@@ -103,44 +100,8 @@ class StreamDecoder:
             pass
 
 
-def encode_webm_opus(pcm: np.ndarray, rate: int, piece_ms: int = 100) -> list[bytes]:
-    """Encode mono float32 PCM as live WebM/Opus, cut the way MediaRecorder's timeslice cuts it:
-    piece i holds the bytes produced by the first (i+1) * piece_ms of audio. Used by tests and
-    benchmarks to send what a browser sends; b"".join() gives the whole file."""
-    sink = io.BytesIO()
-    options = {"live": "1", "cluster_time_limit": str(piece_ms)}  # flush clusters as we go
-    pieces: list[bytes] = []
-    with av.open(sink, mode="w", format="webm", options=options) as container:
-        stream = container.add_stream("libopus", rate=48_000, layout="mono")
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
-        step = rate * piece_ms // 1000
-        for start in range(0, len(pcm), step):
-            frame = av.AudioFrame.from_ndarray(
-                float_to_int16(pcm[start : start + step]).reshape(1, -1), format="s16", layout="mono"
-            )
-            frame.sample_rate = rate
-            for resampled in resampler.resample(frame):
-                for packet in stream.encode(resampled):
-                    container.mux(packet)
-            pieces.append(_take(sink))
-        for resampled in resampler.resample(None):
-            for packet in stream.encode(resampled):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    pieces.append(_take(sink))
-    return [piece for piece in pieces if piece]
-
-
-def _take(sink: io.BytesIO) -> bytes:
-    data = sink.getvalue()
-    sink.seek(0)
-    sink.truncate()
-    return data
-
-
 def read_audio_file(path: str, rate: int = ASR_RATE) -> np.ndarray:
-    """Any file PyAV can read -> mono float32 at `rate`."""
+    """Any file PyAV can read -> mono float32 at `rate`, shape (samples,)."""
     with av.open(path) as container:
         resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
         parts = [
@@ -149,7 +110,7 @@ def read_audio_file(path: str, rate: int = ASR_RATE) -> np.ndarray:
             for out in resampler.resample(frame)
         ]
         parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
-    return np.concatenate(parts).astype(np.float32)
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
 
 def float_to_int16(pcm: np.ndarray) -> np.ndarray:

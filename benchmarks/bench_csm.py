@@ -24,7 +24,7 @@ import torch
 from app.tts.csm.generator import SAMPLES_PER_FRAME, CsmGenerator, GenerationConfig
 from app.tts.csm.loader import load_text_tokenizer
 from app.tts.csm.model import CsmModel, CsmModelConfig
-from tests.tts.conftest import build_tokenizer_json
+from tests.support import build_tokenizer_json
 
 TEXTS = [
     "Hello there, how are you today?",

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from websockets.sync.client import connect
 
-from app.audio import ASR_RATE, encode_webm_opus, read_audio_file
+from app.audio import ASR_RATE, read_audio_file
+from tests.support import encode_webm_opus
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -34,7 +35,7 @@ QUESTIONS = [
 def spoken_questions(n: int) -> list[tuple[str, np.ndarray]]:
     """The questions spoken by Piper's joe voice, at 16 kHz."""
     from app.tts.piper import PiperEngine, PiperSettings
-    from tests.conftest import speak
+    from tests.support import speak
 
     voice = PiperEngine.load(PiperSettings())
     return [(text, speak(voice, text, ASR_RATE)) for text in (QUESTIONS * n)[:n]]
@@ -45,7 +46,7 @@ def start_local_server(preset: str, stack: ExitStack) -> str:
     from app.config import load_settings
     from app.engines import Engines
     from app.server import create_app
-    from tests.conftest import serving
+    from tests.support import serving
 
     settings = load_settings(preset)
     engines = stack.enter_context(closing(Engines.load(settings)))

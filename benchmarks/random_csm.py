@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from app.tts.csm.model import CsmModel, CsmModelConfig
 
 from bench_csm import TEXTS  # run as a script: benchmarks/ is on sys.path
-from tests.tts.conftest import build_tokenizer_json
+from tests.support import build_tokenizer_json
 
 
 def write_folder(out: Path, size: str, seed: int) -> None:

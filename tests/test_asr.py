@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from app.asr import Transcriber
-from tests.conftest import JFK_TEXT, words
+from tests.support import JFK_TEXT, words
 
 
 def test_tiny_en_transcribes_jfk(engines, jfk_pcm):
@@ -54,6 +54,7 @@ CUBLAS_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() != "x86_64", reason="nvidia-cublas-cu12 ships for x86-64 Linux only"
 )

@@ -1,37 +1,65 @@
-"""Opus/WebM stream decoding and PCM helpers."""
+"""Opus/WebM stream decoding, reading audio files, and PCM helpers."""
+
+from __future__ import annotations
 
 import threading
 
 import numpy as np
 
-from app.audio import (
-    ASR_RATE,
-    StreamDecoder,
-    encode_webm_opus,
-    float_to_int16,
-    int16_to_float,
-)
+from app.audio import ASR_RATE, StreamDecoder, float_to_int16, int16_to_float, read_audio_file
+from tests.support import DATA, encode_webm_opus
+
+WAIT_S = 30  # generous: the decoder thread shares 2 cores with the rest of the suite
 
 
-def decode_in_pieces(data: bytes, piece: int = 1500) -> tuple[np.ndarray, str | None, int]:
-    """Feed `data` like MediaRecorder would; return (pcm, error, samples decoded before close)."""
-    blocks: list[np.ndarray] = []
-    done = threading.Event()
-    errors: list[str | None] = []
-    decoder = StreamDecoder(blocks.append, lambda e: (errors.append(e), done.set()))
+class Decoded:
+    """Collects what a StreamDecoder gives, and lets a test wait for it instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.blocks: list[np.ndarray] = []
+        self.error: str | None = None
+        self.ended = threading.Event()
+        self._more = threading.Condition()
+        self.decoder = StreamDecoder(self._on_pcm, self._on_end)
+
+    def _on_pcm(self, pcm: np.ndarray) -> None:
+        with self._more:
+            self.blocks.append(pcm)
+            self._more.notify_all()
+
+    def _on_end(self, error: str | None) -> None:
+        self.error = error
+        self.ended.set()
+
+    @property
+    def samples(self) -> int:
+        return sum(len(b) for b in self.blocks)
+
+    def wait_for(self, samples: int) -> bool:
+        with self._more:
+            return self._more.wait_for(lambda: self.samples >= samples, timeout=WAIT_S)
+
+    def pcm(self) -> np.ndarray:
+        return np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.float32)
+
+
+def decode_in_pieces(data: bytes, piece: int = 1500, *, while_open: int = 0) -> tuple[np.ndarray, str | None]:
+    """Feed `data` like MediaRecorder would and return (pcm, error). With `while_open`, first wait
+    until that many samples came out while the stream is still open: proof that it decodes as it goes."""
+    decoded = Decoded()
     for i in range(0, len(data), piece):
-        decoder.feed(data[i : i + piece])
-    done.wait(0.5)  # give the thread time to decode what it has before the stream ends
-    before_close = sum(len(b) for b in blocks)
-    decoder.close()
-    assert done.wait(10), "decoder never finished"
-    pcm = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
-    return pcm, errors[0], before_close
+        decoded.decoder.feed(data[i : i + piece])
+    if while_open:
+        assert decoded.wait_for(while_open), f"only {decoded.samples} samples decoded before the stream ended"
+        assert not decoded.ended.is_set()
+    decoded.decoder.close()
+    assert decoded.ended.wait(WAIT_S), "decoder never finished"
+    return decoded.pcm(), decoded.error
 
 
 def test_streamed_webm_opus_decodes_to_16k_mono(jfk_pcm):
     data = b"".join(encode_webm_opus(jfk_pcm, ASR_RATE))
-    pcm, error, _ = decode_in_pieces(data)
+    pcm, error = decode_in_pieces(data, while_open=ASR_RATE)
     assert error is None
     assert pcm.dtype == np.float32
     assert abs(len(pcm) - len(jfk_pcm)) < 0.05 * ASR_RATE  # same duration within 50 ms
@@ -43,27 +71,22 @@ def test_streamed_webm_opus_decodes_to_16k_mono(jfk_pcm):
 
 def test_decoding_starts_before_the_stream_ends(jfk_pcm):
     data = b"".join(encode_webm_opus(jfk_pcm, ASR_RATE))
-    blocks: list[np.ndarray] = []
-    decoder = StreamDecoder(blocks.append, lambda e: None)
-    decoder.feed(data[: len(data) // 2])
-    deadline = threading.Event()
-    for _ in range(50):
-        if sum(len(b) for b in blocks) > 2 * ASR_RATE:
-            break
-        deadline.wait(0.05)
-    assert sum(len(b) for b in blocks) > 2 * ASR_RATE, "nothing decoded from the first half"
-    decoder.close()
-    decoder.join(5)
+    decoded = Decoded()
+    decoded.decoder.feed(data[: len(data) // 2])
+    assert decoded.wait_for(2 * ASR_RATE), "nothing decoded from the first half"
+    assert not decoded.ended.is_set()
+    decoded.decoder.close()
+    assert decoded.ended.wait(WAIT_S) and decoded.error is None
 
 
 def test_garbage_reports_an_error_and_ends():
-    pcm, error, _ = decode_in_pieces(b"definitely not a webm stream " * 200)
+    pcm, error = decode_in_pieces(b"definitely not a webm stream " * 200)
     assert error is not None and "decode" in error
     assert len(pcm) == 0
 
 
 def test_empty_stream_ends_with_an_error_not_a_hang():
-    _, error, _ = decode_in_pieces(b"")
+    _, error = decode_in_pieces(b"")
     assert error is not None
 
 
@@ -79,3 +102,14 @@ def test_int16_round_trip():
     y = int16_to_float(float_to_int16(x))
     assert np.allclose(y, np.clip(x, -1, 1), atol=1e-4)
     assert float_to_int16(x).dtype == np.int16
+
+
+def test_read_audio_file_gives_mono_float32_at_any_rate():
+    path = str(DATA / "jfk.flac")
+    at_16k, at_24k = read_audio_file(path), read_audio_file(path, 24_000)
+    assert at_16k.dtype == at_24k.dtype == np.float32 and at_16k.ndim == at_24k.ndim == 1
+    assert abs(len(at_16k) / ASR_RATE - 11.0) < 0.1 and abs(len(at_24k) / 24_000 - 11.0) < 0.1
+    assert 0.01 < float(at_24k.std()) < 0.5  # speech, not silence or noise at full scale
+    # the same sound at both rates: every third sample at 24 kHz is every second one at 16 kHz
+    n = min(len(at_16k) // 2, len(at_24k) // 3)
+    assert np.corrcoef(at_16k[: 2 * n : 2], at_24k[: 3 * n : 3])[0, 1] > 0.95

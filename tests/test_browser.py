@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import speak
+from tests.support import speak
 
 CHROMIUM = Path("/usr/bin/chromium")
 QUESTION = "What is the capital of France?"

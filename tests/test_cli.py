@@ -10,7 +10,7 @@ import urllib.error
 import urllib.request
 
 from app.cli import main
-from tests.conftest import free_port
+from tests.support import free_port
 
 
 def test_bad_setting_is_one_clear_line(monkeypatch, capsys):

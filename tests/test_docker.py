@@ -173,6 +173,7 @@ def test_dockerignore_keeps_the_venv_out_of_the_build_context():
     assert ".venv" in ignored and ".git" in ignored
 
 
+@pytest.mark.docker
 def test_the_image_builds(tmp_path):
     if shutil.which("docker") is None:
         pytest.skip("needs Docker (not installed here); CI without Docker checks the Dockerfile above")

@@ -17,7 +17,7 @@ from app import lan
 from app.cli import main
 from app.config import Settings
 from app.engines import Engines
-from tests.conftest import serving
+from tests.support import serving
 
 LAN_IP = "192.168.77.5"  # an address the test pretends the machine has on its network
 

@@ -21,7 +21,7 @@ from app import loading
 from app.config import Settings, load_settings
 from app.engines import BackgroundLoad, Engines, GpuMemory
 from app.loading import DownloadProgress, LoadStatus, progress_text, watch_hub_download
-from tests.conftest import serving
+from tests.support import serving
 
 
 class RecordingStatus(LoadStatus):
@@ -243,6 +243,7 @@ def test_a_failed_load_is_500_with_the_reason(cpu_settings):
 # ---------------------------------------------------------------- GPU memory per model
 
 
+@pytest.mark.cuda
 def test_gpu_memory_is_skipped_without_a_gpu_model_or_cuda(cpu_settings):
     assert GpuMemory.probe(cpu_settings) is None  # nothing on the GPU: torch is not even asked
     import torch
@@ -292,6 +293,7 @@ def test_gpu_memory_log_names_each_model_and_the_total(caplog):
     )
 
 
+@pytest.mark.cuda
 def test_gpu_memory_meter_sees_a_real_allocation():
     import torch
 

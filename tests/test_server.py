@@ -10,9 +10,9 @@ from contextlib import contextmanager
 import numpy as np
 from websockets.sync.client import ClientConnection, connect
 
-from app.audio import ASR_RATE, encode_webm_opus
+from app.audio import ASR_RATE
 from app.engines import Engines
-from tests.conftest import JFK_TEXT, serving, word_error_rate
+from tests.support import JFK_TEXT, encode_webm_opus, serving, word_error_rate
 
 TIMEOUT = 120  # seconds for one turn; the cpu preset on 2 cores needs a few
 

@@ -11,31 +11,7 @@ import torch
 from app.tts.csm.generator import CsmGenerator, GenerationConfig
 from app.tts.csm.loader import TextTokenizer, load_text_tokenizer
 from app.tts.csm.model import CsmModel, CsmModelConfig
-
-SENTENCES = [
-    "Hello there, how are you today?",
-    "The quick brown fox jumps over the lazy dog.",
-    "I am a small voice assistant, and I speak clearly.",
-    "Ask not what your country can do for you.",
-]
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
-
-
-def build_tokenizer_json(path: Path, texts: list[str] = SENTENCES) -> Path:
-    """A byte-level BPE tokenizer trained on a few sentences, with Llama's BOS/EOS names (ids 0, 1).
-    Also the benchmarks' stand-in for the Llama tokenizer, which needs a download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=[BOS, EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.save(str(path))
-    return path
+from tests.support import build_tokenizer_json
 
 
 @pytest.fixture(scope="session")

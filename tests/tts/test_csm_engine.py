@@ -219,6 +219,7 @@ def test_load_csm_engine_offline_without_the_model_is_a_clear_error(
     assert "offline" in message and "--preset cpu" in message
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 end to end)")
 def test_load_csm_engine_on_the_gpu_in_bf16(csm_files: dict) -> None:
     settings = CsmSettings(model=csm_files["model"], tokenizer=csm_files["tokenizer"], mimi=csm_files["mimi"],

@@ -96,6 +96,7 @@ def test_flavours_match_the_reference_sizes() -> None:
     assert (LLAMA_1B.head_dim, LLAMA_100M.head_dim) == (64, 128)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 path)")
 def test_runs_in_bf16_on_the_gpu() -> None:
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from app.tts.piper import PiperSettings
-from tests.conftest import resample, word_error_rate, words
+from tests.support import resample, word_error_rate, words
 
 
 def test_piper_speech_is_understood_by_whisper(engines):

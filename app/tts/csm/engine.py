@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 import numpy as np
 
-from app.audio import float_to_int16
+from app.audio import float_to_int16, read_audio_file
 
 if TYPE_CHECKING:
     from app.tts.csm.generator import CsmGenerator, GenerationConfig, Segment, Utterance
@@ -226,7 +226,7 @@ def load_csm_engine(settings: CsmSettings) -> CsmEngine:
     generator = CsmGenerator(model, tokenizer, mimi, seed=settings.seed)
     voice_prompt = None
     if settings.voice_prompt_wav is not None and settings.voice_prompt_text is not None:
-        codes = generator.encode(loader.read_audio(settings.voice_prompt_wav))
+        codes = generator.encode(read_audio_file(settings.voice_prompt_wav, SAMPLE_RATE))
         voice_prompt = Segment(speaker=settings.speaker_id(), text=settings.voice_prompt_text, codes=codes)
         log.info("csm: voice prompt of %.1f s from %s", codes.shape[0] / 12.5, settings.voice_prompt_wav)
         if codes.shape[0] > model.config.max_seq_len // 2:

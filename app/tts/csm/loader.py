@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24_000
 MIMI_REPO = "kyutai/moshiko-pytorch-bf16"
 MIMI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"  # moshi.models.loaders.MIMI_NAME
 # File names tried in a CSM repo or folder, in order, unless the settings name one.
@@ -418,16 +416,3 @@ def load_mimi(
 
     path = resolve_file(ref, (filename,), what="Mimi codec (setting `mimi`)", offline=offline)
     return loaders.get_mimi(path, device=device, num_codebooks=num_codebooks)
-
-
-def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Any audio file -> mono float32 samples at `sample_rate`, shape (samples,)."""
-    import av
-
-    chunks: list[np.ndarray] = []
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
-    with av.open(str(path)) as container:
-        for frame in container.decode(container.streams.audio[0]):
-            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
-        chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)

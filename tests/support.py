@@ -1,0 +1,152 @@
+"""What the tests and the benchmarks share, and the product does not run: the recordings kept in the
+repo, speech and WebM/Opus streams made the way a browser makes them, a server on a thread, and a
+stand-in for the Llama tokenizer (which needs a download)."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import av
+import numpy as np
+
+from app.audio import ASR_RATE, float_to_int16, read_audio_file
+
+DATA = Path(__file__).resolve().parent / "data"  # recordings, with their sources in data/README.md
+JFK_TEXT = (
+    "And so my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+
+
+def recording(name: str, rate: int = ASR_RATE) -> np.ndarray:
+    """A recording from tests/data as mono float32 at `rate` Hz."""
+    path = DATA / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the recordings are part of the repository")
+    return read_audio_file(str(path), rate)
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words without punctuation, for comparing transcripts."""
+    return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
+
+
+def word_error_rate(heard: str, truth: str) -> float:
+    """Levenshtein distance over words, divided by the number of true words."""
+    a, b = words(heard), words(truth)
+    row = list(range(len(b) + 1))
+    for i, wa in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, wb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (wa != wb))
+    return row[len(b)] / max(1, len(b))
+
+
+def resample(pcm: np.ndarray, src: int, dst: int) -> np.ndarray:
+    """Linear resampling: good enough to hand synthetic speech to a model or a fake microphone."""
+    t = np.arange(int(len(pcm) * dst / src)) * (src / dst)
+    return np.interp(t, np.arange(len(pcm)), pcm).astype(np.float32)
+
+
+def speak(tts, text: str, rate: int) -> np.ndarray:
+    """`text` said by a TtsEngine, as float32 at `rate` Hz."""
+    pcm = np.concatenate(list(tts.synthesize(text))).astype(np.float32) / 32768
+    return resample(pcm, tts.sample_rate, rate)
+
+
+def encode_webm_opus(pcm: np.ndarray, rate: int, piece_ms: int = 100) -> list[bytes]:
+    """Encode mono float32 PCM as live WebM/Opus, cut the way MediaRecorder's timeslice cuts it:
+    piece i holds the bytes produced by the first (i+1) * piece_ms of audio; b"".join() gives the
+    whole file."""
+    sink = io.BytesIO()
+    options = {"live": "1", "cluster_time_limit": str(piece_ms)}  # flush clusters as we go
+    pieces: list[bytes] = []
+    with av.open(sink, mode="w", format="webm", options=options) as container:
+        stream = container.add_stream("libopus", rate=48_000, layout="mono")
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=48_000)
+        step = rate * piece_ms // 1000
+        for start in range(0, len(pcm), step):
+            frame = av.AudioFrame.from_ndarray(
+                float_to_int16(pcm[start : start + step]).reshape(1, -1), format="s16", layout="mono"
+            )
+            frame.sample_rate = rate
+            for resampled in resampler.resample(frame):
+                for packet in stream.encode(resampled):
+                    container.mux(packet)
+            pieces.append(_take(sink))
+        for resampled in resampler.resample(None):
+            for packet in stream.encode(resampled):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    pieces.append(_take(sink))
+    return [piece for piece in pieces if piece]
+
+
+def _take(sink: io.BytesIO) -> bytes:
+    data = sink.getvalue()
+    sink.seek(0)
+    sink.truncate()
+    return data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(app, **options) -> Iterator[str]:
+    """Run `app` under uvicorn on a free loopback port, on a thread; yields its base URL.
+
+    `options` go to uvicorn.Config; with TLS files (ssl_certfile) the URL is https.
+    """
+    import uvicorn
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", **options)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    scheme = "https" if options.get("ssl_certfile") else "http"
+    try:
+        yield f"{scheme}://127.0.0.1:{config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+TOKENIZER_SENTENCES = [
+    "Hello there, how are you today?",
+    "The quick brown fox jumps over the lazy dog.",
+    "I am a small voice assistant, and I speak clearly.",
+    "Ask not what your country can do for you.",
+]
+
+
+def build_tokenizer_json(path: Path, texts: list[str] = TOKENIZER_SENTENCES) -> Path:
+    """A byte-level BPE tokenizer trained on a few sentences, with Llama's BOS/EOS names (ids 0, 1):
+    the stand-in for the Llama-3.2 tokenizer in CSM tests and benchmarks."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.save(str(path))
+    return path
