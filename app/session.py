@@ -310,6 +310,7 @@ class Session:
         if recording.turns_found == 0:  # the user stopped without saying anything
             turn_id = self._speaking_turn or next(self._turn_ids)
             self._speaking_turn = None
+            self.metrics.turns.labels("no_speech").inc()  # a turn like any other: counted by reason
             self.send(p.TurnEnd(turn_id, "no_speech"))
         if self._recording is recording:
             self._recording = None
