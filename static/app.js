@@ -53,6 +53,7 @@ const record = {
   metrics: [],
   outputLevel: 0,
   outputLevelMax: 0,
+  micLevel: 0,
   micLevelMax: 0,
   wakeLock: false,
 };
@@ -88,6 +89,7 @@ window.voiceAssistant = Object.freeze({
   get metrics() { return record.metrics.slice(); },
   get outputLevel() { return record.outputLevel; },
   get outputLevelMax() { return record.outputLevelMax; },
+  get micLevel() { return record.micLevel; },
   get micLevelMax() { return record.micLevelMax; },
   get wakeLock() { return record.wakeLock; },
   get settings() { return { ...settings }; },
@@ -316,6 +318,7 @@ function tick() {
   const voice = mic.level();
   record.outputLevel = out;
   record.outputLevelMax = Math.max(record.outputLevelMax, out);
+  record.micLevel = voice;
   record.micLevelMax = Math.max(record.micLevelMax, voice);
   const level = record.state === "speaking" ? out : record.state === "listening" ? voice : 0;
   ui.orb.style.setProperty("--level", level.toFixed(3));

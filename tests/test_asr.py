@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.asr import Transcriber
 from tests.support import JFK_TEXT, words
 
 
@@ -26,8 +25,10 @@ def test_silence_and_noise_give_no_text(engines):
     assert engines.asr.transcribe(noise) == ""
 
 
-def test_engine_is_a_transcriber(engines):
-    assert isinstance(engines.asr, Transcriber)
+def test_a_turn_cut_mid_sentence_gives_only_its_own_words(engines, jfk_pcm):
+    # What the end-of-turn detector hands over: the speech up to a pause (JFK's second, at 7.9 s).
+    heard = engines.asr.transcribe(jfk_pcm[: int(7.9 * 16_000)])
+    assert words(heard) == words("And so my fellow Americans, ask not what your country can do for you")
 
 
 def _ctranslate2_library() -> bytes:

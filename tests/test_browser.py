@@ -175,7 +175,7 @@ def push_to_talk(page, frames: Frames) -> None:
     box = button.bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.mouse.down()
-    page.wait_for_timeout(3200)  # the fake microphone says the question within these 3.2 s
+    wait_for_the_question_said(page)
     assert page.get_by_role("button", name="Release to send").get_attribute("aria-pressed") == "true"
     assert "audio_stop" not in [m["type"] for m in frames.sent]  # nothing ends the turn while held
     page.mouse.up()
@@ -183,6 +183,16 @@ def push_to_talk(page, frames: Frames) -> None:
     kinds = [m["type"] for m in frames.sent]
     assert kinds.index("audio_start") < kinds.index("audio_stop"), kinds
     assert any(re.search("capital", t, re.I) for t in snapshot(page)["transcripts"])
+
+
+def wait_for_the_question_said(page) -> None:
+    """Until the microphone has heard speech and then a second of quiet: the fake microphone has
+    said the whole question (it plays the file once, then silence)."""
+    page.wait_for_function("""() => {
+      const now = performance.now();
+      if (window.voiceAssistant.micLevel > 0.05) window.lastLoudAt = now;
+      return window.lastLoudAt !== undefined && now - window.lastLoudAt > 1000;
+    }""", polling=50, timeout=30_000)
 
 
 def change_settings(page) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import stat
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography import x509
 from websockets.sync.client import connect
@@ -67,7 +69,43 @@ def test_qr_codes_carry_the_url() -> None:
     url = f"https://{LAN_IP}:8000"
     svg = lan.qr_svg(url)
     assert svg.startswith("<svg") and f"<title>{url}</title>" in svg
-    assert len(lan.qr_text(url).splitlines()) > 10  # a square of block characters
+    assert read_qr(svg_modules(svg)) == url
+    assert read_qr(text_modules(lan.qr_text(url))) == url
+
+
+def svg_modules(svg: str) -> np.ndarray:
+    """segno's SVG back to its module grid (True = dark): one path of horizontal strokes,
+    `M`/`m` moving to a row's middle, `h` drawing that many modules."""
+    size = int(re.search(r'viewBox="0 0 (\d+) \d+"', svg).group(1))
+    path = re.search(r'class="qrline"[^>]* d="([^"]+)"', svg).group(1)
+    dark = np.zeros((size, size), bool)
+    x = y = 0.0
+    for command, a, b in re.findall(r"([Mmh])(-?[\d.]+)(?: (-?[\d.]+))?", path):
+        if command == "h":
+            dark[int(y), int(x) : int(x + float(a))] = True
+            x += float(a)
+        else:
+            x, y = (float(a), float(b)) if command == "M" else (x + float(a), y + float(b))
+    return dark
+
+
+def text_modules(text: str) -> np.ndarray:
+    """The terminal QR code back to its grid: each character is two rows, a block is light (the code is
+    drawn light-on-dark for terminals), so a space is two dark modules."""
+    light_top = {"█": (True, True), "▀": (True, False), "▄": (False, True), " ": (False, False)}
+    rows = [[light_top[c] for c in line] for line in text.splitlines() if line]
+    top = [[not t for t, _ in row] for row in rows]
+    bottom = [[not b for _, b in row] for row in rows]
+    return np.array([r for pair in zip(top, bottom, strict=True) for r in pair], bool)
+
+
+def read_qr(dark: np.ndarray) -> str:
+    """Decode a module grid as a phone's camera would see it: black on white, 8 pixels a module."""
+    import zxingcpp
+
+    pixels = np.kron(np.where(dark, 0, 255).astype(np.uint8), np.ones((8, 8), np.uint8))
+    (found,) = zxingcpp.read_barcodes(pixels)
+    return found.text
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +132,7 @@ def test_https_server_accepts_the_websocket(https_server: tuple[str, Path]) -> N
     page = urllib.request.urlopen(base + "/", context=trust, timeout=10).read().decode()
     assert "https://" in page  # the page names its https address for the phone
     svg = urllib.request.urlopen(base + "/qr.svg", context=trust, timeout=10).read().decode()
-    assert svg.startswith("<svg") and f"https://{lan.lan_ip()}:" in svg  # localhost -> the LAN IP
+    assert read_qr(svg_modules(svg)) == f"https://{lan.lan_ip()}:{base.rsplit(':', 1)[1]}"  # localhost -> LAN IP
 
 
 def test_startup_log_names_the_lan_address_with_a_qr_code(monkeypatch, capsys, caplog, tmp_path: Path) -> None:
@@ -103,7 +141,7 @@ def test_startup_log_names_the_lan_address_with_a_qr_code(monkeypatch, capsys, c
     with caplog.at_level("INFO", logger="app.lan"):
         lan.announce(lan.ALL_INTERFACES, 8000, tls)
     assert f"https://{LAN_IP}:8000" in caplog.text and "self-signed" in caplog.text
-    assert capsys.readouterr().out.count("\n") > 10  # the QR code, for the phone to scan
+    assert read_qr(text_modules(capsys.readouterr().out)) == f"https://{LAN_IP}:8000"  # for the phone to scan
     caplog.clear()
     lan.announce("127.0.0.1", 8000, None)  # localhost only: nothing to scan
     assert not caplog.text and not capsys.readouterr().out

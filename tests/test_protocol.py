@@ -11,7 +11,10 @@ from app import protocol as p
 def test_client_messages_decode_by_type():
     assert p.decode_client('{"type":"text","text":"hi"}') == p.UserText("hi")
     assert p.decode_client('{"type":"audio_start"}') == p.AudioStart("audio/webm;codecs=opus")
-    assert isinstance(p.decode_client('{"type":"interrupt"}'), p.Interrupt)
+    assert p.decode_client('{"type":"interrupt"}') == p.Interrupt(played_samples=None)
+    assert p.decode_client('{"type":"interrupt","played_samples":4410}') == p.Interrupt(played_samples=4410)
+    assert p.decode_client('{"type":"reset"}') == p.Reset()
+    assert p.decode_client('{"type":"audio_stop"}') == p.AudioStop()
     hello = p.decode_client('{"type":"hello","temperature":0.3,"end_silence_ms":700}')
     assert hello == p.Hello(temperature=0.3, end_silence_ms=700)
 
@@ -36,4 +39,4 @@ def test_bad_client_messages_are_rejected(raw):
 def test_events_carry_their_type_tag():
     event = json.loads(p.encode_event(p.TurnEnd(3, "no_speech")))
     assert event == {"type": "turn_end", "turn": 3, "reason": "no_speech", "reply": ""}
-    assert json.loads(p.encode_event(p.StateChanged("speaking")))["type"] == "state"
+    assert json.loads(p.encode_event(p.StateChanged("speaking"))) == {"type": "state", "state": "speaking"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +13,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from app.audio import ASR_RATE
 from app.engines import Engines
+from app.reply import JITTER_BUFFER_S
 from tests.support import JFK_TEXT, encode_webm_opus, serving, word_error_rate
 
 TIMEOUT = 120  # seconds for one turn; the cpu preset on 2 cores needs a few
@@ -92,14 +94,34 @@ def assert_metrics_in_order(m: dict) -> None:
 
 def test_typed_text_turn_and_memory(live_server):
     with session(live_server, temperature=0.0) as ws:
-        ws.send(json.dumps({"type": "text", "text": "What is the capital of France?"}))
-        events, audio = events_until_turn_end(ws)
+        events, audio = ask(ws, "What is the capital of France?")
         assert of_type(events, "transcript")[0]["text"] == "What is the capital of France?"
         assert "paris" in of_type(events, "turn_end")[0]["reply"].lower()
         assert len(audio) > 0
-        ws.send(json.dumps({"type": "text", "text": "Say that again."}))
-        events, _ = events_until_turn_end(ws)
-        assert of_type(events, "turn_end")[0]["turn"] == 2
+        events, _ = ask(ws, "Which city did you just name? Answer with the city only.")
+        assert "paris" in of_type(events, "turn_end")[0]["reply"].lower()  # only the first turn says which
+    with session(live_server, temperature=0.0) as ws:  # a new conversation has no such memory
+        events, _ = ask(ws, "Which city did you just name? Answer with the city only.")
+        assert "paris" not in of_type(events, "turn_end")[0]["reply"].lower()
+
+
+def ask(ws: ClientConnection, question: str) -> tuple[list[dict], bytes]:
+    """One typed turn, listened to the end the way a person does: a message typed while the reply
+    still plays would cut it off, and the history would keep only what was heard by then."""
+    first_audio: list[float] = []
+
+    def note(event: dict) -> None:
+        if event["type"] == "audio_start":
+            first_audio.append(time.perf_counter())  # its audio follows at once
+
+    ws.send(json.dumps({"type": "text", "text": question}))
+    events, audio = events_until_turn_end(ws, on_event=note)
+    assert of_type(events, "turn_end")[0]["reason"] == "completed", events
+    (start,) = of_type(events, "audio_start")
+    # The page starts playing on its first chunk; the server's playback clock started before we got it.
+    played_out = first_audio[0] + JITTER_BUFFER_S + len(audio) / 2 / start["sample_rate"]
+    time.sleep(max(0.0, played_out + 0.05 - time.perf_counter()))
+    return events, audio
 
 
 def test_malformed_messages_are_answered_and_skipped(live_server):
