@@ -115,7 +115,3 @@ def read_audio_file(path: str, rate: int = ASR_RATE) -> np.ndarray:
 
 def float_to_int16(pcm: np.ndarray) -> np.ndarray:
     return (np.clip(pcm, -1.0, 1.0) * 32767.0).astype(np.int16)
-
-
-def int16_to_float(pcm: np.ndarray) -> np.ndarray:
-    return pcm.astype(np.float32) / 32768.0
