@@ -21,7 +21,7 @@ import numpy as np
 from websockets.sync.client import connect
 
 from app.audio import ASR_RATE, read_audio_file
-from tests.support import encode_webm_opus
+from tests.support import encode_webm_opus, serving, speak
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -35,7 +35,6 @@ QUESTIONS = [
 def spoken_questions(n: int) -> list[tuple[str, np.ndarray]]:
     """The questions spoken by Piper's joe voice, at 16 kHz."""
     from app.tts.piper import PiperEngine, PiperSettings
-    from tests.support import speak
 
     voice = PiperEngine.load(PiperSettings())
     return [(text, speak(voice, text, ASR_RATE)) for text in (QUESTIONS * n)[:n]]
@@ -46,7 +45,6 @@ def start_local_server(preset: str, stack: ExitStack) -> str:
     from app.config import load_settings
     from app.engines import Engines
     from app.server import create_app
-    from tests.support import serving
 
     settings = load_settings(preset)
     engines = stack.enter_context(closing(Engines.load(settings)))
