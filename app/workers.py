@@ -29,15 +29,20 @@ class Worker:
         """Iterate `make(cancel)` on the worker thread, yielding its items here as they come.
 
         If the consumer stops early (break, exception, task cancelled), `cancel` is set so the
-        generator on the thread stops at its next item instead of running to the end.
+        generator on the thread stops at its next item instead of running to the end; a job
+        still waiting in the queue then never starts (its session may be gone: nobody would
+        get the result, and the next sessions would wait for it).
         """
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
 
         def produce() -> None:
-            iterator = make(cancel)
+            if cancel.is_set():  # the consumer left just as the thread took the job
+                return
+            iterator = None
             try:
+                iterator = make(cancel)
                 for item in iterator:
                     loop.call_soon_threadsafe(items.put_nowait, item)
                     if cancel.is_set():
@@ -60,11 +65,19 @@ class Worker:
                 yield item
         finally:
             cancel.set()
-            # The thread notices `cancel` at its next item; don't wait on it here.
-            future.add_done_callback(lambda f: f.exception())
+            # Still queued: the executor drops it. Running: the thread notices `cancel` at its
+            # next item; don't wait on it here.
+            future.cancel()
+            future.add_done_callback(_consume_outcome)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _consume_outcome(future: asyncio.Future[None]) -> None:
+    # Fetch the outcome nobody awaits, so asyncio does not log it as never retrieved.
+    if not future.cancelled():
+        future.exception()
 
 
 class _Failure:

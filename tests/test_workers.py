@@ -85,3 +85,56 @@ def test_an_abandoned_generator_is_closed_on_the_worker_thread():
 
     asyncio.run(main())
     assert len(closed_on) == 1 and closed_on[0].startswith("engine")
+
+
+def test_a_queued_stream_whose_consumer_left_never_starts():
+    calls = []
+
+    def tokens(cancel):
+        calls.append("started")  # a real engine would start its work here
+        yield "tok"
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        unhandled = []
+        loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+        worker = Worker("engine")
+        started, release = threading.Event(), threading.Event()
+
+        def busy():  # another session's long job holds the engine
+            started.set()
+            release.wait(10)
+
+        blocker = asyncio.ensure_future(worker.run(busy))
+        await asyncio.to_thread(started.wait, 10)
+
+        async def consume():
+            async for _ in worker.stream(tokens):
+                pass
+
+        consumer = asyncio.create_task(consume())
+        await asyncio.sleep(0)  # one loop step: the consumer hands its job over and waits
+        consumer.cancel()  # e.g. its client disconnected
+        await asyncio.gather(consumer, return_exceptions=True)
+        release.set()
+        await blocker
+        assert await worker.run(lambda: 42) == 42  # runs after the queued job's turn
+        worker.close()
+        return unhandled
+
+    assert asyncio.run(main()) == []
+    assert calls == []
+
+
+def test_a_job_that_fails_before_its_first_item_is_raised_to_the_consumer():
+    def make(cancel):  # not a generator: it fails when called, on the worker thread
+        raise RuntimeError("model not loaded")
+
+    async def main():
+        worker = Worker("t")
+        with pytest.raises(RuntimeError, match="model not loaded"):
+            async for _ in worker.stream(make):
+                pass
+        worker.close()
+
+    asyncio.run(asyncio.wait_for(main(), timeout=10))  # a lost failure would leave it waiting forever
