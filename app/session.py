@@ -58,14 +58,18 @@ class Recording:
     def __init__(self, session: Session) -> None:
         self._session = session
         self._loop = asyncio.get_running_loop()
-        options, settings = session.options, session.engines.settings.turns
-        if options.end_silence_ms is not None:
-            settings = msgspec.structs.replace(settings, end_silence_ms=options.end_silence_ms)
         # A VAD state of its own: the previous recording's thread may still be draining.
         vad = StreamingVad(session.engines.vad_model)
-        self.detector = TurnDetector(settings, vad, push_to_talk=options.mode == "push_to_talk")
+        self.detector = TurnDetector(session.engines.settings.turns, vad)
+        self.apply(session.options)
         self.turns_found = 0
         self.decoder = StreamDecoder(self._on_pcm, self._on_end)
+
+    def apply(self, options: p.Hello) -> None:
+        """Hands-free or push-to-talk, and the pause that ends a turn; also for the turn being
+        spoken (the detector reads them on the decoder thread at its next 32 ms window)."""
+        push_to_talk = options.mode == "push_to_talk"
+        self.detector.set_end(end_silence_ms=options.end_silence_ms, push_to_talk=push_to_talk)
 
     def _on_pcm(self, pcm: np.ndarray) -> None:  # decoder thread
         self.detector.strict = time.perf_counter() < self._session.playback_end
@@ -195,6 +199,8 @@ class Session:
                 if message.speaker != self.options.speaker:  # a new voice starts a fresh memory
                     self._voice = self.engines.tts.new_voice(message.speaker)
                 self.options = message
+                if self._recording is not None:  # the user switched mode or pause mid-sentence
+                    self._recording.apply(message)
             case p.AudioStart():
                 self.start_recording()
             case p.AudioStop():
@@ -235,7 +241,7 @@ class Session:
         while not self._turns.empty():
             turn = self._turns.get_nowait()
             self.send(p.TurnEnd(turn.id, "interrupted"))
-        self.interrupt("client", None)
+        self.interrupt("reset", None)
         self.history.clear()
         self._last_reply = None
         self._carry = None
@@ -371,11 +377,14 @@ class Session:
             played = self._cut[1] if self._cut and self._cut[1] is not None else reply.played_estimate()
             said = reply.heard(played)
             self.metrics.barge_ins.inc()
-        if user_text and said:
+        # A reset cut this turn off: it belongs to the conversation that was just forgotten.
+        forgotten = self._cut is not None and self._cut[0] == "reset"
+        if user_text and said and not forgotten:
             self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": said}]
             reply.history_index = len(self.history) - 1
         if reply.samples:
-            self._last_reply = reply
+            # An interrupted reply stopped playing with it: nothing of it can be cut off later.
+            self._last_reply = None if reason == "interrupted" else reply
         reply.mark("done")
         metrics = _metrics(turn, reply)
         self.metrics.observe_turn(metrics, reason)
@@ -385,18 +394,28 @@ class Session:
                  reason, metrics.first_audio_ms, metrics.total_ms)
 
     async def _reply(self, turn_id: int, user_text: str, reply: Reply) -> None:
-        """LLM -> phrases -> TTS as a pipeline: speech starts while the LLM is still writing."""
-        messages = self.engines.llm.build_messages(self.history, user_text, self.options.system_prompt)
+        """LLM -> phrases -> TTS as a pipeline: speech starts while the LLM is still writing.
+
+        The settings are read once here: a `hello` sent meanwhile applies from the next reply.
+        """
+        options, voice = self.options, self._voice
+        messages = self.engines.llm.build_messages(self.history, user_text, options.system_prompt)
         phrases: asyncio.Queue[str | None] = asyncio.Queue()
-        producer = asyncio.create_task(self._generate(turn_id, messages, phrases, reply))
+        writing = self._generate(turn_id, messages, options.temperature, phrases, reply)
+        producer = asyncio.create_task(writing)
         try:
-            await self._speak(turn_id, phrases, reply)
+            await self._speak(turn_id, phrases, voice, reply)
             await producer  # raises what the LLM raised
         finally:
             producer.cancel()
 
     async def _generate(
-        self, turn_id: int, messages: list[Message], phrases: asyncio.Queue[str | None], reply: Reply
+        self,
+        turn_id: int,
+        messages: list[Message],
+        temperature: float | None,
+        phrases: asyncio.Queue[str | None],
+        reply: Reply,
     ) -> None:
         llm, chunker = self.engines.llm, PhraseChunker(self.engines.settings.chunking)
         try:
@@ -405,7 +424,7 @@ class Session:
             while not finished and used < llm.settings.max_tokens:
                 # One slice per worker job, so other sessions' replies interleave with this one.
                 size = min(llm.settings.slice_tokens, llm.settings.max_tokens - used)
-                make = functools.partial(_llm_slice, llm, prompt, reply.text, size, self.options.temperature)
+                make = functools.partial(_llm_slice, llm, prompt, reply.text, size, temperature)
                 got = 0
                 async for piece, stop in self.engines.llm_worker.stream(make):
                     got, finished = got + 1, finished or stop
@@ -431,10 +450,12 @@ class Session:
             reply.mark("first_phrase")
             phrases.put_nowait(phrase)
 
-    async def _speak(self, turn_id: int, phrases: asyncio.Queue[str | None], reply: Reply) -> None:
+    async def _speak(
+        self, turn_id: int, phrases: asyncio.Queue[str | None], voice: object | None, reply: Reply
+    ) -> None:
         tts = self.engines.tts
         while (phrase := await phrases.get()) is not None:
-            make = functools.partial(_tts_stream, tts, phrase, self._voice)
+            make = functools.partial(_tts_stream, tts, phrase, voice)
             try:
                 async for chunk in self.engines.tts_worker.stream(make):
                     if not reply.samples:

@@ -14,6 +14,7 @@ from .audio import ASR_RATE
 
 WINDOW = 512  # samples per VAD step at 16 kHz (32 ms), fixed by the model
 CONTEXT = 64  # samples of the previous window the model sees before each step
+NEVER = 1 << 62  # an end-of-silence no stream reaches: push-to-talk turns end at flush() only
 
 
 class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -91,13 +92,20 @@ class TurnDetector:
         ms = ASR_RATE // 1000
         self._min_speech = settings.min_speech_ms * ms
         self._barge_in_speech = settings.barge_in_min_speech_ms * ms
-        # Push-to-talk: silence never ends the turn, releasing the button (flush) does.
-        self._end_silence = 1 << 62 if push_to_talk else settings.end_silence_ms * ms
+        self.set_end(push_to_talk=push_to_talk)
         self._interim_every = settings.interim_every_ms * ms
         self.strict = False  # set while the assistant speaks: barge-in needs real speech
         self._pad = settings.pad_ms * ms
         self._max_turn = int(settings.max_turn_s * ASR_RATE)
         self.reset()
+
+    def set_end(self, *, end_silence_ms: int | None = None, push_to_talk: bool = False) -> None:
+        """How a turn ends: after `end_silence_ms` of silence (None: the settings' value), or with
+        push_to_talk only when the button is released (flush). Takes effect at the next window,
+        also in the middle of a turn; safe from another thread than feed()'s, as it is a single
+        attribute write that _step() reads once per window."""
+        ms = self.settings.end_silence_ms if end_silence_ms is None else end_silence_ms
+        self._end_silence = NEVER if push_to_talk else ms * (ASR_RATE // 1000)
 
     def reset(self) -> None:
         self._vad.reset()

@@ -112,6 +112,29 @@ def test_push_to_talk_never_ends_on_silence(jfk_pcm):
     assert len(audio) / ASR_RATE > 10
 
 
+def test_switching_to_push_to_talk_mid_turn_keeps_the_pauses_inside_it(jfk_pcm):
+    head, rest = jfk_pcm[: int(1.5 * ASR_RATE)], jfk_pcm[int(1.5 * ASR_RATE) :]  # speech, no pause yet
+    detector = TurnDetector(TurnSettings(end_silence_ms=500), StreamingVad())  # would end at ~2.8 s
+    assert [e for e, _ in feed_stream(detector, head)] == [Event.SPEECH_STARTED]
+    detector.set_end(push_to_talk=True)
+    assert feed_stream(detector, np.concatenate([rest, silence(3)])) == []
+    assert detector.flush() is Event.TURN_ENDED
+    audio, _ = detector.take_turn()
+    assert len(audio) / ASR_RATE > 10  # all of it, one turn
+
+
+def test_a_new_pause_applies_to_the_turn_in_progress(jfk_pcm):
+    head, pause = jfk_pcm[: int(1.5 * ASR_RATE)], jfk_pcm[int(1.5 * ASR_RATE) : 3 * ASR_RATE]
+    detector = TurnDetector(TurnSettings(), StreamingVad(), push_to_talk=True)
+    assert [e for e, _ in feed_stream(detector, head)] == [Event.SPEECH_STARTED]
+    detector.set_end(end_silence_ms=300)  # hands-free now: the first pause (2.25-3.3 s) ends it
+    events = feed_stream(detector, pause)
+    assert [e for e, _ in events] == [Event.TURN_ENDED]
+    _, speech_end = detector.take_turn()
+    waited_ms = (events[0][1] - speech_end) / ASR_RATE * 1000
+    assert 300 <= waited_ms <= 300 + 150, waited_ms
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError):
         TurnSettings(speech_threshold=0.3, silence_threshold=0.5)
