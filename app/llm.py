@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from . import models
+
+if TYPE_CHECKING:
+    from .workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -182,3 +187,26 @@ class ChatModel:
         # which starts with the same prompt, evaluates only its own words, like every later turn.
         for _ in self.stream_reply(self.build_messages([], "Hi")):
             break
+
+
+async def write_reply(
+    llm: ChatModel, worker: Worker, prompt: Prompt, temperature: float | None = None
+) -> AsyncIterator[str]:
+    """The reply to `prompt`, piece by piece as the model writes it, one worker job per slice of
+    `slice_tokens` tokens, so that other sessions' jobs interleave with a long reply's."""
+    text, used, finished = "", 0, False
+    while not finished and used < llm.settings.max_tokens:
+        size = min(llm.settings.slice_tokens, llm.settings.max_tokens - used)
+        make = functools.partial(_slice_job, llm, prompt, text, size, temperature)
+        got = 0
+        async for piece, stop in worker.stream(make):
+            got, finished = got + 1, finished or stop
+            if piece:
+                text += piece
+                yield piece
+        used += got
+        finished = finished or got < size  # a stop string or a full context ends it too
+
+
+def _slice_job(llm, prompt, so_far, size, temperature, cancel):  # runs on the LLM worker thread
+    return llm.stream_slice(prompt, so_far, max_new=size, temperature=temperature, cancel=cancel)

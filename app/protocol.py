@@ -8,34 +8,15 @@ mono PCM, signed 16-bit little-endian, at the sample rate announced in `ready`.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import msgspec
+
+from . import events as ev
 
 # ---------------------------------------------------------------- client -> server
 
 
-Mode = Literal["hands_free", "push_to_talk"]
-
-
-class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
-    """Optional, any time: per-session options (sent again when the user changes a setting)."""
-
-    system_prompt: str | None = None
-    temperature: float | None = None
-    end_silence_ms: int | None = None  # silence that ends a spoken turn (server default: 600)
-    # hands_free: the server ends turns by itself after end_silence_ms of silence;
-    # push_to_talk: a turn is exactly the audio between audio_start and audio_stop.
-    mode: Mode = "hands_free"
-    speaker: int | None = None  # voice of engines that have several (CSM speaker id)
-
-    def __post_init__(self) -> None:
-        if self.end_silence_ms is not None and not 100 <= self.end_silence_ms <= 5000:
-            raise ValueError("end_silence_ms must be between 100 and 5000")
-        if self.temperature is not None and not 0.0 <= self.temperature <= 2.0:
-            raise ValueError("temperature must be between 0 and 2")
-        if self.system_prompt is not None and len(self.system_prompt) > 4000:
-            raise ValueError("system_prompt is longer than 4000 characters")
+class Hello(ev.Options, tag="hello", forbid_unknown_fields=True):
+    """Optional, any time: the conversation's options (sent again when the user changes a setting)."""
 
 
 class AudioStart(msgspec.Struct, tag="audio_start", forbid_unknown_fields=True):
@@ -78,10 +59,6 @@ ClientMessage = Hello | AudioStart | AudioStop | UserText | Interrupt | Reset
 
 # ---------------------------------------------------------------- server -> client
 
-State = Literal["idle", "listening", "thinking", "speaking"]
-EndReason = Literal["completed", "no_speech", "interrupted", "error"]
-
-
 class Ready(msgspec.Struct, tag="ready"):
     """Sent once on connect: the reply audio format and what is loaded."""
 
@@ -95,77 +72,45 @@ class Ready(msgspec.Struct, tag="ready"):
     sample_format: str = "s16le"
 
 
-class StateChanged(msgspec.Struct, tag="state"):
-    state: State
+# The core's events under their /ws names; reply audio itself goes out as binary frames.
+class StateChanged(ev.StateChanged, tag="state"):
+    pass
 
 
-class SpeechStarted(msgspec.Struct, tag="speech_started"):
-    """Voice activity began in the microphone stream; `turn` is the id the user's turn will have.
-
-    Arriving while reply audio plays, it means barge-in: the page stops playback at once; the
-    server cancels that reply and its turn_end (reason "interrupted") follows.
-    """
-
-    turn: int
+class SpeechStarted(ev.SpeechStarted, tag="speech_started"):
+    """Arriving while reply audio plays, it means barge-in: the page stops playback at once."""
 
 
-class SpeechStopped(msgspec.Struct, tag="speech_stopped"):
-    """The user's turn is over (silence long enough, audio_stop, or the length cap)."""
+class SpeechStopped(ev.SpeechStopped, tag="speech_stopped"):
+    pass
 
 
-class Transcript(msgspec.Struct, tag="transcript"):
-    """final=False: an interim guess while the user is still speaking; the final one replaces it."""
-
-    turn: int
-    text: str
-    final: bool = True
+class Transcript(ev.Transcript, tag="transcript"):
+    pass
 
 
-class ReplyText(msgspec.Struct, tag="reply_text"):
-    """One more piece of the assistant's reply text, in order, as the LLM streams it."""
-
-    turn: int
-    delta: str
+class ReplyText(ev.ReplyText, tag="reply_text"):
+    pass
 
 
-class ReplyAudioStart(msgspec.Struct, tag="audio_start"):
+class ReplyAudioStart(ev.ReplyAudioStart, tag="audio_start"):
     """Binary PCM frames of this turn follow, until `audio_end`."""
 
-    turn: int
-    sample_rate: int
+
+class ReplyAudioEnd(ev.ReplyAudioEnd, tag="audio_end"):
+    pass
 
 
-class ReplyAudioEnd(msgspec.Struct, tag="audio_end"):
-    turn: int
-    samples: int  # total PCM samples sent for this turn
+class TurnMetrics(ev.TurnMetrics, tag="metrics"):
+    pass
 
 
-class TurnMetrics(msgspec.Struct, tag="metrics"):
-    """Milliseconds from the end of the user's speech (or the typed message) to each stage."""
-
-    turn: int
-    end_of_turn_ms: float | None = None
-    transcript_ms: float | None = None
-    first_token_ms: float | None = None
-    first_phrase_ms: float | None = None
-    first_audio_ms: float | None = None  # voice-to-voice latency
-    total_ms: float | None = None
+class TurnEnd(ev.TurnEnd, tag="turn_end"):
+    pass
 
 
-class TurnEnd(msgspec.Struct, tag="turn_end"):
-    """Every turn ends with exactly one of these, whatever happened."""
-
-    turn: int
-    reason: EndReason
-    reply: str = ""  # the reply text as spoken (may be partial)
-
-
-class Error(msgspec.Struct, tag="error"):
-    """Something went wrong; `message` is meant for the person using the page."""
-
-    code: str
-    message: str
-    turn: int | None = None
+class Error(ev.Error, tag="error"):
+    pass
 
 
 ServerEvent = (
@@ -193,3 +138,15 @@ def decode_client(data: str | bytes) -> ClientMessage:
 
 def encode_event(event: ServerEvent) -> str:
     return _encoder.encode(event).decode()
+
+
+_WIRE: dict[type, type] = {
+    ev.StateChanged: StateChanged, ev.SpeechStarted: SpeechStarted, ev.SpeechStopped: SpeechStopped,
+    ev.Transcript: Transcript, ev.ReplyText: ReplyText, ev.ReplyAudioStart: ReplyAudioStart,
+    ev.ReplyAudioEnd: ReplyAudioEnd, ev.TurnMetrics: TurnMetrics, ev.TurnEnd: TurnEnd, ev.Error: Error,
+}
+
+
+def to_wire(event: ev.Event) -> ServerEvent:
+    """A core event as the /ws message of the same fields (not for ReplyAudio: that is binary)."""
+    return _WIRE[type(event)](*msgspec.structs.astuple(event))

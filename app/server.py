@@ -23,7 +23,7 @@ from .engines import BackgroundLoad, Engines
 from .lan import LOOPBACK_NAMES, phone_url, qr_svg
 from .loading import LoadState, LoadStatus
 from .metrics import Metrics
-from .session import Session
+from .ws import WsSession
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ async def conversation(socket: WebSocket, state: State) -> None:
     if state.loading.state.phase != "ready":
         await _not_yet(socket, state.loading.state)
         return
-    session = Session(state.engines, state.metrics)
+    session = WsSession(state.engines, state.metrics)
     log.info("session %s opened from %s", session.id, socket.client)
     await session.serve(socket.receive, socket.send_text, socket.send_bytes)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from enum import Enum
 
 import msgspec
@@ -119,7 +120,8 @@ class TurnDetector:
         self.in_speech = False
         self._speech_end_at = 0
         self._next_interim = 0
-        self._finished: tuple[np.ndarray, int] | None = None
+        # Finished turns not yet taken, oldest first: one feed() of a long block can end several.
+        self._finished: deque[tuple[np.ndarray, int]] = deque()
 
     def feed(self, pcm: np.ndarray) -> list[Event]:
         events: list[Event] = []
@@ -185,7 +187,7 @@ class TurnDetector:
         trailing_silence = self.position - self._speech_end_at
         keep = len(self._turn) * WINDOW - max(0, trailing_silence - self._pad)
         audio = np.concatenate(self._turn)[:keep] if self._turn else np.zeros(0, np.float32)
-        self._finished = (audio, self._speech_end_at)
+        self._finished.append((audio, self._speech_end_at))
         self.in_speech = False
         self._turn = []
         self._speech_run, self._run_confidence = 0, 0.0
@@ -198,6 +200,5 @@ class TurnDetector:
 
     def take_turn(self) -> tuple[np.ndarray, int]:
         """(audio of the finished turn, stream position in samples where its speech ended)."""
-        assert self._finished is not None, "take_turn() without a TURN_ENDED event"
-        turn, self._finished = self._finished, None
-        return turn
+        assert self._finished, "take_turn() without a TURN_ENDED event"
+        return self._finished.popleft()

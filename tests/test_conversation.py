@@ -1,193 +1,168 @@
-"""Natural turn-taking over the real WebSocket: end of turn, interim text, barge-in, push-to-talk,
-two sessions at once, and the Prometheus endpoint."""
+"""The conversation core on its own, with the real cpu-preset models and no socket: PCM and text in,
+typed events out; barge-in, carry-over, reset and the history it keeps."""
 
 from __future__ import annotations
 
-import json
-import threading
+import asyncio
 import time
-import urllib.request
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
+from app import events as ev
 from app.audio import ASR_RATE
-from app.chunking import speakable
-from app.metrics import STAGES
-from tests.support import JFK_TEXT, encode_webm_opus, serving, word_error_rate
-from tests.test_server import (
-    TIMEOUT,
-    events_until_turn_end,
-    next_event,
-    of_type,
-    send_recording,
-    session,
-)
+from app.conversation import Conversation
+from app.engines import Engines
+from tests.support import JFK_TEXT, word_error_rate
+
+Script = Callable[[Conversation, list[ev.Event]], Awaitable[None]]
 
 
-def silence(seconds: float) -> np.ndarray:
-    return np.zeros(int(seconds * ASR_RATE), np.float32)
+async def drive(engines: Engines, script: Script) -> list[ev.Event]:
+    """Run a Conversation while `script(conversation, events)` talks to it; returns every event."""
+    conversation = Conversation(engines)
+    conversation.start()
+    events: list[ev.Event] = []
+
+    async def collect() -> None:
+        while (event := await conversation.next_event()) is not None:
+            events.append(event)
+
+    collector = asyncio.create_task(collect())
+    try:
+        await asyncio.wait_for(script(conversation, events), timeout=120)
+    finally:
+        await conversation.close()
+        await collector
+    return events
 
 
-def speak_in_real_time(ws, pcm: np.ndarray) -> threading.Thread:
-    """Stream a recording the way the page does, 100 ms at a time, on a thread of its own."""
-    pieces = encode_webm_opus(pcm, ASR_RATE, piece_ms=100)
-
-    def run() -> None:
-        ws.send(json.dumps({"type": "audio_start"}))
-        start = time.perf_counter()
-        for i, piece in enumerate(pieces):
-            time.sleep(max(0.0, start + (i + 1) * 0.1 - time.perf_counter()))
-            ws.send(piece)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+def run(engines: Engines, script: Script) -> list[ev.Event]:
+    return asyncio.run(drive(engines, script))
 
 
-def test_end_of_turn_is_decided_after_the_configured_silence(live_server, jfk_pcm):
-    first_words = jfk_pcm[: int(2.9 * ASR_RATE)]  # "And so my fellow Americans", then a pause
-    with session(live_server) as ws:  # the default: hands-free, 500 ms
-        send_recording(ws, encode_webm_opus(np.concatenate([first_words, silence(2)]), ASR_RATE))
-        events, _ = events_until_turn_end(ws)
-    (metrics,) = of_type(events, "metrics")
-    assert 500 <= metrics["end_of_turn_ms"] <= 650, metrics
-    assert "americans" in of_type(events, "transcript")[-1]["text"].lower()
-
-
-def test_interim_transcripts_come_before_the_final_one(live_server, jfk_pcm):
-    with session(live_server, end_silence_ms=1500) as ws:
-        sender = speak_in_real_time(ws, np.concatenate([jfk_pcm, silence(2)]))
-        events, _ = events_until_turn_end(ws)
-        sender.join()
-    started = of_type(events, "speech_started")[0]["turn"]
-    transcripts = of_type(events, "transcript")
-    interim = [t for t in transcripts if not t["final"]]
-    assert interim, transcripts
-    assert all(t["turn"] == started for t in transcripts)
-    assert transcripts[-1]["final"] and word_error_rate(transcripts[-1]["text"], JFK_TEXT) < 0.1
-    assert len(interim[0]["text"]) < len(transcripts[-1]["text"])
-
-
-def arrivals(ws, done) -> list[dict | bytes]:
-    """Everything the server sends, in order (events as dicts, reply audio as bytes), until
-    `done(events so far)` holds."""
-    arrived: list[dict | bytes] = []
-    while not done([m for m in arrived if isinstance(m, dict)]):
-        message = ws.recv(timeout=TIMEOUT)
-        arrived.append(message if isinstance(message, bytes) else json.loads(message))
-    return arrived
-
-
-def ended(turn: int):
-    return lambda events: any(e["type"] == "turn_end" and e["turn"] == turn for e in events)
-
-
-def test_speech_during_a_reply_cuts_it_off(live_server, jfk_pcm):
-    with session(live_server) as ws:
-        ws.send(json.dumps({"type": "text", "text": "Tell me a long story about a brave dragon."}))
-        before = arrivals(ws, lambda events: bool(of_type(events, "audio_start")))
-        sender = speak_in_real_time(ws, np.concatenate([jfk_pcm[: int(2.9 * ASR_RATE)], silence(1.5)]))
-        after = arrivals(ws, ended(1))
-        sender.join()
-        (started,) = [m for m in after if isinstance(m, dict) and m["type"] == "speech_started"]
-        cut = after[after.index(started) :]
-        assert not [m for m in cut if isinstance(m, bytes)], "reply audio went out after the barge-in"
-        events = [m for m in before + after if isinstance(m, dict)]
-        full = "".join(e["delta"] for e in of_type(events, "reply_text"))
-        end = of_type(events, "turn_end")[0]
-        assert end["reason"] == "interrupted"
-        assert len(end["reply"]) < len(full)  # the history keeps only what was heard
-        answer, _ = events_until_turn_end(ws)  # and the interruption itself is answered
-        assert "americans" in of_type(answer, "transcript")[-1]["text"].lower()
-
-
-def test_a_short_noise_does_not_interrupt_the_reply(live_server, jfk_pcm):
-    noise = jfk_pcm[int(1.2 * ASR_RATE) : int(1.65 * ASR_RATE)]  # 450 ms cut from a word
-    with session(live_server) as ws:
-        ws.send(json.dumps({"type": "text", "text": "Tell me about the sea."}))
-        before = arrivals(ws, lambda events: bool(of_type(events, "audio_start")))
-        speak_in_real_time(ws, np.concatenate([silence(0.3), noise, silence(1.0)])).join()
-        ws.send(json.dumps({"type": "audio_stop"}))
-        # Both turns must end: the reply's, and the recording's, whose every sample was heard by then.
-        after = arrivals(ws, lambda events: len(of_type(events, "turn_end")) == 2)
-    events = [m for m in before + after if isinstance(m, dict)]
-    audio = b"".join(m for m in before + after if isinstance(m, bytes))
-    assert not of_type(events, "speech_started")
-    reply_end, noise_end = sorted(of_type(events, "turn_end"), key=lambda e: e["turn"])
-    assert reply_end["reason"] == "completed" and noise_end["reason"] == "no_speech"
-    # The page plays all of it: every sample the reply announced arrived, and all its words count as said.
-    (audio_end,) = of_type(events, "audio_end")
-    assert audio_end["samples"] * 2 == len(audio) > 0
-    assert reply_end["reply"] == speakable("".join(e["delta"] for e in of_type(events, "reply_text")))
-
-
-def test_push_to_talk_keeps_pauses_inside_one_turn(live_server, jfk_pcm):
-    with session(live_server, mode="push_to_talk") as ws:
-        send_recording(ws, encode_webm_opus(np.concatenate([jfk_pcm, silence(1)]), ASR_RATE))
-        events, _ = events_until_turn_end(ws)
-    (final,) = [t for t in of_type(events, "transcript") if t["final"]]
-    assert word_error_rate(final["text"], JFK_TEXT) < 0.1  # all of it, though JFK pauses twice
-
-
-def test_two_sessions_at_once_both_complete_and_neither_starves(live_server):
-    with session(live_server) as a, session(live_server) as b:
-        a.send(json.dumps({"type": "text", "text": "Tell me a long story about the sea and its ships."}))
-        a_events = [m for m in arrivals(a, lambda events: bool(of_type(events, "audio_start")))
-                    if isinstance(m, dict)]
-        # a is speaking and its LLM is still writing: b asks something short now.
-        b.send(json.dumps({"type": "text", "text": "What is two plus two?"}))
-        b_first_audio = arrivals(b, lambda events: bool(of_type(events, "audio_start")))
-        # Whatever reached a meanwhile is on its socket already: a's reply must still be going.
-        a_events += [json.loads(m) for m in drain(a) if isinstance(m, str)]
-        assert not of_type(a_events, "turn_end"), "b's first words waited for a's whole reply"
-        b_events, b_audio = events_until_turn_end(b)
-        a_rest, a_audio = events_until_turn_end(a)
-    for events, audio in ((a_events + a_rest, a_audio), (b_first_audio + b_events, b_audio)):
-        ends = of_type([e for e in events if isinstance(e, dict)], "turn_end")
-        assert [e["reason"] for e in ends] == ["completed"]
-        assert len(audio) > 0
-
-
-def drain(ws) -> list[str | bytes]:
-    """The messages already waiting on a socket, without waiting for more."""
-    waiting = []
+async def wait_for(events: list[ev.Event], predicate: Callable[[ev.Event], bool]) -> ev.Event:
     while True:
-        try:
-            waiting.append(ws.recv(timeout=0))
-        except TimeoutError:
-            return waiting
+        for event in events:
+            if predicate(event):
+                return event
+        await asyncio.sleep(0.01)
 
 
-def metric_samples(base_url: str) -> dict[tuple[str, tuple], float]:
-    """/metrics parsed: (sample name, sorted labels) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(base_url + "/metrics").read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+def turn_end(turn: int) -> Callable[[ev.Event], bool]:
+    return lambda e: isinstance(e, ev.TurnEnd) and e.turn == turn
 
 
-def test_metrics_endpoint_counts_exactly_the_turns_made(cpu_settings, engines):
-    from app.server import create_app
+def of(events: list[ev.Event], kind: type) -> list:
+    return [e for e in events if isinstance(e, kind)]
 
-    with serving(create_app(cpu_settings, engines)) as url:  # an app of its own: its counters start at 0
-        with session(url) as ws:
-            for question in ("Hello!", "What is two plus two?"):
-                ws.send(json.dumps({"type": "text", "text": question}))
-                assert of_type(events_until_turn_end(ws)[0], "turn_end")[0]["reason"] == "completed"
-            send_recording(ws, encode_webm_opus(silence(1), ASR_RATE))
-            assert of_type(events_until_turn_end(ws)[0], "turn_end")[0]["reason"] == "no_speech"
-            during = metric_samples(url)
-        deadline = time.monotonic() + 30  # the server notices the close on its own time
-        while metric_samples(url)[("voice_sessions_active", ())] != 0.0:
-            assert time.monotonic() < deadline, "the closed session is still counted as active"
-            time.sleep(0.05)
 
-    def count(stage: str) -> float:
-        return during.get(("voice_turn_stage_seconds_count", (("stage", stage),)), 0.0)
+def test_spoken_pcm_is_heard_answered_and_spoken(engines, jfk_pcm):
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.configure(ev.Options(end_silence_ms=1500))  # JFK pauses for up to 1.1 s
+        listener = conversation.listen()
+        listener.feed(np.concatenate([jfk_pcm, np.zeros(2 * ASR_RATE, np.float32)]))
+        await wait_for(events, lambda e: isinstance(e, ev.SpeechStopped))
+        listener.end()
+        conversation.stop_listening()
+        await wait_for(events, turn_end(1))
 
-    # Typed turns have no transcript stage; every other stage saw both turns.
-    assert {stage: count(stage) for stage in STAGES} == {**dict.fromkeys(STAGES, 2.0), "transcript": 0.0}
-    assert during[("voice_turns_total", (("reason", "completed"),))] == 2.0
-    assert during[("voice_turns_total", (("reason", "no_speech"),))] == 1.0
-    assert during[("voice_sessions_active", ())] == 1.0
+    events = run(engines, script)
+    assert events[:3] == [ev.StateChanged("idle"), ev.StateChanged("listening"), ev.SpeechStarted(1)]
+    assert len(of(events, ev.SpeechStopped)) == 1
+    (final,) = [t for t in of(events, ev.Transcript) if t.final]
+    assert word_error_rate(final.text, JFK_TEXT) < 0.15
+    audio = of(events, ev.ReplyAudio)
+    (start,), (end,) = of(events, ev.ReplyAudioStart), of(events, ev.ReplyAudioEnd)
+    assert {a.sample_rate for a in audio} == {start.sample_rate} == {engines.tts.sample_rate}
+    assert sum(len(a.pcm) for a in audio) == end.samples > start.sample_rate  # over a second of voice
+    assert of(events, ev.TurnEnd) == [ev.TurnEnd(1, "completed", of(events, ev.TurnEnd)[0].reply)]
+    states = [e.state for e in of(events, ev.StateChanged)]
+    assert states[:3] == ["idle", "listening", "thinking"] and "speaking" in states
+
+
+def test_speech_during_a_reply_cuts_it_off_and_is_answered(engines, jfk_pcm):
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.say("Tell me a long story about a brave dragon.")
+        await wait_for(events, lambda e: isinstance(e, ev.ReplyAudio))
+        listener = conversation.listen()
+        listener.feed(np.concatenate([jfk_pcm[: int(2.9 * ASR_RATE)], np.zeros(ASR_RATE, np.float32)]))
+        await wait_for(events, turn_end(2))
+
+    events = run(engines, script)
+    barge_in = next(i for i, e in enumerate(events) if isinstance(e, ev.SpeechStarted))
+    assert not [e for e in events[barge_in:] if isinstance(e, ev.ReplyAudio) and e.turn == 1]
+    first, second = of(events, ev.TurnEnd)
+    assert (first.turn, first.reason, second.turn, second.reason) == (1, "interrupted", 2, "completed")
+    written = "".join(e.delta for e in of(events, ev.ReplyText) if e.turn == 1)
+    assert len(first.reply) < len(written)  # only what was heard is kept
+    assert "americans" in [t for t in of(events, ev.Transcript) if t.turn == 2][-1].text.lower()
+
+
+def test_a_pause_before_the_answer_starts_merges_both_parts(engines, jfk_pcm):
+    part1 = jfk_pcm[: int(2.9 * ASR_RATE)]  # "And so my fellow Americans,"
+    part2 = jfk_pcm[int(3.4 * ASR_RATE) : int(6.9 * ASR_RATE)]  # "ask not what your country..."
+
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.speech_started()  # what the listener reports, called as it would
+        now = time.perf_counter()
+        conversation.speech_turn(part1, now, now)
+        await wait_for(events, lambda e: e == ev.StateChanged("thinking"))
+        conversation.speech_started()  # the user goes on before any reply audio exists
+        now = time.perf_counter()
+        conversation.speech_turn(part2, now, now)
+        await wait_for(events, turn_end(2))
+
+    events = run(engines, script)
+    first, second = of(events, ev.TurnEnd)
+    assert first == ev.TurnEnd(1, "interrupted", "") and second.reason == "completed"
+    (final,) = [e for e in of(events, ev.Transcript) if e.turn == 2]
+    assert "americans" in final.text.lower() and "country" in final.text.lower()
+    assert not [e for e in of(events, ev.ReplyAudioStart) if e.turn == 1]
+
+
+def test_played_samples_zero_forgets_the_exchange(engines):
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.say("Say hello.")
+        end = await wait_for(events, turn_end(1))
+        assert conversation.history == [{"role": "user", "content": "Say hello."},
+                                        {"role": "assistant", "content": end.reply}]
+        conversation.interrupt(0)
+        assert conversation.history == []
+
+    run(engines, script)
+
+
+def test_reset_ends_the_reply_and_queued_turns_and_forgets(engines):
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.say("Hello!")
+        await wait_for(events, turn_end(1))
+        (played,) = of(events, ev.ReplyAudioEnd)
+        conversation.interrupt(played.samples)  # the listener heard all of it
+        assert len(conversation.history) == 2
+        conversation.say("Tell me a long story about the sea.")
+        conversation.say("And one about ships.")  # queued behind the story
+        await wait_for(events, lambda e: isinstance(e, ev.ReplyText) and e.turn == 2)
+        conversation.reset()
+        await wait_for(events, turn_end(2))
+        assert conversation.history == []
+
+    events = run(engines, script)
+    assert [(e.turn, e.reason) for e in of(events, ev.TurnEnd)] == [(1, "completed"), (3, "interrupted"),
+                                                                   (2, "interrupted")]
+    assert not [e for e in events if getattr(e, "turn", None) == 3 and not isinstance(e, ev.TurnEnd)]
+
+
+def test_a_long_history_is_cut_to_half_keeping_the_latest_exchanges(engines):
+    limit = engines.llm.settings.history_turns
+    past = [{"role": role, "content": f"{role} {i}"} for i in range(limit + 1) for role in ("user", "assistant")]
+
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.history.extend(past)
+        conversation.say("Hello!")
+        end = await wait_for(events, turn_end(1))
+        kept = past[-2 * (limit // 2) :]  # over the limit: cut to half, the oldest out first
+        assert conversation.history == [*kept, {"role": "user", "content": "Hello!"},
+                                        {"role": "assistant", "content": end.reply}]
+
+    run(engines, script)

@@ -1,0 +1,204 @@
+"""The conversation core: one person's conversation with the assistant, knowing no wire protocol.
+
+Inputs are plain calls (configure, listen -> Listener.feed(pcm), say(text), interrupt(played),
+reset); outputs are typed events (app/events.py) in order from next_event(). Follow a turn: the
+Listener (app/listening.py) finds it in the PCM and calls speech_turn(); the turn queue
+(app/answering.py) transcribes it, builds the messages from the history and runs the reply pipeline
+(app/pipeline.py), whose text and audio come back here as events, and always ends it with a
+TurnEnd. Speech that starts while the assistant thinks or talks cuts the reply off (barge-in); the
+history keeps only what was heard (app/memory.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+
+import numpy as np
+
+from . import events as ev
+from .answering import Answering, PendingTurn
+from .audio import ASR_RATE
+from .engines import Engines
+from .listening import Listener
+from .llm import Message
+from .memory import Memory
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+CARRY_GAP = np.zeros(ASR_RATE // 5, np.float32)  # between a resumed turn's two parts
+
+
+class Conversation:
+    def __init__(self, engines: Engines, metrics: Metrics | None = None) -> None:
+        self.engines = engines
+        self.metrics = metrics or Metrics()
+        self.id = uuid.uuid4().hex[:12]
+        self.options = ev.Options()
+        self.memory = Memory(self.metrics)
+        self.playback_end = 0.0  # perf_counter() when the listener will have played all reply audio
+        self._out: asyncio.Queue[ev.Event | None] = asyncio.Queue()
+        self._silenced: set[int] = set()  # turns whose queued audio must not go out any more
+        self._answering = Answering(self)
+        self._turn_ids = itertools.count(1)
+        self._listener: Listener | None = None
+        self._voice = engines.tts.new_voice()
+        self._runner: asyncio.Task[None] | None = None
+        self._state: ev.State | None = None
+        self._speaking_turn: int | None = None  # id given to the user's turn when speech began
+        self._carry: np.ndarray | None = None  # speech of a turn the user went on talking over
+        self._interim_busy = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def history(self) -> list[Message]:
+        return self.memory.history
+
+    # ------------------------------------------------------------ life and events
+
+    def start(self) -> None:
+        """Begin answering turns (on the running event loop)."""
+        self._runner = asyncio.create_task(self._answering.run())
+        self.metrics.sessions.inc()
+        self.set_state("idle")
+
+    async def close(self) -> None:
+        """Stop all work of this conversation; next_event() then returns None."""
+        self.metrics.sessions.dec()
+        for task in (self._runner, *self._background):
+            if task is not None:
+                task.cancel()
+        if self._listener is not None:
+            self._listener.end()
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)  # the last turn has ended
+        self._out.put_nowait(None)
+
+    async def next_event(self) -> ev.Event | None:
+        """The next event, in the order they happened; None once closed. Audio of a reply that
+        was cut off is dropped here, even if it was produced before the cut."""
+        while (event := await self._out.get()) is not None:
+            if not (isinstance(event, ev.ReplyAudio) and event.turn in self._silenced):
+                return event
+        return None
+
+    def emit(self, event: ev.Event) -> None:
+        if isinstance(event, ev.Error):
+            self.metrics.errors.labels(event.code).inc()
+        self._out.put_nowait(event)
+
+    def set_state(self, state: ev.State) -> None:
+        if state != self._state:
+            self._state = state
+            self.emit(ev.StateChanged(state))
+
+    def resting_state(self) -> ev.State:
+        return "listening" if self._listener is not None else "idle"
+
+    def reply_options(self) -> tuple[ev.Options, object | None]:
+        """The options and voice for a reply about to start."""
+        return self.options, self._voice
+
+    # ------------------------------------------------------------ inputs
+
+    def configure(self, options: ev.Options) -> None:
+        if options.speaker != self.options.speaker:  # a new voice starts a fresh memory
+            self._voice = self.engines.tts.new_voice(options.speaker)
+        self.options = options
+        if self._listener is not None:  # the user switched mode or pause mid-sentence
+            self._listener.apply(options)
+
+    def listen(self) -> Listener:
+        """A new recording: feed its PCM to the listener this returns."""
+        self.stop_listening()
+        turns = self.engines.settings.turns
+        self._listener = Listener(self, self.engines.vad_model, turns, self.options)
+        if not self._answering.busy:
+            self.set_state("listening")
+        return self._listener
+
+    def stop_listening(self) -> None:
+        """The microphone is off (its listener's end() follows when its audio is all heard)."""
+        if self._listener is not None:
+            self._listener = None
+            if not self._answering.busy:
+                self.set_state("idle")
+
+    def say(self, text: str) -> None:
+        """A typed message, answered like a spoken one; typed while it talks, it stops the reply."""
+        now = time.perf_counter()
+        self.interrupt(None, cause="client")
+        self._answering.add(PendingTurn(next(self._turn_ids), now, now, text=text.strip()))
+
+    def interrupt(self, played: int | None, *, cause: str = "client") -> None:
+        """Stop the reply: cancel the running turn, or trim what the history says was heard.
+        `played`: samples of its audio the listener heard; None: estimate by the playback clock."""
+        if (cut := self._answering.cut_off(cause, played)) is not None:
+            turn, reply = cut
+            self._silenced.add(turn.id)  # queued audio stops now, not when the task unwinds
+            if cause == "speech" and not reply.samples and turn.audio is not None:
+                self._carry = turn.audio  # cut off before it spoke: the user was not done yet
+        else:
+            self.memory.cut_last(played)
+        self.playback_end = 0.0
+
+    def reset(self) -> None:
+        """New conversation: stop the reply, drop queued turns, forget the history."""
+        for turn_id in self._answering.drop_queued():
+            self.emit(ev.TurnEnd(turn_id, "interrupted"))
+        self.interrupt(None, cause="reset")
+        self.memory.forget()
+        self._carry = None
+        self._voice = self.engines.tts.new_voice(self.options.speaker)
+
+    # ------------------------------------------------------------ what the listener found
+
+    def speech_started(self) -> None:
+        self._speaking_turn = next(self._turn_ids)
+        self.emit(ev.SpeechStarted(self._speaking_turn))
+        if self._answering.busy or self.memory.still_playing():
+            self.interrupt(None, cause="speech")
+
+    def interim(self, audio: np.ndarray) -> None:
+        turn_id = self._speaking_turn
+        if turn_id is None or self._interim_busy:
+            return  # one interim at a time: never let guesses queue up before the final
+        self._interim_busy = True
+        task = asyncio.create_task(self._interim(turn_id, audio))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _interim(self, turn_id: int, audio: np.ndarray) -> None:
+        try:
+            text = await self.engines.asr_worker.run(self.engines.asr.transcribe, audio)
+        except Exception:
+            log.warning("conversation %s: interim transcript failed", self.id, exc_info=True)
+            return
+        finally:
+            self._interim_busy = False
+        if text and self._speaking_turn == turn_id:  # the final transcript has not overtaken it
+            self.emit(ev.Transcript(turn_id, text, final=False))
+
+    def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float) -> None:
+        turn_id, self._speaking_turn = self._speaking_turn or next(self._turn_ids), None
+        if self._carry is not None:  # the user had paused, not finished: answer both parts
+            audio, self._carry = np.concatenate([self._carry, CARRY_GAP, audio]), None
+        self.emit(ev.SpeechStopped())
+        self._answering.add(PendingTurn(turn_id, t_speech_end, t_decided, audio=audio))
+
+    def recording_ended(self, listener: Listener, error: str | None) -> None:
+        if error is not None:
+            self.emit(ev.Error("bad_audio", f"Could not decode the microphone audio ({error})."))
+        if listener.turns_found == 0:  # the user stopped without saying anything
+            turn_id = self._speaking_turn or next(self._turn_ids)
+            self._speaking_turn = None
+            self.metrics.turns.labels("no_speech").inc()  # a turn like any other: counted by reason
+            self.emit(ev.TurnEnd(turn_id, "no_speech"))
+        if self._listener is listener:
+            self._listener = None
+            if not self._answering.busy:
+                self.set_state("idle")

@@ -1,0 +1,113 @@
+"""The page's `/ws` protocol, as a thin adapter over the conversation core.
+
+Text frames are JSON control messages (app/protocol.py) that become calls on the Conversation;
+binary frames are the browser's recording (WebM/Opus or whatever it records), decoded here to
+16 kHz PCM for the conversation's Listener. The conversation's events go back out in order: JSON
+events as text frames, reply audio as raw s16le binary frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+
+from . import events as ev
+from . import protocol as p
+from .audio import StreamDecoder
+from .conversation import Conversation
+from .engines import Engines
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_AUDIO_FRAME = 512 * 1024  # bytes; MediaRecorder sends ~2 KB every 100 ms
+
+
+class WsSession:
+    """One /ws connection: socket and dispatch only; the conversation does the rest."""
+
+    def __init__(self, engines: Engines, metrics: Metrics | None = None) -> None:
+        self.engines = engines
+        self.conversation = Conversation(engines, metrics)
+        self.id = self.conversation.id
+        self._decoder: StreamDecoder | None = None  # the recording being received
+
+    async def serve(
+        self,
+        receive: Callable[[], Awaitable[dict]],
+        send_text: Callable[[str], Awaitable[None]],
+        send_bytes: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """Run until the client goes away; whatever happens, stop all work for this connection."""
+        described = self.engines.describe()
+        sample_rate, preset = self.engines.tts.sample_rate, self.engines.settings.preset
+        await send_text(p.encode_event(p.Ready(self.id, sample_rate, preset, **described)))
+        self.conversation.start()
+        writer = asyncio.create_task(self._write(send_text, send_bytes))
+        try:
+            while (message := await receive())["type"] != "websocket.disconnect":
+                if message.get("bytes") is not None:
+                    self.on_audio(message["bytes"])
+                elif message.get("text") is not None:
+                    self.on_control(message["text"])
+        finally:
+            self._stop_recording()
+            await self.conversation.close()
+            await writer
+            log.info("session %s closed", self.id)
+
+    async def _write(
+        self, send_text: Callable[[str], Awaitable[None]], send_bytes: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        while (event := await self.conversation.next_event()) is not None:
+            try:
+                if isinstance(event, ev.ReplyAudio):
+                    await send_bytes(event.pcm.astype("<i2").tobytes())
+                else:
+                    await send_text(p.encode_event(p.to_wire(event)))
+            except Exception:  # the client vanished; the receive loop notices and cleans up
+                log.info("session %s: send failed, client gone", self.id)
+                return
+
+    def on_control(self, data: str) -> None:
+        try:
+            message = p.decode_client(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            self.conversation.emit(ev.Error("bad_message", f"Ignored a malformed message: {exc}"))
+            return
+        match message:
+            case p.Hello():
+                self.conversation.configure(message)
+            case p.AudioStart():
+                self._start_recording()
+            case p.AudioStop():
+                self._stop_recording()
+            case p.UserText():
+                self.conversation.say(message.text)
+            case p.Interrupt():
+                self.conversation.interrupt(message.played_samples)
+            case p.Reset():
+                self.conversation.reset()
+
+    def on_audio(self, data: bytes) -> None:
+        if len(data) > MAX_AUDIO_FRAME:
+            self.conversation.emit(ev.Error("bad_audio", "Ignored an audio frame larger than 512 KB."))
+            return
+        if self._decoder is None:  # audio without audio_start: let the decoder probe it
+            self._start_recording()
+        assert self._decoder is not None
+        self._decoder.feed(data)
+
+    def _start_recording(self) -> None:
+        self._stop_recording()
+        listener = self.conversation.listen()
+        self._decoder = StreamDecoder(listener.feed, listener.end)
+
+    def _stop_recording(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()  # the listener's end() follows from the decoder's thread
+            self._decoder = None
+            self.conversation.stop_listening()
