@@ -10,7 +10,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from . import protocol as p
+from . import events as ev
 
 # Seconds from the end of the user's speech to each stage of a turn.
 STAGES = ("end_of_turn", "transcript", "first_token", "first_phrase", "first_audio", "total")
@@ -31,7 +31,7 @@ class Metrics:
         self.sessions = Gauge("voice_sessions_active", "Open WebSocket sessions", registry=self.registry)
         self.barge_ins = Counter("voice_barge_ins", "Replies cut off by the user", registry=self.registry)
 
-    def observe_turn(self, metrics: p.TurnMetrics, reason: str) -> None:
+    def observe_turn(self, metrics: ev.TurnMetrics, reason: str) -> None:
         self.turns.labels(reason).inc()
         for stage in STAGES:
             ms = getattr(metrics, f"{stage}_ms")

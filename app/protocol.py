@@ -72,60 +72,14 @@ class Ready(msgspec.Struct, tag="ready"):
     sample_format: str = "s16le"
 
 
-# The core's events under their /ws names; reply audio itself goes out as binary frames.
-class StateChanged(ev.StateChanged, tag="state"):
-    pass
-
-
-class SpeechStarted(ev.SpeechStarted, tag="speech_started"):
-    """Arriving while reply audio plays, it means barge-in: the page stops playback at once."""
-
-
-class SpeechStopped(ev.SpeechStopped, tag="speech_stopped"):
-    pass
-
-
-class Transcript(ev.Transcript, tag="transcript"):
-    pass
-
-
-class ReplyText(ev.ReplyText, tag="reply_text"):
-    pass
-
-
-class ReplyAudioStart(ev.ReplyAudioStart, tag="audio_start"):
-    """Binary PCM frames of this turn follow, until `audio_end`."""
-
-
-class ReplyAudioEnd(ev.ReplyAudioEnd, tag="audio_end"):
-    pass
-
-
-class TurnMetrics(ev.TurnMetrics, tag="metrics"):
-    pass
-
-
-class TurnEnd(ev.TurnEnd, tag="turn_end"):
-    pass
-
-
-class Error(ev.Error, tag="error"):
-    pass
-
-
-ServerEvent = (
-    Ready
-    | StateChanged
-    | SpeechStarted
-    | SpeechStopped
-    | Transcript
-    | ReplyText
-    | ReplyAudioStart
-    | ReplyAudioEnd
-    | TurnMetrics
-    | TurnEnd
-    | Error
-)
+# The core's events (app/events.py) go out as JSON objects of their fields, named by "type";
+# ReplyAudio goes out as binary frames of raw PCM instead.
+EVENT_TYPES: dict[type, str] = {
+    ev.StateChanged: "state", ev.SpeechStarted: "speech_started", ev.SpeechStopped: "speech_stopped",
+    ev.Transcript: "transcript", ev.ReplyText: "reply_text", ev.ReplyAudioStart: "audio_start",
+    ev.ReplyAudioEnd: "audio_end", ev.TurnMetrics: "metrics", ev.TurnEnd: "turn_end", ev.Error: "error",
+}
+ServerEvent = Ready | ev.Event
 
 _decoder = msgspec.json.Decoder(ClientMessage)
 _encoder = msgspec.json.Encoder()
@@ -137,16 +91,6 @@ def decode_client(data: str | bytes) -> ClientMessage:
 
 
 def encode_event(event: ServerEvent) -> str:
-    return _encoder.encode(event).decode()
-
-
-_WIRE: dict[type, type] = {
-    ev.StateChanged: StateChanged, ev.SpeechStarted: SpeechStarted, ev.SpeechStopped: SpeechStopped,
-    ev.Transcript: Transcript, ev.ReplyText: ReplyText, ev.ReplyAudioStart: ReplyAudioStart,
-    ev.ReplyAudioEnd: ReplyAudioEnd, ev.TurnMetrics: TurnMetrics, ev.TurnEnd: TurnEnd, ev.Error: Error,
-}
-
-
-def to_wire(event: ev.Event) -> ServerEvent:
-    """A core event as the /ws message of the same fields (not for ReplyAudio: that is binary)."""
-    return _WIRE[type(event)](*msgspec.structs.astuple(event))
+    if isinstance(event, Ready):
+        return _encoder.encode(event).decode()
+    return _encoder.encode({"type": EVENT_TYPES[type(event)], **msgspec.structs.asdict(event)}).decode()

@@ -17,6 +17,7 @@ from litestar.response import Template
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
+from . import events as ev
 from . import protocol as p
 from .config import Settings
 from .engines import BackgroundLoad, Engines
@@ -111,9 +112,9 @@ async def _not_yet(socket: WebSocket, now: LoadState) -> None:
     """No conversation before the models are ready: say why in words and close politely
     (1013: try again later); the page reconnects with backoff."""
     if now.phase == "failed":
-        event = p.Error(code="load_failed", message=f"The assistant could not start: {now.message}")
+        event = ev.Error(code="load_failed", message=f"The assistant could not start: {now.message}")
     else:
-        event = p.Error(code="loading", message=f"The assistant is still starting ({now.message}). "
+        event = ev.Error(code="loading", message=f"The assistant is still starting ({now.message}). "
                                                 "It will connect by itself when it is ready.")
     await socket.send_text(p.encode_event(event))
     await socket.close(code=1013, reason=event.code)

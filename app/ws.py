@@ -67,7 +67,7 @@ class WsSession:
                 if isinstance(event, ev.ReplyAudio):
                     await send_bytes(event.pcm.astype("<i2").tobytes())
                 else:
-                    await send_text(p.encode_event(p.to_wire(event)))
+                    await send_text(p.encode_event(event))
             except Exception:  # the client vanished; the receive loop notices and cleans up
                 log.info("session %s: send failed, client gone", self.id)
                 return

@@ -1,13 +1,13 @@
 """Prometheus metrics: histograms per stage and counters, in the text format."""
 
-from app import protocol as p
+from app import events as ev
 from app.metrics import Metrics
 
 
 def test_turn_metrics_land_in_stage_histograms_and_counters():
     metrics = Metrics()
-    metrics.observe_turn(p.TurnMetrics(1, end_of_turn_ms=500, first_audio_ms=1200, total_ms=3000), "completed")
-    metrics.observe_turn(p.TurnMetrics(2), "no_speech")
+    metrics.observe_turn(ev.TurnMetrics(1, end_of_turn_ms=500, first_audio_ms=1200, total_ms=3000), "completed")
+    metrics.observe_turn(ev.TurnMetrics(2), "no_speech")
     metrics.errors.labels("bad_audio").inc()
     text = metrics.render().decode()
     assert 'voice_turn_stage_seconds_count{stage="first_audio"} 1.0' in text

@@ -1,10 +1,12 @@
 """The WebSocket contract's messages decode strictly and encode as documented."""
 
 import json
+import typing
 
 import msgspec
 import pytest
 
+from app import events as ev
 from app import protocol as p
 
 
@@ -37,6 +39,15 @@ def test_bad_client_messages_are_rejected(raw):
 
 
 def test_events_carry_their_type_tag():
-    event = json.loads(p.encode_event(p.TurnEnd(3, "no_speech")))
+    event = json.loads(p.encode_event(ev.TurnEnd(3, "no_speech")))
     assert event == {"type": "turn_end", "turn": 3, "reason": "no_speech", "reply": ""}
-    assert json.loads(p.encode_event(p.StateChanged("speaking"))) == {"type": "state", "state": "speaking"}
+    assert json.loads(p.encode_event(ev.StateChanged("speaking"))) == {"type": "state", "state": "speaking"}
+    ready = json.loads(p.encode_event(p.Ready("s1", 22050, "cpu", "a", "l", "t")))
+    assert ready == {"type": "ready", "session_id": "s1", "sample_rate": 22050, "preset": "cpu", "asr": "a",
+                     "llm": "l", "tts": "t", "channels": 1, "sample_format": "s16le"}
+
+
+def test_every_event_but_audio_has_a_wire_name():
+    wired = set(p.EVENT_TYPES) | {ev.ReplyAudio}  # audio goes out as binary frames
+    assert wired == set(typing.get_args(ev.Event))
+    assert len(set(p.EVENT_TYPES.values())) == len(p.EVENT_TYPES)
