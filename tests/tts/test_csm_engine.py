@@ -14,7 +14,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.tts.base import TtsEngine
 from app.tts.csm import CsmEngine, CsmSettings, CsmVoice, load_csm_engine
 from app.tts.csm.engine import pick_device
 from app.tts.csm.generator import Segment
@@ -23,7 +22,7 @@ from app.tts.csm.loader import ModelNotAvailableError
 from .conftest import tiny_model, varying_frame
 
 EOS_FRAME = [0] * 32
-FAST = dict(first_chunk_frames=2, chunk_frames=4, max_audio_seconds=1.2)  # at most 15 frames a reply
+FAST = {"first_chunk_frames": 2, "chunk_frames": 4, "max_audio_seconds": 1.2}  # at most 15 frames a reply
 
 
 def _engine(make_generator, voice_prompt: Segment | None = None, **settings) -> CsmEngine:
@@ -79,15 +78,19 @@ def test_pick_device_follows_the_machine() -> None:
 
 
 def test_engine_streams_int16_mono_chunks(make_generator) -> None:
-    engine: TtsEngine = _engine(make_generator)  # type-checks against the protocol
-    assert all(callable(getattr(engine, m)) for m in ("new_voice", "synthesize", "warm_up"))
+    engine = _engine(make_generator)
     assert engine.name == "csm" and engine.sample_rate == 24_000
-    chunks = list(engine.synthesize("Hello there, how are you?", voice=engine.new_voice()))
+    text = "Hello there, how are you?"
+    chunks = list(engine.synthesize(text, voice=engine.new_voice()))
     assert chunks and all(c.dtype == np.int16 and c.ndim == 1 for c in chunks)
     assert len(chunks[0]) == 2 * 1920  # the first chunk: two frames, 160 ms
-    assert isinstance(engine, CsmEngine)
     assert sum(len(c) for c in chunks) == engine.last_utterance.codes.shape[0] * 1920
-    assert max(int(abs(c).max()) for c in chunks) > 0
+    # The same seed through the generator alone gives the float PCM: the int16 stream is that, at full scale.
+    twin = make_generator().utterance(text, speaker=engine.speaker, config=engine.config)
+    pcm = np.clip(np.concatenate(list(twin)), -1.0, 1.0)
+    ints = np.concatenate(chunks).astype(np.float64)
+    assert ints.shape == pcm.shape and np.abs(pcm).max() > 1e-3
+    assert np.abs(ints / 32767 - pcm).max() <= 1 / 32767  # int16 rounding, nothing more
 
 
 @pytest.mark.parametrize("text", ["", "   ", "...", " — ! "])
@@ -109,14 +112,23 @@ def test_voice_remembers_clean_utterances_as_context(make_generator, scripted) -
     assert [s.text for s in voice.segments] == ["First phrase.", "Second phrase."]
 
 
+def _prompt_text(engine: CsmEngine) -> str:
+    """The text the last utterance's prompt gave the model, special tokens left out."""
+    prompt = engine.last_utterance.prompt
+    ids = prompt.tokens[:, -1][prompt.mask[:, -1]].tolist()
+    return engine.generator.tokenizer.tokenizer.decode(ids)
+
+
 def test_a_voice_can_pick_another_speaker(make_generator, scripted) -> None:
     engine = _engine(make_generator)
     engine.generator.generate_frame = scripted(_eos_after(4))
     voice = engine.new_voice(speaker=2)
     list(engine.synthesize("Hello.", voice=voice))
-    assert [s.speaker for s in voice.segments] == [2]
-    list(engine.synthesize("Hello.", voice=engine.new_voice()))  # the default is untouched
-    assert engine.speaker == 4
+    assert [s.speaker for s in voice.segments] == [2] and _prompt_text(engine) == "[2]Hello."
+    engine.generator.generate_frame = scripted(_eos_after(4))
+    other = engine.new_voice()  # another conversation still speaks as the default speaker
+    list(engine.synthesize("Hello.", voice=other))
+    assert [s.speaker for s in other.segments] == [4] and _prompt_text(engine) == "[4]Hello."
 
 
 def test_cancelled_or_runaway_utterances_are_not_remembered(make_generator, scripted) -> None:

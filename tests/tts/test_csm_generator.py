@@ -94,7 +94,7 @@ def test_prompt_layout_text_then_audio_then_eos_frame(text_tokenizer) -> None:
 
 def test_trimming_drops_oldest_unpinned_then_pinned(text_tokenizer) -> None:
     pinned, old, new = _segment(30, "voice prompt"), _segment(30, "old"), _segment(30, "new")
-    kwargs = dict(text="Now.", speaker=4, pinned=1, max_frames=20, width=33)
+    kwargs = {"text": "Now.", "speaker": 4, "pinned": 1, "max_frames": 20, "width": 33}
     roomy = build_prompt(text_tokenizer, context=[pinned, old, new], capacity=256, **kwargs)
     assert roomy.segments_used == 3
     rows = {s.text: segment_rows(text_tokenizer, s, 33)[0].shape[0] for s in (pinned, old, new)}
@@ -249,20 +249,27 @@ def test_mimi_encode_gives_whole_frames_of_32_codes(make_generator) -> None:
     assert int(codes.max()) < 2048
 
 
-def test_frame_by_frame_decoding_sounds_the_same_as_whole_chunks(make_generator) -> None:
-    """The CUDA path (one frame per Mimi call, for its CUDA graphs) checked against the CPU path."""
+def test_streamed_decoding_equals_one_shot_decoding_of_all_frames(make_generator, mimi) -> None:
+    """Chunk by chunk in streaming mode, as an utterance is played (whole chunks on the CPU, one frame
+    per call on CUDA), Mimi must give the samples of decoding the whole utterance in one pass: a
+    streaming state lost, reset or double-counted between chunks would click or drift here."""
     import numpy as np
+    from moshi.models import loaders
 
+    codes = torch.randint(0, 2048, (11, 32), generator=torch.Generator().manual_seed(3))
+    twin = loaders.get_mimi(None, device="cpu", num_codebooks=32)  # never streaming: one pass
+    twin.load_state_dict(mimi.state_dict())
     generator = make_generator()
-    codes = torch.tensor([varying_frame(i) for i in range(6)])
+    chunks = [(0, 2), (2, 6), (6, 10), (10, 11)]  # first_chunk_frames=2, chunk_frames=4, a short last one
     with torch.no_grad():
-        generator.start_mimi()
-        whole = np.concatenate([generator.decode(codes[:2]), generator.decode(codes[2:])])
-        generator.decode_frame_by_frame = True
-        generator.start_mimi()
-        framed = np.concatenate([generator.decode(codes[:2]), generator.decode(codes[2:])])
-    assert whole.shape == framed.shape == (6 * SAMPLES_PER_FRAME,)
-    assert np.abs(whole).max() > 0 and np.allclose(whole, framed, atol=1e-5)
+        whole = twin.decode(codes.T[None])[0, 0].numpy()  # (1, K, n) -> (n * 1920,)
+        for frame_by_frame in (False, True):
+            generator.decode_frame_by_frame = frame_by_frame
+            generator.start_mimi()
+            streamed = np.concatenate([generator.decode(codes[a:b]) for a, b in chunks])
+            assert streamed.shape == whole.shape == (11 * SAMPLES_PER_FRAME,)
+            np.testing.assert_allclose(streamed, whole, rtol=0, atol=1e-6)
+    assert np.abs(whole).max() > 1e-2  # sound, so the tolerance is tight by comparison
 
 
 def test_the_frame_step_never_reads_the_device(make_generator, fast_config, monkeypatch) -> None:

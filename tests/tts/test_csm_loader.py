@@ -1,4 +1,4 @@
-"""Checkpoint layouts (checked against transformers' CSM), references, tokenizer, audio reading."""
+"""Checkpoint layouts, references, tokenizer, audio reading (parity with transformers: test_csm_parity.py)."""
 
 from __future__ import annotations
 
@@ -10,129 +10,11 @@ from safetensors.torch import save_file
 
 from app.models import ModelError
 from app.tts.csm import loader
-from app.tts.csm.generator import CsmGenerator, GenerationConfig, Prompt, text_rows
+from app.tts.csm.generator import text_rows
 from app.tts.csm.loader import CheckpointMismatchError, ModelNotAvailableError
 from app.tts.csm.model import CsmModel, CsmModelConfig
 
 from .conftest import tiny_model
-
-K, V, TEXT_VOCAB = 8, 64, 512  # a small codebook count: the parity test needs no Mimi
-
-
-def _llama3_rope(max_positions: int) -> dict:
-    """Sesame's RoPE scaling (factor 32, wavelengths 8192/2048) in transformers' terms, as the
-    official conversion writes it: the same wavelengths over a shorter original context."""
-    original = max_positions // 2
-    return {
-        "rope_type": "llama3",
-        "factor": 32.0,
-        "original_max_position_embeddings": original,
-        "low_freq_factor": original / 8192,
-        "high_freq_factor": original / 2048,
-    }
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny random transformers CsmForConditionalGeneration, saved as transformers saves it."""
-    transformers = pytest.importorskip("transformers")
-    decoder = transformers.CsmDepthDecoderConfig(
-        num_codebooks=K, backbone_hidden_size=64, vocab_size=V, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=K * 2,
-        rope_scaling=_llama3_rope(K * 2), initializer_range=0.2,
-    )
-    codec = transformers.MimiConfig(
-        hidden_size=32, num_filters=4, codebook_dim=16, vector_quantization_hidden_dimension=16,
-        num_hidden_layers=1, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
-        upsample_groups=32, num_quantizers=K, codebook_size=V,
-    )
-    config = transformers.CsmConfig(
-        num_codebooks=K, vocab_size=V, text_vocab_size=TEXT_VOCAB, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        rope_scaling=_llama3_rope(128), depth_decoder_config=decoder, codec_config=codec,
-        initializer_range=0.2,  # wide logits: greedy choices are not decided by rounding
-        bos_token_id=1, pad_token_id=2, audio_token_id=3, audio_eos_token_id=4,
-    )
-    torch.manual_seed(0)
-    model = transformers.CsmForConditionalGeneration(config).eval()
-    folder = tmp_path_factory.mktemp("hf_csm")
-    model.save_pretrained(folder)
-    return model, folder
-
-
-@pytest.fixture(scope="module")
-def ours(reference) -> CsmModel:
-    _, folder = reference
-    paths = loader.resolve_checkpoint(str(folder))
-    return loader.load_csm_model(paths, hints=loader.resolve_config_json(str(folder), paths[0]))
-
-
-def _mixed_prompt() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """5 text tokens then 3 audio frames, as 9-column rows (ours) and as ids/codes (transformers)."""
-    generator = torch.Generator().manual_seed(5)
-    text = torch.tensor([[1, 10, 20, 30, 5]])
-    codes = torch.randint(1, V - 3, (1, 3, K), generator=generator)
-    tokens = torch.zeros(1, 8, K + 1, dtype=torch.long)
-    mask = torch.zeros(1, 8, K + 1, dtype=torch.bool)
-    tokens[0, :5, -1], mask[0, :5, -1] = text[0], True
-    tokens[0, 5:, :-1], mask[0, 5:, :-1] = codes[0], True
-    return text, codes, tokens, mask
-
-
-def test_transformers_layout_loads_with_the_published_sizes_read_off(ours: CsmModel) -> None:
-    config = ours.config
-    assert (config.audio_num_codebooks, config.audio_vocab_size, config.text_vocab_size) == (K, V, TEXT_VOCAB)
-    assert (config.backbone.num_heads, config.backbone.num_kv_heads, config.decoder.embed_dim) == (4, 2, 32)
-    assert config.max_seq_len == 128
-
-
-def test_backbone_logits_match_transformers(reference, ours: CsmModel) -> None:
-    hf, _ = reference
-    text, codes, tokens, mask = _mixed_prompt()
-    with torch.no_grad():
-        embeds = torch.cat([hf.embed_text_tokens(text), hf.backbone_model.embed_tokens(codes)], dim=1)
-        expected = hf(inputs_embeds=embeds).logits  # (1, 8, V)
-        ours.reset_caches()
-        hidden = ours.backbone_hidden(ours.embed_frames(tokens, mask), torch.arange(8)[None])
-        got = ours.codebook0_logits(hidden)
-    assert expected.abs().max() > 1.0  # logits with real spread, so the comparison means something
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
-
-
-def test_depth_decoder_logits_match_transformers(reference, ours: CsmModel) -> None:
-    hf, _ = reference
-    text, codes, tokens, mask = _mixed_prompt()
-    frame = torch.randint(1, V - 3, (1, K), generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        embeds = torch.cat([hf.embed_text_tokens(text), hf.backbone_model.embed_tokens(codes)], dim=1)
-        last = hf(inputs_embeds=embeds, output_hidden_states=True).hidden_states[-1][:, -1]  # (1, 64)
-        decoder_ids = torch.nn.functional.pad(frame[:, :-1], (1, 0))  # placeholder, c0 .. c_{K-2}
-        expected = hf.depth_decoder(input_ids=decoder_ids, backbone_last_hidden_state=last).logits[0]
-        # ours, through the KV-cached path generation uses: (state, c0) at [0, 1], then one code a step
-        ours.reset_decoder_cache()
-        step = torch.cat([last.unsqueeze(1), ours.embed_audio(0, frame[:, :1])], dim=1)
-        got = [ours.decoder_logits(step, torch.tensor([[0, 1]]), codebook=1)]
-        for cb in range(1, K - 1):
-            code = ours.embed_audio(cb, frame[:, cb : cb + 1])
-            got.append(ours.decoder_logits(code, torch.tensor([[cb + 1]]), codebook=cb + 1))
-    torch.testing.assert_close(torch.cat(got), expected, atol=1e-4, rtol=1e-4)
-
-
-def test_greedy_frames_match_transformers_generate(reference, ours: CsmModel) -> None:
-    hf, _ = reference
-    text = torch.tensor([[1, 40, 41, 42, 43, 5]])
-    with torch.no_grad():
-        expected = hf.generate(input_ids=text, do_sample=False, depth_decoder_do_sample=False, max_new_tokens=12)[0]
-    tokens, mask = text_rows(text[0].tolist(), K + 1)
-    generator = CsmGenerator(ours, tokenizer=None, mimi=object(), seed=0)  # type: ignore[arg-type]
-    ours.reset_caches()
-    with torch.no_grad():
-        chunks = generator.frame_chunks(Prompt(tokens, mask, max_frames=12, segments_used=0),
-                                        GenerationConfig(topk=1), cancel=None)
-        got = torch.cat(list(chunks))
-    assert expected.shape[0] >= 6  # transformers stops early only on an EOS frame
-    assert torch.equal(got[: expected.shape[0]], expected)
-    assert len({tuple(f.tolist()) for f in got}) > 3  # real, varying frames, not a constant
 
 
 def _original_state(model: CsmModel) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ def test_full_config_is_the_published_csm_1b() -> None:
     assert (config.backbone.num_layers, config.backbone.embed_dim, config.backbone.num_heads) == (16, 2048, 32)
     assert (config.decoder.num_layers, config.decoder.embed_dim, config.decoder.num_kv_heads) == (4, 1024, 2)
     assert (config.text_vocab_size, config.audio_vocab_size, config.audio_num_codebooks) == (128_256, 2051, 32)
+    assert (config.rope_base, config.rope_scale_factor, config.norm_eps) == (500_000, 32, 1e-5)
     assert config.frame_width == 33
 
 

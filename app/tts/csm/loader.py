@@ -9,7 +9,8 @@ Three references, each a local path or a Hugging Face repo id (downloaded on fir
                 torchtune rotates interleaved pairs, so the conversion reordered the rows of each head);
   - the Llama-3.2 text tokenizer (any `tokenizers` tokenizer.json);
   - the Mimi codec (moshi's safetensors, used with all 32 codebooks).
-A checkpoint that does not fit is refused with the missing and unexpected keys named.
+A checkpoint that does not fit is refused with the missing and unexpected keys named, and a
+config.json that asks for RoPE, norm or head arithmetic the network lacks by the field (config_json.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from huggingface_hub.errors import (
 from tokenizers import Tokenizer
 
 from app.models import ModelError, hub_download
+from app.tts.csm import config_json
 from app.tts.csm.model import FLAVORS, CsmModel, CsmModelConfig, LlamaShape
 
 if TYPE_CHECKING:
@@ -296,20 +298,25 @@ def _stack_shape(state: dict[str, torch.Tensor], stack: str, hints: dict[str, An
 
 
 def infer_config(state: dict[str, torch.Tensor], hints: dict[str, Any] | None = None) -> CsmModelConfig:
-    """Sizes read off an original-layout state dict (+ config.json hints for the head counts)."""
+    """Sizes read off an original-layout state dict; head counts, context and arithmetic from config.json.
+
+    Raises UnsupportedConfigError when config.json asks for RoPE, norm or head arithmetic CsmModel lacks.
+    """
     hints = hints or {}
     defaults = CsmModelConfig()
     text_vocab = state["text_embeddings.weight"].shape[0]
     heads_minus_one, _, audio_vocab = state["audio_head"].shape  # (K-1, decoder_dim, V)
-    return CsmModelConfig(
+    config = CsmModelConfig(
         backbone=_stack_shape(state, "backbone", hints),
         decoder=_stack_shape(state, "decoder", hints),
         text_vocab_size=text_vocab,
         audio_vocab_size=audio_vocab,
         audio_num_codebooks=heads_minus_one + 1,
         max_seq_len=hints.get("max_position_embeddings", defaults.max_seq_len),
-        rope_base=int(hints.get("rope_theta", defaults.rope_base)),
+        **config_json.arithmetic(hints),
     )
+    config_json.check_head_dims(hints, config)
+    return config
 
 
 # ---------------------------------------------------------------- the model

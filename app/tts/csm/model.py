@@ -54,8 +54,8 @@ class CsmModelConfig(msgspec.Struct, frozen=True, kw_only=True):
     audio_vocab_size: int = 2051  # 2048 Mimi codes + specials; code 0 in every codebook is EOS
     audio_num_codebooks: int = 32
     max_seq_len: int = 2048  # backbone positions: prompt + generated frames must fit here
-    rope_base: int = 500_000
-    rope_scale_factor: int = 32
+    rope_base: float = 500_000.0
+    rope_scale_factor: float = 32.0  # Llama-3 RoPE: wavelengths over 8192 slowed this much (1.0: plain RoPE)
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
