@@ -114,19 +114,10 @@ def fetch_models(settings: Settings, status: LoadStatus) -> Settings:
 
 
 def _fetch_csm(settings: Settings, status: LoadStatus) -> None:
-    """CSM's files, as load_csm_engine resolves them (it finds them in the cache afterwards)."""
+    """CSM's files, through the CSM loader's own resolve_files (load_csm_engine finds them in the cache afterwards)."""
     from .tts.csm import loader  # imports torch: only when CSM is wanted
 
-    csm = settings.tts.csm
-    checkpoint = loader.resolve_checkpoint(csm.model, csm.checkpoint, offline=csm.offline, status=status)
-    loader.resolve_file(
-        csm.tokenizer, ("tokenizer.json",), what="CSM text tokenizer (setting `tokenizer`)",
-        offline=csm.offline, status=status,
-    )
-    loader.resolve_file(
-        csm.mimi, (csm.mimi_file,), what="Mimi codec (setting `mimi`)", offline=csm.offline, status=status
-    )
-    loader.resolve_config_json(csm.model, checkpoint[0], offline=csm.offline)
+    loader.resolve_files(settings.tts.csm, status)
 
 
 def _announce(status: LoadStatus | None, phase: Phase, slot: str) -> None:

@@ -1,5 +1,7 @@
 """Model references: packaged files, local paths, and hub refs that fail clearly offline."""
 
+from pathlib import Path
+
 import pytest
 
 from app.models import ModelError, resolve, split_hub_ref
@@ -23,10 +25,10 @@ def test_missing_package_and_path_name_the_slot(tmp_path):
 
 
 def test_hub_ref_offline_is_a_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants as c  # imported first: it reads the environment once, at import
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    import huggingface_hub.constants as c
-
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ModelError) as info:
@@ -48,6 +50,7 @@ def test_hub_token_comes_from_the_environment_and_is_optional(monkeypatch, tmp_p
     import huggingface_hub.constants as c
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)  # a hub that answers (the fake below)
     seen: list[str | None] = []
 
     def fake_download(repo, filename, token=None):
@@ -60,3 +63,37 @@ def test_hub_token_comes_from_the_environment_and_is_optional(monkeypatch, tmp_p
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     resolve("hf:owner/gated/model.gguf", "llm")
     assert seen == [None, "hf_secret"]
+
+
+def test_candidate_files_pick_from_a_folder_and_a_named_file_is_itself(tmp_path: Path) -> None:
+    (tmp_path / "ckpt.safetensors").write_bytes(b"x")
+    assert resolve(str(tmp_path), "tts", files=("model.safetensors", "ckpt.safetensors")) == (
+        tmp_path / "ckpt.safetensors"
+    )
+    assert resolve(str(tmp_path / "ckpt.safetensors"), "tts", files=("a",), what="x") == tmp_path / "ckpt.safetensors"
+    with pytest.raises(ModelError, match="no such file or folder"):
+        resolve(str(tmp_path / "nope" / "x.bin"), "tts", files=("x.bin",), what="thing")
+    with pytest.raises(ModelError, match="holds none of tokenizer.json"):
+        resolve(str(tmp_path), "tts", files=("tokenizer.json",), what="thing")
+
+
+def _cached_hub_file(cache: Path, repo: str, name: str) -> Path:
+    """A file in the Hugging Face cache's documented layout, as a finished download leaves it."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / name).write_text("{}")
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("abc123")
+    return snapshot / name
+
+
+def test_a_cached_hub_file_is_used_offline(monkeypatch, tmp_path: Path) -> None:
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    cached = _cached_hub_file(tmp_path, "unsloth/Llama-3.2-1B", "tokenizer.json")
+    found = resolve("hf:unsloth/Llama-3.2-1B", "tts", files=("tokenizer.json",), what="tokenizer", offline=True)
+    assert found == cached
+    # A bare owner/repo that is no local path is the same hub reference (CSM's settings say them so).
+    assert resolve("unsloth/Llama-3.2-1B", "tts", files=("tokenizer.json",), offline=True) == cached

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from app.models import ModelError
 from app.tts.csm import CsmEngine, CsmSettings, CsmVoice, load_csm_engine
 from app.tts.csm.engine import pick_device
 from app.tts.csm.generator import Segment
-from app.tts.csm.loader import ModelNotAvailableError
 
 from .conftest import tiny_model, varying_frame
 
@@ -221,10 +221,10 @@ def test_benchmarks_random_folder_loads_through_the_settings(tmp_path: Path, mon
 def test_load_csm_engine_offline_without_the_model_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from app.tts.csm import loader
+    import huggingface_hub.constants as c
 
-    monkeypatch.setattr(loader.hub_constants, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ModelNotAvailableError) as error:
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelError) as error:
         load_csm_engine(CsmSettings(offline=True, device="cpu"))
     message = str(error.value)
     assert message.startswith("tts model 'senstella/csm-expressiva-1b'")

@@ -1,7 +1,7 @@
 """Sesame CSM-1B text-to-speech: Llama backbone + depth decoder (torchtune) and the Mimi codec (moshi).
 
 model.py    the network (readable top to bottom, shapes in comments)
-loader.py   checkpoint layouts, tokenizer, Mimi, local paths and hub downloads
+loader.py   its files (each reference resolved by app/models.py), checkpoint layouts, tokenizer, Mimi
 generator.py  frame step, on-device sampling, stops, streaming Mimi decode, context segments
 engine.py   the TtsEngine, its settings and load_csm_engine (cheap to import: no torch)
 """

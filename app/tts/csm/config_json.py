@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from app.models import ModelMismatchError
 from app.tts.csm.model import CsmModelConfig
 
 # torchtune's Llama-3 RoPE, the schedule Sesame trained both stacks with: frequencies whose wavelength
@@ -26,8 +27,8 @@ from app.tts.csm.model import CsmModelConfig
 LLAMA3_WAVELENGTHS = (8192.0, 2048.0)
 
 
-class UnsupportedConfigError(ValueError):
-    """config.json asks for arithmetic that CsmModel does not do."""
+class UnsupportedConfigError(ModelMismatchError):
+    """config.json asks for arithmetic that CsmModel does not do (a ValueError, one line at start-up)."""
 
     def __init__(self, where: str, field: str, value: object, supported: str) -> None:
         super().__init__(f"config.json: {where} `{field}` = {value!r} is not supported; supported: {supported}")

@@ -1,8 +1,9 @@
 """Sesame CSM-1B as the `gpu` preset's TtsEngine: settings, per-conversation voice memory, loading.
 
 Importing this module is cheap (no torch): the settings can live in the config module of a server
-that never loads CSM. `load_csm_engine` does the heavy part: resolve (download) every file first,
-so a missing one fails fast, then load the model, tokenizer, Mimi and the optional voice prompt.
+that never loads CSM. `load_csm_engine` does the heavy part: it takes every file on disk (start-up's
+fetching resolves them through loader.resolve_files before any model loads, so a missing one fails
+fast), then loads the model, tokenizer, Mimi and the optional voice prompt.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from app.audio import float_to_int16, read_audio_file
 
 if TYPE_CHECKING:
     from app.tts.csm.generator import CsmGenerator, GenerationConfig, Segment, Utterance
+    from app.tts.csm.loader import CsmFiles
 
 log = logging.getLogger(__name__)
 
@@ -202,34 +204,34 @@ def pick_device(settings: CsmSettings) -> tuple[Any, Any]:
     return device, torch.float32
 
 
-def load_csm_engine(settings: CsmSettings) -> CsmEngine:
-    """Resolve (download on first launch) and load everything CSM needs; blocking, call at start-up."""
+def load_csm_engine(settings: CsmSettings, files: CsmFiles | None = None) -> CsmEngine:
+    """Load everything CSM needs from `files` (start-up fetched them), else resolve (download on first
+    launch) them first; blocking, call at start-up."""
     from app.tts.csm import loader
-    from app.tts.csm.generator import CsmGenerator, Segment
+    from app.tts.csm.generator import CsmGenerator
     from app.tts.csm.model import CsmModelConfig
 
     start = time.monotonic()
     device, dtype = pick_device(settings)
-    offline = settings.offline
-    checkpoint = loader.resolve_checkpoint(settings.model, settings.checkpoint, offline=offline)
-    tokenizer_file = loader.resolve_file(
-        settings.tokenizer, ("tokenizer.json",), what="CSM text tokenizer (setting `tokenizer`)", offline=offline
-    )
-    mimi_file = loader.resolve_file(
-        settings.mimi, (settings.mimi_file,), what="Mimi codec (setting `mimi`)", offline=offline
-    )
+    files = files or loader.resolve_files(settings)
     config = msgspec.convert(settings.model_config, CsmModelConfig) if settings.model_config else None
-    hints = loader.resolve_config_json(settings.model, checkpoint[0], offline=offline)
-    model = loader.load_csm_model(checkpoint, config=config, hints=hints, device=device, dtype=dtype)
-    tokenizer = loader.load_text_tokenizer(str(tokenizer_file))
-    mimi = loader.load_mimi(str(mimi_file), device=device, num_codebooks=model.config.audio_num_codebooks)
+    model = loader.load_csm_model(files.checkpoint, config=config, hints=files.hints, device=device, dtype=dtype)
+    tokenizer = loader.load_text_tokenizer(str(files.tokenizer))
+    mimi = loader.load_mimi(str(files.mimi), device=device, num_codebooks=model.config.audio_num_codebooks)
     generator = CsmGenerator(model, tokenizer, mimi, seed=settings.seed)
-    voice_prompt = None
-    if settings.voice_prompt_wav is not None and settings.voice_prompt_text is not None:
-        codes = generator.encode(read_audio_file(settings.voice_prompt_wav, SAMPLE_RATE))
-        voice_prompt = Segment(speaker=settings.speaker_id(), text=settings.voice_prompt_text, codes=codes)
-        log.info("csm: voice prompt of %.1f s from %s", codes.shape[0] / 12.5, settings.voice_prompt_wav)
-        if codes.shape[0] > model.config.max_seq_len // 2:
-            log.warning("csm: the voice prompt fills over half the context; it is dropped when a reply needs room")
+    voice_prompt = _voice_prompt(settings, generator)
     log.info("csm: loaded on %s (%s) in %.1f s", device, dtype, time.monotonic() - start)
     return CsmEngine(generator, settings, voice_prompt=voice_prompt)
+
+
+def _voice_prompt(settings: CsmSettings, generator: CsmGenerator) -> Segment | None:
+    """The settings' voice prompt as a context segment that every reply starts from, if there is one."""
+    from app.tts.csm.generator import Segment
+
+    if settings.voice_prompt_wav is None or settings.voice_prompt_text is None:
+        return None
+    codes = generator.encode(read_audio_file(settings.voice_prompt_wav, SAMPLE_RATE))
+    log.info("csm: voice prompt of %.1f s from %s", codes.shape[0] / 12.5, settings.voice_prompt_wav)
+    if codes.shape[0] > generator.model.config.max_seq_len // 2:
+        log.warning("csm: the voice prompt fills over half the context; it is dropped when a reply needs room")
+    return Segment(speaker=settings.speaker_id(), text=settings.voice_prompt_text, codes=codes)

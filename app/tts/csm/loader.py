@@ -1,6 +1,8 @@
 """Where CSM's parts come from and how their files become ready modules.
 
-Three references, each a local path or a Hugging Face repo id (downloaded on first use, then cached):
+Three references, each resolved by app/models.py like every model reference (a local file or folder,
+`hf:` or a bare hub repo id, downloaded on first use, then cached); `resolve_files` finds all of them,
+at start-up before any model loads (fetching.py), and engine.py's load_csm_engine loads what it found:
   - the CSM checkpoint, in either published key layout:
       original (Sesame's models.py names: sesame/csm-1b ckpt.pt or model.safetensors,
                 senstella/csm-expressiva-1b ckpt.safetensors), loaded as it is;
@@ -10,7 +12,8 @@ Three references, each a local path or a Hugging Face repo id (downloaded on fir
   - the Llama-3.2 text tokenizer (any `tokenizers` tokenizer.json);
   - the Mimi codec (moshi's safetensors, used with all 32 codebooks).
 A checkpoint that does not fit is refused with the missing and unexpected keys named, and a
-config.json that asks for RoPE, norm or head arithmetic the network lacks by the field (config_json.py).
+config.json that asks for RoPE, norm or head arithmetic the network lacks by the field (config_json.py):
+both are ModelMismatchErrors, which start-up reports in one line.
 """
 
 from __future__ import annotations
@@ -21,25 +24,19 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
-from huggingface_hub import constants as hub_constants
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    GatedRepoError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-)
 from tokenizers import Tokenizer
 
-from app.models import ModelError, hub_download
+from app import models
+from app.models import ModelError, ModelMismatchError
 from app.tts.csm import config_json
 from app.tts.csm.model import FLAVORS, CsmModel, CsmModelConfig, LlamaShape
 
 if TYPE_CHECKING:
     from app.loading import LoadStatus
+    from app.tts.csm.engine import CsmSettings
 
 log = logging.getLogger(__name__)
 
@@ -51,122 +48,81 @@ CHECKPOINT_FILES = ("model.safetensors", "ckpt.safetensors", "model.safetensors.
 KNOWN_CHECKPOINTS = {"senstella/csm-expressiva-1b": ("ckpt.safetensors",)}
 
 
-class ModelNotAvailableError(ModelError):
-    """A CSM file is neither on disk nor downloadable; the message says which and what to do."""
-
-    def __init__(self, ref: str, problem: str, hint: str = "Check the reference in the tts.csm settings.") -> None:
-        super().__init__("tts", ref, problem, hint)
-
-
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ModelMismatchError):
     """A checkpoint's keys or shapes do not fit the CSM network."""
 
 
-# ---------------------------------------------------------------- references: local path or hub
+# ---------------------------------------------------------------- files: every reference through app.models
 
 
-def _is_repo_id(ref: str) -> bool:
-    """'owner/name' and nothing that only a path would have."""
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", ref) is not None and not ref.startswith(".")
+class CsmFiles(NamedTuple):
+    """Every file CSM loads from, on disk."""
+
+    checkpoint: list[Path]  # several when the checkpoint is sharded
+    tokenizer: Path  # tokenizer.json
+    mimi: Path  # Mimi's safetensors
+    hints: dict[str, Any] | None  # the checkpoint's config.json, when it has one
 
 
-def resolve_file(
-    ref: str, filenames: Sequence[str], *, what: str, offline: bool = False, status: LoadStatus | None = None
-) -> Path:
-    """A local file, the first of `filenames` in a local folder, or a hub download of the first that exists.
+def resolve_files(settings: CsmSettings, status: LoadStatus | None = None) -> CsmFiles:
+    """Every file the settings name, on disk: hub files downloaded on first use, with progress to `status`.
 
-    `ref` is a path or a hub repo id, with or without the project's `hf:` prefix; a download reports
-    its progress to `status`.
+    Start-up fetching calls this before any model loads, and load_csm_engine loads what it returns.
     """
-    ref = ref.removeprefix("hf:")
-    path = Path(ref).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in filenames:
-            if (path / name).is_file():
-                return path / name
-        raise ModelNotAvailableError(ref, f"{what}: the folder holds none of {', '.join(filenames)}")
-    if not _is_repo_id(ref):
-        raise ModelNotAvailableError(ref, f"{what}: no such file or folder, and not a hub repo id")
-    for name in filenames:  # a cached copy wins, without touching the network
-        cached = try_to_load_from_cache(ref, name)
-        if isinstance(cached, str):
-            return Path(cached)
-    if offline or hub_constants.HF_HUB_OFFLINE:
-        raise ModelNotAvailableError(ref, _offline_problem(filenames[0], what, "offline mode is on"), _OFFLINE_HINT)
-    for name in filenames:
-        try:
-            return _download(ref, name, what=what, status=status)
-        except LocalEntryNotFoundError:
-            problem = _offline_problem(name, what, "the hub cannot be reached")
-            raise ModelNotAvailableError(ref, problem, _OFFLINE_HINT) from None
-        except EntryNotFoundError:
-            continue  # not in this repo: try the next name
-    raise ModelNotAvailableError(
-        ref, f"{what}: the hub repo has none of {', '.join(filenames)}", "Name the file in the settings."
+    offline = settings.offline
+    checkpoint = resolve_checkpoint(settings.model, settings.checkpoint, offline=offline, status=status)
+    return CsmFiles(
+        checkpoint=checkpoint,
+        tokenizer=_tokenizer_file(settings.tokenizer, offline=offline, status=status),
+        mimi=_mimi_file(settings.mimi, settings.mimi_file, offline=offline, status=status),
+        hints=resolve_config_json(settings.model, checkpoint[0], offline=offline, status=status),
     )
-
-
-_OFFLINE_HINT = (
-    "Start once with internet access to download it into the Hugging Face cache "
-    "(HF_HOME, kept between runs), set the reference to a local copy, or use --preset cpu, which runs offline"
-)
-
-
-def _offline_problem(filename: str, what: str, reason: str) -> str:
-    return f"{what} ({filename}) is not on this machine and {reason}"
-
-
-def _download(repo: str, filename: str, *, what: str, status: LoadStatus | None = None) -> Path:
-    log.info("%s: downloading %s from hub repo %s (first launch only; cached afterwards)", what, filename, repo)
-    start = time.monotonic()
-    label = what.split(" (", 1)[0]  # "CSM checkpoint (setting `model`)" -> "CSM checkpoint"
-    try:
-        path = hub_download(repo, filename, label, status)
-    except GatedRepoError:
-        hint = "Accept its licence on huggingface.co and set HF_TOKEN, or use an ungated copy (unsloth/csm-1b)"
-        raise ModelNotAvailableError(repo, f"{what}: the hub repo is gated", hint) from None
-    except RepositoryNotFoundError:
-        hint = "Check the repo id; a private repo needs HF_TOKEN"
-        raise ModelNotAvailableError(repo, f"{what}: no such hub repo", hint) from None
-    size_mb = path.stat().st_size / 1e6
-    log.info("%s: %s ready (%.0f MB in %.0f s)", what, filename, size_mb, time.monotonic() - start)
-    return path
 
 
 def resolve_checkpoint(
     ref: str, filename: str | None = None, *, offline: bool = False, status: LoadStatus | None = None
 ) -> list[Path]:
     """The checkpoint file(s) of a CSM reference: several when the checkpoint is sharded."""
-    ref = ref.removeprefix("hf:")
-    names = (filename,) if filename else KNOWN_CHECKPOINTS.get(ref, CHECKPOINT_FILES)
-    first = resolve_file(ref, names, what="CSM checkpoint (setting `model`)", offline=offline, status=status)
+    hub = models.hub_location(ref)
+    repo = hub[0] if hub is not None else None
+    names = (filename,) if filename else KNOWN_CHECKPOINTS.get(repo or "", CHECKPOINT_FILES)
+    what = "CSM checkpoint (setting `model`)"
+    first = models.resolve(ref, "tts", status, files=names, what=what, offline=offline)
     if not first.name.endswith(".index.json"):
         return [first]
     shards = sorted(set(json.loads(first.read_text())["weight_map"].values()))
-    base = ref if _is_repo_id(ref) and not Path(ref).exists() else str(first.parent)
+    base = f"hf:{repo}" if repo is not None else str(first.parent)  # the index's own folder or repo
     return [
-        resolve_file(base, (s,), what=f"CSM checkpoint shard {s}", offline=offline, status=status) for s in shards
+        models.resolve(base, "tts", status, files=(s,), what=f"CSM checkpoint shard {s}", offline=offline)
+        for s in shards
     ]
 
 
-def resolve_config_json(ref: str, checkpoint: Path, *, offline: bool = False) -> dict[str, Any] | None:
+def resolve_config_json(
+    ref: str, checkpoint: Path, *, offline: bool = False, status: LoadStatus | None = None
+) -> dict[str, Any] | None:
     """The config.json next to a checkpoint (transformers' or Sesame's), if there is one."""
-    ref = ref.removeprefix("hf:")
-    candidate = checkpoint.parent / "config.json"
-    if candidate.is_file():
-        return json.loads(candidate.read_text())
-    if _is_repo_id(ref) and not Path(ref).exists():
-        cached = try_to_load_from_cache(ref, "config.json")
-        if isinstance(cached, str):
-            return json.loads(Path(cached).read_text())
-        if not (offline or hub_constants.HF_HUB_OFFLINE):
-            try:
-                return json.loads(Path(hf_hub_download(ref, "config.json")).read_text())
-            except (EntryNotFoundError, OSError):
-                return None
-    return None
+    beside = checkpoint.parent / "config.json"
+    if beside.is_file():
+        return json.loads(beside.read_text())
+    hub = models.hub_location(ref)
+    if hub is None:
+        return None
+    try:
+        path = models.resolve(f"hf:{hub[0]}", "tts", status, files=("config.json",), what="CSM config.json",
+                              offline=offline)
+    except ModelError:
+        return None  # optional: the tensors give the sizes, and CSM-1B's arithmetic is the default
+    return json.loads(path.read_text())
+
+
+def _tokenizer_file(ref: str, *, offline: bool, status: LoadStatus | None = None) -> Path:
+    what = "CSM text tokenizer (setting `tokenizer`)"
+    return models.resolve(ref, "tts", status, files=("tokenizer.json",), what=what, offline=offline)
+
+
+def _mimi_file(ref: str, filename: str, *, offline: bool, status: LoadStatus | None = None) -> Path:
+    return models.resolve(ref, "tts", status, files=(filename,), what="Mimi codec (setting `mimi`)", offline=offline)
 
 
 # ---------------------------------------------------------------- checkpoint layouts
@@ -401,12 +357,12 @@ def load_text_tokenizer(
     ref: str, *, bos_token: str = "<|begin_of_text|>", eos_token: str = "<|end_of_text|>", offline: bool = False
 ) -> TextTokenizer:
     """A tokenizer.json (path, folder or hub repo) with its BOS/EOS ids looked up by name."""
-    path = resolve_file(ref, ("tokenizer.json",), what="CSM text tokenizer (setting `tokenizer`)", offline=offline)
+    path = _tokenizer_file(ref, offline=offline)
     tokenizer = Tokenizer.from_file(str(path))
     ids = {token: tokenizer.token_to_id(token) for token in (bos_token, eos_token)}
     absent = [token for token, i in ids.items() if i is None]
     if absent:
-        raise ValueError(f"tokenizer {path} has no {' / '.join(absent)} token")
+        raise ModelMismatchError(f"tokenizer {path} has no {' / '.join(absent)} token")
     return TextTokenizer(tokenizer, bos_id=ids[bos_token], eos_id=ids[eos_token])
 
 
@@ -421,5 +377,5 @@ def load_mimi(
     """moshi's Mimi codec with `num_codebooks` codebooks, in eval mode on `device` (float32)."""
     from moshi.models import loaders
 
-    path = resolve_file(ref, (filename,), what="Mimi codec (setting `mimi`)", offline=offline)
+    path = _mimi_file(ref, filename, offline=offline)
     return loaders.get_mimi(path, device=device, num_codebooks=num_codebooks)
