@@ -20,10 +20,11 @@ from litestar.template.config import TemplateConfig
 from . import events as ev
 from . import protocol as p
 from .config import Settings
-from .engines import BackgroundLoad, Engines
+from .engines import Engines
 from .lan import LOOPBACK_NAMES, phone_url, qr_svg
 from .loading import LoadState, LoadStatus
 from .metrics import Metrics
+from .startup import BackgroundLoad
 from .ws import WsSession
 
 log = logging.getLogger(__name__)

@@ -43,11 +43,11 @@ def spoken_questions(n: int) -> list[tuple[str, np.ndarray]]:
 def start_local_server(preset: str, stack: ExitStack) -> str:
     """Load the preset and serve it in this process until `stack` closes; returns its /ws URL."""
     from app.config import load_settings
-    from app.engines import Engines
     from app.server import create_app
+    from app.startup import load_and_warm
 
     settings = load_settings(preset)
-    engines = stack.enter_context(closing(Engines.load(settings)))
+    engines = stack.enter_context(closing(load_and_warm(settings)))
     base = stack.enter_context(serving(create_app(settings, engines)))
     return base.replace("http", "ws", 1) + "/ws"
 

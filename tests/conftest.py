@@ -10,6 +10,7 @@ import pytest
 
 from app.config import Settings, load_settings
 from app.engines import Engines
+from app.startup import load_and_warm
 from tests.support import recording, serving
 
 pytest_plugins = ["tests.skips", "pytester"]
@@ -29,7 +30,7 @@ def cpu_settings() -> Settings:
 @pytest.fixture(scope="session")
 def engines(cpu_settings: Settings) -> Iterator[Engines]:
     """The real cpu preset (Whisper tiny.en, SmolLM2-135M, Piper joe), loaded once per run."""
-    loaded = Engines.load(cpu_settings)
+    loaded = load_and_warm(cpu_settings)
     yield loaded
     loaded.close()
 

@@ -1,6 +1,6 @@
 """What the tests and the benchmarks share, and the product does not run: the recordings kept in the
-repo, speech and WebM/Opus streams made the way a browser makes them, a server on a thread, and a
-stand-in for the Llama tokenizer (which needs a download)."""
+repo, speech and WebM/Opus streams made the way a browser makes them, a server on a thread, a start-up
+status that keeps its history, and a stand-in for the Llama tokenizer (which needs a download)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import av
 import numpy as np
 
 from app.audio import ASR_RATE, float_to_int16, read_audio_file
+from app.loading import LoadState, LoadStatus
 
 DATA = Path(__file__).resolve().parent / "data"  # recordings, with their sources in data/README.md
 JFK_TEXT = (
@@ -150,3 +151,15 @@ def build_tokenizer_json(path: Path, texts: list[str] = TOKENIZER_SENTENCES) -> 
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.save(str(path))
     return path
+
+
+class RecordingStatus(LoadStatus):
+    """A LoadStatus that keeps every state it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history: list[LoadState] = []
+
+    def set(self, phase, message, done_bytes=0, total_bytes=0) -> None:
+        super().set(phase, message, done_bytes, total_bytes)
+        self.history.append(self.state)

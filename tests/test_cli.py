@@ -62,31 +62,3 @@ def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> d
         except OSError:
             time.sleep(0.1)
     raise AssertionError("server did not answer /health in time")
-
-
-def offline_hub(monkeypatch, tmp_path):
-    import huggingface_hub.constants as c
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
-
-
-def test_auto_gpu_without_network_falls_back_to_cpu(monkeypatch, tmp_path):
-    import pytest
-
-    from app.config import load_settings
-    from app.engines import load_engines
-    from app.models import ModelError
-
-    offline_hub(monkeypatch, tmp_path)
-    gpu = load_settings("gpu", {"port": 9123, "turns": {"end_silence_ms": 700}}, environ={})
-    with pytest.raises(ModelError, match="asr model 'hf:"):
-        load_engines(gpu, fallback=False)  # asked for gpu by name: say what is missing
-    settings, engines = load_engines(gpu, fallback=True)  # picked automatically: run offline
-    try:
-        assert settings.preset == "cpu" and engines.tts.name == "piper"
-        assert settings.asr.device == "cpu" and settings.llm.n_gpu_layers == 0
-        assert settings.port == 9123 and settings.turns.end_silence_ms == 700  # the rest is kept
-    finally:
-        engines.close()

@@ -1,5 +1,5 @@
-"""Start-up behind an open port: status phases, /health 503 then 200, the WebSocket while loading,
-download progress in words, and GPU memory figures (skipped cleanly without CUDA)."""
+"""Start-up progress behind an open port: download progress in words, /health 503 then 200, the
+WebSocket while loading (the loading thread's phases: test_startup.py; GPU memory: test_gpu_memory.py)."""
 
 from __future__ import annotations
 
@@ -11,30 +11,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import msgspec
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from app import engines as engines_module
-from app import loading
-from app.config import Settings, load_settings
-from app.engines import BackgroundLoad, Engines, GpuMemory
-from app.loading import DownloadProgress, LoadStatus, progress_text, watch_hub_download
-from tests.support import serving
-
-
-class RecordingStatus(LoadStatus):
-    """A LoadStatus that keeps every state it was given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.history: list[loading.LoadState] = []
-
-    def set(self, phase, message, done_bytes=0, total_bytes=0) -> None:
-        super().set(phase, message, done_bytes, total_bytes)
-        self.history.append(self.state)
-
+from app import loading, startup
+from app.config import load_settings
+from app.engines import Engines
+from app.loading import DownloadProgress, progress_text, watch_hub_download
+from tests.support import RecordingStatus, serving
 
 # ---------------------------------------------------------------- progress in words
 
@@ -102,6 +87,7 @@ def test_hub_download_reports_progress_through_models(monkeypatch, tmp_path):
     from app import models
 
     monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)  # a hub that answers (the fake below)
     monkeypatch.setattr(loading, "POLL_S", 0.01)
     monkeypatch.setattr(models, "hub_file_size", lambda repo, filename, token=None: 2_000_000)
 
@@ -119,47 +105,6 @@ def test_hub_download_reports_progress_through_models(monkeypatch, tmp_path):
     path = models.resolve("hf:owner/repo/model.gguf", "llm", status)
     assert path.name == "f"
     assert "downloading language model 2 of 2 MB (100%)" in [s.message for s in status.history]
-
-
-# ---------------------------------------------------------------- loading phases
-
-
-def test_a_real_cpu_load_goes_through_every_phase_to_ready(cpu_settings):
-    status = RecordingStatus()
-    handed_over: list[tuple[Settings, Engines]] = []
-    loader = BackgroundLoad(cpu_settings, status, on_ready=lambda s, e: handed_over.append((s, e)))
-    loader.start()
-    try:
-        assert status.wait(60).phase == "ready"
-        (settings, engines), = handed_over
-        assert settings is cpu_settings and engines.tts.name == "piper"
-    finally:
-        loader.close()
-    messages = [(s.phase, s.message) for s in status.history]
-    assert messages == [
-        ("loading", "checking the model files"),
-        ("loading", "loading the speech-to-text model"),
-        ("loading", "loading the language model"),
-        ("loading", "loading the voice"),
-        ("warming", "warming up the speech-to-text model"),
-        ("warming", "warming up the language model"),
-        ("warming", "warming up the voice"),
-        ("ready", "ready: preset cpu"),
-    ]
-
-
-def test_a_missing_model_fails_in_one_line(cpu_settings):
-    broken = msgspec.structs.replace(
-        cpu_settings, llm=msgspec.structs.replace(cpu_settings.llm, model="/nowhere/model.gguf")
-    )
-    status = LoadStatus()
-    reasons: list[str] = []
-    loader = BackgroundLoad(broken, status, on_ready=lambda s, e: None, on_failure=reasons.append)
-    loader.start()
-    state = status.wait(30)
-    assert state.phase == "failed"
-    assert state.message == "llm model '/nowhere/model.gguf': no such file or folder. Check the path you configured."
-    assert reasons == [state.message]
 
 
 # ---------------------------------------------------------------- the server while it loads
@@ -192,7 +137,7 @@ def test_health_says_loading_until_ready_and_the_websocket_is_told(monkeypatch, 
         # The session's models in a fresh Engines: closing it at shutdown stops only its own workers.
         return settings, Engines(settings, engines.asr, engines.llm, engines.tts)
 
-    monkeypatch.setattr(engines_module, "load_engines", held_load)
+    monkeypatch.setattr(startup, "load_engines", held_load)
     with serving(create_app(cpu_settings)) as url:
         deadline = time.monotonic() + 10
         while (health := get(url + "/health"))[1].find("downloading") < 0 and time.monotonic() < deadline:
@@ -238,69 +183,3 @@ def test_a_failed_load_is_500_with_the_reason(cpu_settings):
         assert "Could not start" in get(url + "/status")[1]
         event, close_code = first_event_then_close(url)
         assert event["code"] == "load_failed" and "/nowhere/model.gguf" in event["message"]
-
-
-# ---------------------------------------------------------------- GPU memory per model
-
-
-@pytest.mark.cuda
-def test_gpu_memory_is_skipped_without_a_gpu_model_or_cuda(cpu_settings):
-    assert GpuMemory.probe(cpu_settings) is None  # nothing on the GPU: torch is not even asked
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA: the meter is real here (see the GPU test below)")
-    assert GpuMemory.probe(load_settings("gpu", environ={})) is None
-
-
-class FakeCuda:
-    """torch.cuda's memory calls over a pretend 8 GB card."""
-
-    total = 8_000_000_000
-
-    def __init__(self) -> None:
-        self.used = 500_000_000  # the CUDA context
-        self.tensors = 0
-
-    def mem_get_info(self):
-        return self.total - self.used, self.total
-
-    def memory_allocated(self):
-        return self.tensors
-
-    def synchronize(self):
-        pass
-
-
-def test_gpu_memory_log_names_each_model_and_the_total(caplog):
-    class FakeTorch:
-        cuda = FakeCuda()
-
-    gpu = GpuMemory(FakeTorch)
-    with caplog.at_level(logging.INFO, logger="app.engines"):
-        with gpu.measure("asr"):
-            FakeTorch.cuda.used += 1_600_000_000  # CTranslate2: outside torch's allocator
-        with gpu.measure("tts"):
-            FakeTorch.cuda.used += 3_400_000_000
-            FakeTorch.cuda.tensors += 3_100_000_000
-        gpu.report()
-    lines = [r.getMessage() for r in caplog.records]
-    assert lines[0] == "gpu memory: asr took 1.60 GB (torch tensors 0.00 GB); 2.10 GB of 8.00 GB in use"
-    assert lines[1] == "gpu memory: tts took 3.40 GB (torch tensors 3.10 GB); 5.50 GB of 8.00 GB in use"
-    assert lines[2] == (
-        "gpu memory after warm-up: asr 1.60 GB, tts 3.40 GB; 5.50 GB of 8.00 GB in use "
-        "(CUDA context and other processes: 0.50 GB)"
-    )
-
-
-@pytest.mark.cuda
-def test_gpu_memory_meter_sees_a_real_allocation():
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (measures a real allocation)")
-    gpu = GpuMemory(torch)
-    with gpu.measure("block"):
-        block = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    assert gpu.per_model["block"] >= 256 * 2**20
-    del block
