@@ -160,35 +160,50 @@ def watch_hub_download(
     a temporary file beside it), so watching it works whichever way the file comes. `total` (a hub
     metadata request) runs only once bytes do arrive, so a cached model costs no extra request.
     """
-    folder = hub_blobs_folder(repo)
-    baseline = folder_bytes(folder)
     progress = DownloadProgress(label, status=status, log_every_s=log_every_s or LOG_EVERY_S)
-    stop = threading.Event()
-    size_asked = total is None
-
-    def count() -> None:
-        nonlocal size_asked
-        grown = folder_bytes(folder) - baseline
-        if grown <= progress.n:
-            return
-        if not size_asked:
-            size_asked = True
-            progress.total = _safe_size(total)
-        progress.update(grown - progress.n)
-
-    def poll() -> None:
-        while not stop.wait(poll_s or POLL_S):
-            count()
-
-    watcher = threading.Thread(target=poll, name=f"download-progress {repo}", daemon=True)
-    watcher.start()
-    try:
+    arrivals = _Arrivals(hub_blobs_folder(repo), progress, total)
+    with _every(poll_s or POLL_S, arrivals.count, name=f"download-progress {repo}"):
         yield progress
+    arrivals.count()  # only after a download that succeeded: its last bytes, so it reads 100%
+    progress.close()
+
+
+class _Arrivals:
+    """The bytes a folder gained since this was made, fed to `progress` (the size asked for once)."""
+
+    def __init__(self, folder: Path, progress: DownloadProgress, total: Callable[[], int] | None) -> None:
+        self.folder = folder
+        self.progress = progress
+        self.total = total
+        self.baseline = folder_bytes(folder)
+        self.size_asked = total is None
+
+    def count(self) -> None:
+        grown = folder_bytes(self.folder) - self.baseline
+        if grown <= self.progress.n:
+            return
+        if not self.size_asked:
+            self.size_asked = True
+            self.progress.total = _safe_size(self.total)
+        self.progress.update(grown - self.progress.n)
+
+
+@contextmanager
+def _every(period_s: float, action: Callable[[], None], *, name: str) -> Iterator[None]:
+    """Run `action` every `period_s` on a thread of its own while the block runs."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(period_s):
+            action()
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
     finally:
         stop.set()
-        watcher.join()
-    count()  # only after a download that succeeded: its last bytes, so it reads 100%
-    progress.close()
+        thread.join()
 
 
 def _safe_size(total: Callable[[], int] | None) -> int:

@@ -1,11 +1,17 @@
-"""The Litestar app: page, health, status fragment, static files and the conversation WebSocket."""
+"""The Litestar app: page, health, status fragment, static files and the conversation WebSocket.
+
+`create_app` only wires them: routes, state, and a lifespan that loads the models on a thread
+(startup.py) while the port is already open. A WebSocket on /ws goes next to ws.py's WsSession, the
+adapter in front of the conversation core (conversation.py).
+"""
 
 from __future__ import annotations
 
+import functools
 import html
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import msgspec
@@ -133,37 +139,47 @@ def create_app(
     until they are ready; `fallback` allows the cpu preset when auto-picked gpu models cannot be had;
     `on_failure` gets the one-line reason when they cannot load at all."""
     loading = LoadStatus(LoadState("ready", "ready") if engines is not None else None)
+    models = _models_lifespan(settings, engines, loading, fallback=fallback, on_failure=on_failure)
+    return Litestar(
+        route_handlers=[*ROUTES, create_static_files_router(path="/static", directories=[ROOT / "static"])],
+        lifespan=[models],
+        template_config=TemplateConfig(directory=ROOT / "templates", engine=JinjaTemplateEngine),
+        state=State({"settings": settings, "metrics": Metrics(), "loading": loading, "engines": engines}),
+    )
 
-    def ready(loaded_settings: Settings, loaded: Engines, app: Litestar) -> None:
-        app.state.settings = loaded_settings  # the cpu preset's, after a fallback
-        app.state.engines = loaded
-        log.info("ready: preset %s, listening on %s:%d", loaded_settings.preset, settings.host, settings.port)
+
+ROUTES = [index, health, status, qr_code, metrics, conversation]
+
+
+def _models_lifespan(
+    settings: Settings,
+    engines: Engines | None,
+    loading: LoadStatus,
+    *,
+    fallback: bool,
+    on_failure: Callable[[str], None] | None,
+) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: hand `engines` over at once, or load them on a thread while the port is open."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         if engines is not None:
-            ready(settings, engines, app)
+            _hand_over(app, settings, engines)
             yield
             return
         loader = BackgroundLoad(settings, loading, fallback=fallback, on_failure=on_failure,
-                                on_ready=lambda s, e: ready(s, e, app))
+                                on_ready=functools.partial(_hand_over, app))
         loader.start()
         try:
             yield
         finally:
             loader.close()
 
-    return Litestar(
-        route_handlers=[
-            index,
-            health,
-            status,
-            qr_code,
-            metrics,
-            conversation,
-            create_static_files_router(path="/static", directories=[ROOT / "static"]),
-        ],
-        lifespan=[lifespan],
-        template_config=TemplateConfig(directory=ROOT / "templates", engine=JinjaTemplateEngine),
-        state=State({"settings": settings, "metrics": Metrics(), "loading": loading, "engines": engines}),
-    )
+    return lifespan
+
+
+def _hand_over(app: Litestar, settings: Settings, engines: Engines) -> None:
+    """The loaded models (and their settings: the cpu preset's after a fallback) become the app's."""
+    app.state.settings = settings
+    app.state.engines = engines
+    log.info("ready: preset %s, listening on %s:%d", settings.preset, settings.host, settings.port)
