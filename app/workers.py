@@ -37,27 +37,10 @@ class Worker:
         items: asyncio.Queue[Any] = asyncio.Queue()
         cancel = threading.Event()
 
-        def produce() -> None:
-            if cancel.is_set():  # the consumer left just as the thread took the job
-                return
-            iterator = None
-            try:
-                iterator = make(cancel)
-                for item in iterator:
-                    loop.call_soon_threadsafe(items.put_nowait, item)
-                    if cancel.is_set():
-                        break
-            except BaseException as exc:  # handed to the consumer, raised there
-                loop.call_soon_threadsafe(items.put_nowait, _Failure(exc))
-            finally:
-                # Close here, on the engine's own thread: left to the garbage collector, a
-                # generator's cleanup (e.g. llama.cpp's) could run on any thread.
-                close = getattr(iterator, "close", None)
-                if close is not None:
-                    close()
-            loop.call_soon_threadsafe(items.put_nowait, _DONE)
+        def hand_over(item: Any) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(items.put_nowait, item)
 
-        future = loop.run_in_executor(self._executor, produce)
+        future = loop.run_in_executor(self._executor, _produce, make, cancel, hand_over)
         try:
             while (item := await items.get()) is not _DONE:
                 if isinstance(item, _Failure):
@@ -72,6 +55,29 @@ class Worker:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _produce(make: Callable[[threading.Event], Iterator[T]], cancel: threading.Event,
+             hand_over: Callable[[Any], None]) -> None:
+    """The worker thread's side of Worker.stream: each item, or the failure, then _DONE."""
+    if cancel.is_set():  # the consumer left just as the thread took the job
+        return
+    iterator = None
+    try:
+        iterator = make(cancel)
+        for item in iterator:
+            hand_over(item)
+            if cancel.is_set():
+                break
+    except BaseException as exc:  # handed to the consumer, raised there
+        hand_over(_Failure(exc))
+    finally:
+        # Close here, on the engine's own thread: left to the garbage collector, a
+        # generator's cleanup (e.g. llama.cpp's) could run on any thread.
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    hand_over(_DONE)
 
 
 def _consume_outcome(future: asyncio.Future[None]) -> None:
