@@ -4,6 +4,7 @@ import asyncio
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from app.workers import Worker
@@ -138,3 +139,98 @@ def test_a_job_that_fails_before_its_first_item_is_raised_to_the_consumer():
         worker.close()
 
     asyncio.run(asyncio.wait_for(main(), timeout=10))  # a lost failure would leave it waiting forever
+
+
+def test_a_queued_run_whose_caller_was_cancelled_never_calls_the_model():
+    calls = []
+
+    async def main():
+        worker = Worker("engine")
+        started, release = threading.Event(), threading.Event()
+
+        def busy():  # another session's long job holds the engine
+            started.set()
+            release.wait(10)
+
+        blocker = asyncio.ensure_future(worker.run(busy))
+        await asyncio.to_thread(started.wait, 10)
+        caller = asyncio.ensure_future(worker.run(calls.append, "model called"))
+        await asyncio.sleep(0)  # the job is in the executor's queue
+        caller.cancel()  # its session went away
+        await asyncio.gather(caller, return_exceptions=True)
+        release.set()
+        await blocker
+        assert await worker.run(lambda: 42) == 42  # the queue has moved past the cancelled job
+        worker.close()
+
+    asyncio.run(main())
+    assert calls == []
+
+
+def test_a_job_cancelled_before_it_starts_never_makes_its_stream():
+    from app.workers import _produce
+
+    made, handed = [], []
+    cancel = threading.Event()
+    cancel.set()  # set between the consumer leaving and the thread taking the job
+    _produce(lambda c: made.append(c) or iter([1]), cancel, handed.append)
+    assert made == [] and handed == []
+
+
+@pytest.mark.parametrize(("held", "expected"), [("llm", []), ("tts", ["prompt", "slice"])])
+def test_a_cancelled_reply_never_calls_the_models_for_its_queued_jobs(held, expected):
+    """A reply cancelled while its jobs wait behind another session's: with the LLM held, its
+    prompt job never runs; with the voice held, its phrase never reaches the TTS model."""
+    from types import SimpleNamespace
+
+    from app.chunking import ChunkSettings
+    from app.pipeline import make_reply
+    from app.reply import Reply
+
+    calls = []
+
+    class CountingLlm:
+        settings = SimpleNamespace(max_tokens=32, slice_tokens=8)
+
+        def prompt(self, messages):
+            calls.append("prompt")
+            return messages
+
+        def stream_slice(self, prompt, so_far, **options):
+            calls.append("slice")
+            yield "Hello there. ", True
+
+    class CountingTts:
+        sample_rate = 16000
+
+        def synthesize(self, phrase, voice=None, cancel=None):
+            calls.append("tts")
+            yield np.zeros(160, np.int16)
+
+    async def main():
+        llm_worker, tts_worker = Worker("llm"), Worker("tts")
+        engines = SimpleNamespace(llm=CountingLlm(), tts=CountingTts(), llm_worker=llm_worker,
+                                  tts_worker=tts_worker, settings=SimpleNamespace(chunking=ChunkSettings()))
+        started, release = threading.Event(), threading.Event()
+
+        def busy():
+            started.set()
+            release.wait(10)
+
+        blockers = [asyncio.ensure_future((llm_worker if held == "llm" else tts_worker).run(busy))]
+        await asyncio.to_thread(started.wait, 10)
+        reply = asyncio.ensure_future(make_reply(
+            engines, [], Reply(16000), temperature=None, voice=None,
+            on_text=lambda piece: None, on_audio=lambda chunk, first: None,
+        ))
+        await asyncio.sleep(0.2)  # its next job waits in the held worker's queue
+        reply.cancel()
+        await asyncio.gather(reply, return_exceptions=True)
+        release.set()
+        await asyncio.gather(*blockers)
+        for worker in (llm_worker, tts_worker):
+            await worker.run(lambda: None)  # every queued job has had its turn
+            worker.close()
+
+    asyncio.run(main())
+    assert calls == expected
