@@ -95,12 +95,13 @@ class Answering:
             reason = "interrupted"
         except StageError as exc:
             reason = "error"
-            log.error("conversation %s turn %d: %s failed", self._c.id, turn.id, exc.stage, exc_info=exc.__cause__)
-            self._c.emit(ev.Error(f"{exc.stage}_failed", _failure_message(exc.stage, exc), turn.id))
+            log.error("conversation %s turn %d: %s failed: %s", self._c.id, turn.id, exc.stage, exc,
+                      exc_info=exc.__cause__)
+            self._c.emit(ev.error(f"{exc.stage}_failed", turn.id))
         except Exception:
             reason = "error"
             log.exception("conversation %s turn %d failed", self._c.id, turn.id)
-            self._c.emit(ev.Error("internal_error", "Sorry, something went wrong on the server.", turn.id))
+            self._c.emit(ev.error("internal_error", turn.id))
         finally:
             self._finish(turn, user_text, reply, reason)
 
@@ -150,11 +151,6 @@ class Answering:
         c.emit(ev.TurnEnd(turn.id, reason, said))  # type: ignore[arg-type]
         log.info("conversation %s turn %d %s: voice-to-voice %s ms, total %s ms", c.id, turn.id,
                  reason, metrics.first_audio_ms, metrics.total_ms)
-
-
-def _failure_message(stage: str, exc: StageError) -> str:
-    what = {"asr": "understand the audio", "llm": "write a reply", "tts": "speak the reply"}[stage]
-    return f"Sorry, I could not {what}: {exc}"
 
 
 def _metrics(turn: PendingTurn, reply: Reply) -> ev.TurnMetrics:

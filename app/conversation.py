@@ -192,7 +192,8 @@ class Conversation:
 
     def recording_ended(self, listener: Listener, error: str | None) -> None:
         if error is not None:
-            self.emit(ev.Error("bad_audio", f"Could not decode the microphone audio ({error})."))
+            log.warning("conversation %s: could not decode the microphone audio: %s", self.id, error)
+            self.emit(ev.error("bad_audio"))
         if listener.turns_found == 0:  # the user stopped without saying anything
             turn_id = self._speaking_turn or next(self._turn_ids)
             self._speaking_turn = None

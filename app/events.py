@@ -115,6 +115,27 @@ class Error(msgspec.Struct):
     turn: int | None = None
 
 
+# One short message per error code, in words a person understands; the details (exception text,
+# what the validator said) go to the server's log, never to the client.
+ERROR_MESSAGES: dict[str, str] = {
+    "bad_message": "A message from the page was not understood and was skipped.",
+    "bad_audio": "Some of the microphone audio could not be read and was skipped.",
+    "asr_failed": "Sorry, I could not understand the audio.",
+    "llm_failed": "Sorry, I could not write a reply.",
+    "tts_failed": "Sorry, I could not speak the reply.",
+    "internal_error": "Sorry, something went wrong on the server.",
+    "busy": "The assistant is busy with other conversations. Please try again in a moment.",
+    "too_long": "That was too long for the assistant. Please make it shorter.",
+    "turn_dropped": "Too many messages were waiting, so the oldest one was dropped.",
+    "slow_client": "The connection could not keep up, so the rest of this reply's voice was skipped.",
+}
+
+
+def error(code: str, turn: int | None = None) -> Error:
+    """The error event of `code`, with its one message."""
+    return Error(code, ERROR_MESSAGES[code], turn)
+
+
 Event = (
     StateChanged
     | SpeechStarted

@@ -76,7 +76,8 @@ class WsSession:
         try:
             message = p.decode_client(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self.conversation.emit(ev.Error("bad_message", f"Ignored a malformed message: {exc}"))
+            log.info("session %s: skipped a malformed message: %s", self.id, exc)
+            self.conversation.emit(ev.error("bad_message"))
             return
         match message:
             case p.Hello():
@@ -94,7 +95,9 @@ class WsSession:
 
     def on_audio(self, data: bytes) -> None:
         if len(data) > MAX_AUDIO_FRAME:
-            self.conversation.emit(ev.Error("bad_audio", "Ignored an audio frame larger than 512 KB."))
+            log.info("session %s: skipped an audio frame of %d bytes (at most %d)", self.id, len(data),
+                     MAX_AUDIO_FRAME)
+            self.conversation.emit(ev.error("bad_audio"))
             return
         if self._decoder is None:  # audio without audio_start: let the decoder probe it
             self._start_recording()

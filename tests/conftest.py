@@ -3,6 +3,7 @@ CI=true, no test passes by skipping (only tests marked `cuda` or `docker` may sk
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -42,3 +43,16 @@ def live_server(cpu_settings: Settings, engines: Engines) -> Iterator[str]:
 
     with serving(create_app(cpu_settings, engines)) as url:
         yield url
+
+
+@pytest.fixture
+def app_log(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """caplog for the app's own loggers (info and up), also for a server started inside the test:
+    Litestar's logging set-up replaces the root logger's handlers, caplog's among them."""
+    logger = logging.getLogger("app")
+    caplog.set_level(logging.INFO, logger="app")
+    logger.addHandler(caplog.handler)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)

@@ -13,6 +13,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from app.audio import ASR_RATE
 from app.engines import Engines
+from app.events import ERROR_MESSAGES
 from app.reply import JITTER_BUFFER_S
 from tests.support import JFK_TEXT, encode_webm_opus, serving, word_error_rate
 
@@ -124,12 +125,13 @@ def ask(ws: ClientConnection, question: str) -> tuple[list[dict], bytes]:
     return events, audio
 
 
-def test_malformed_messages_are_answered_and_skipped(live_server):
+def test_malformed_messages_are_answered_and_skipped(live_server, app_log):
     with session(live_server) as ws:
         ws.send("{not json")
         ws.send(json.dumps({"type": "text", "text": ""}))
         errors = [next_event(ws, "error") for _ in range(2)]
-        assert all(e["code"] == "bad_message" for e in errors)
+        assert all(e["code"] == "bad_message" and e["message"] == ERROR_MESSAGES["bad_message"] for e in errors)
+        assert "malformed" in app_log.text and "text is empty" in app_log.text  # msgspec's words: the log's
         ws.send(json.dumps({"type": "text", "text": "Hello!"}))
         events, _ = events_until_turn_end(ws)
         assert of_type(events, "turn_end")[0]["reason"] == "completed"
@@ -196,7 +198,7 @@ class BrokenVoice:
         pass
 
 
-def test_a_failing_stage_is_said_in_words_and_ends_the_turn(cpu_settings, engines):
+def test_a_failing_stage_is_said_in_words_and_ends_the_turn(cpu_settings, engines, app_log):
     from app.server import create_app
 
     broken = Engines(cpu_settings, engines.asr, engines.llm, BrokenVoice())
@@ -204,7 +206,8 @@ def test_a_failing_stage_is_said_in_words_and_ends_the_turn(cpu_settings, engine
         ws.send(json.dumps({"type": "text", "text": "Hello!"}))
         events, _ = events_until_turn_end(ws)
     (error,) = of_type(events, "error")
-    assert error["code"] == "tts_failed" and "voice model crashed" in error["message"]
+    assert error == {"type": "error", "code": "tts_failed", "message": "Sorry, I could not speak the reply.", "turn": 1}
+    assert "voice model crashed" in app_log.text  # the details stay in the server's log
     assert of_type(events, "turn_end")[0]["reason"] == "error"
 
 

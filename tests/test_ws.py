@@ -21,6 +21,7 @@ from app.asr import Transcriber
 from app.audio import ASR_RATE
 from app.config import Settings
 from app.engines import Engines
+from app.events import ERROR_MESSAGES
 from app.llm import ChatModel, Message, Prompt
 from app.server import create_app
 from app.tts.base import TtsEngine
@@ -281,7 +282,7 @@ def test_reset_ends_queued_turns_stops_the_reply_and_forgets_the_history(cpu_set
 
 
 def test_an_audio_frame_over_the_limit_is_refused_and_nothing_else_is_lost(
-    cpu_settings, engines, question_pieces
+    cpu_settings, engines, question_pieces, app_log
 ):
     half = len(question_pieces) // 2
     with served(own_engines(cpu_settings, engines)) as url, session(url) as ws:
@@ -294,7 +295,8 @@ def test_an_audio_frame_over_the_limit_is_refused_and_nothing_else_is_lost(
         send(ws, "audio_stop")
         events = events_until(ws, 1)
     (error,) = of_type(events, "error")
-    assert error["code"] == "bad_audio" and "512 KB" in error["message"]
+    assert error["code"] == "bad_audio" and error["message"] == ERROR_MESSAGES["bad_audio"]
+    assert f"skipped an audio frame of {MAX_AUDIO_FRAME + 1} bytes" in app_log.text  # the details: in the log
     (transcript,) = [e for e in of_type(events, "transcript") if e["final"]]
     assert word_error_rate(transcript["text"], QUESTION) <= 0.2  # both halves were heard
     assert turn_ends(events, 1) == ["completed"]
@@ -364,25 +366,27 @@ def assert_a_prefix(heard: str, reply: str) -> None:
     [
         (CrashingLlm, "llm_failed", "language model crashed"),
         (SilentLlm, "llm_failed", "empty reply"),
-        (BrokenHistoryLlm, "internal_error", "something went wrong"),
+        (BrokenHistoryLlm, "internal_error", "KeyError: 'content'"),
     ],
 )
 def test_a_failed_reply_ends_its_turn_once_and_the_session_goes_on(
-    cpu_settings, engines, llm_kind, code, says
+    cpu_settings, engines, llm_kind, code, says, app_log
 ):
+    """The client hears the code's one message; what failed inside goes to the log only."""
     with served(own_engines(cpu_settings, engines, llm=llm_kind(engines.llm))) as url, session(url) as ws:
         send(ws, "text", text=QUESTION)
         events = events_until(ws, 1)
         send(ws, "text", text=QUESTION)  # sent earlier, it would have cut the first turn off
         events += events_until(ws, 2)
     (error,) = of_type(events, "error")
-    assert error["code"] == code and error["turn"] == 1 and says in error["message"], error
+    assert error["code"] == code and error["turn"] == 1 and error["message"] == ERROR_MESSAGES[code], error
+    assert says not in error["message"] and says in app_log.text
     assert turn_ends(events, 1) == ["error"]
     assert turn_ends(events, 2) == ["completed"] and reply_of(events, 2)
 
 
 def test_a_failed_transcription_ends_its_turn_once_and_the_session_goes_on(
-    cpu_settings, engines, question_pieces
+    cpu_settings, engines, question_pieces, app_log
 ):
     # No interim transcripts: the one failure must be the final transcript's.
     turns = msgspec.structs.replace(cpu_settings.turns, interim_every_ms=0)
@@ -394,7 +398,8 @@ def test_a_failed_transcription_ends_its_turn_once_and_the_session_goes_on(
         send_recording(ws, question_pieces)
         second = events_until(ws, 2)
     (error,) = of_type(first, "error")
-    assert error["code"] == "asr_failed" and error["turn"] == 1 and "speech model crashed" in error["message"]
+    assert error["code"] == "asr_failed" and error["turn"] == 1 and error["message"] == ERROR_MESSAGES["asr_failed"]
+    assert "speech model crashed" in app_log.text
     assert turn_ends(first + second, 1) == ["error"]
     (transcript,) = of_type(second, "transcript")
     assert word_error_rate(transcript["text"], QUESTION) <= 0.2
