@@ -24,7 +24,7 @@ COPY --from=uv /uv /usr/local/bin/uv
 # pyproject.toml's extra-build-variables gives llama-cpp-python CMAKE_ARGS="-DGGML_NATIVE=OFF", and uv
 # lets that win over this environment's CMAKE_ARGS: so the CUDA switch goes through scikit-build-core's
 # own SKBUILD_CMAKE_DEFINE, which is added to it. GGML_NATIVE=OFF: the build machine's CPU is not the
-# user's; llama.cpp then compiles for its default GPUs of CUDA 13 (Turing to Blackwell).
+# user's (nor, without --gpus at build time, its GPU).
 ENV UV_PYTHON=/usr/bin/python3.12 \
     UV_PYTHON_DOWNLOADS=never \
     UV_COMPILE_BYTECODE=1 \
@@ -33,14 +33,24 @@ ENV UV_PYTHON=/usr/bin/python3.12 \
     CMAKE_ARGS="-DGGML_CUDA=on -DGGML_NATIVE=OFF" \
     SKBUILD_CMAKE_DEFINE="GGML_CUDA=on;GGML_NATIVE=OFF"
 
+# The GPUs llama.cpp gets machine code for (CMake's CUDA_ARCHITECTURES): Turing 75, Ampere 80 and 86,
+# Ada 89, Hopper 90, Blackwell 100 and 120 (which llama.cpp builds as 120a, for its FP4 tensor cores);
+# and Hopper's PTX, which the driver compiles once for any newer GPU, into the volume's JIT cache.
+# Each architecture adds about as much compile time as the first: build for yours alone with e.g.
+# `docker build --build-arg CUDA_ARCHS=90-real .` (H100/H200), 89-real (RTX 40xx), 86-real (RTX 30xx).
+# The list has semicolons, which SKBUILD_CMAKE_DEFINE would split: it goes as a build setting of its own.
+ARG CUDA_ARCHS="75-real;80-real;86-real;89-real;90-real;100-real;120-real;90-virtual"
+
 WORKDIR /app
 # Dependencies first (the slow layer: torch, the llama.cpp build), then the app on top.
 COPY pyproject.toml uv.lock README.md ./
-RUN uv sync --locked --no-dev --no-install-project
+RUN uv sync --locked --no-dev --no-install-project \
+        --config-settings-package "llama-cpp-python:cmake.define.CMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS}"
 COPY app ./app
 COPY static ./static
 COPY templates ./templates
-RUN uv sync --locked --no-dev
+RUN uv sync --locked --no-dev \
+        --config-settings-package "llama-cpp-python:cmake.define.CMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS}"
 # A build that silently fell back to the CPU would only show at run time, as a slow LLM: stop here.
 RUN [ -n "$(find .venv -name 'libggml-cuda.so*')" ] \
     || { echo "llama-cpp-python was built without CUDA" >&2; exit 1; }
@@ -67,9 +77,9 @@ RUN groupadd --gid 10001 assistant \
 WORKDIR /app
 COPY --from=build /app /app
 
-# llama.cpp ships machine code for sm_86, sm_89 and sm_120-121 and only PTX for the other generations
-# (Turing, A100, H100), which the driver compiles at the first start: its cache goes in the volume
-# too, at the largest size the driver allows, so that happens once, not on every container start.
+# A GPU outside CUDA_ARCHS runs llama.cpp from PTX, which the driver compiles at the first start: its
+# cache goes in the volume too, at the largest size the driver allows, so that happens once, not on
+# every container start.
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/models \

@@ -146,6 +146,29 @@ def test_llama_cpp_is_compiled_for_cuda(steps):
     assert any("libggml-cuda.so" in a and "exit 1" in a for k, a in build[last_sync:] if k == "RUN")
 
 
+ARCHS_SETTING = '"llama-cpp-python:cmake.define.CMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS}"'
+
+
+def test_llama_cpp_has_machine_code_for_the_gpus_people_rent(steps):
+    build = stages(steps)[1]
+    archs = arg_defaults(build)["CUDA_ARCHS"].strip('"').split(";")
+    # "NN-real" is machine code alone, a bare "NN" machine code and PTX: either way no JIT pause on NN.
+    real = {a.removesuffix("-real") for a in archs if not a.endswith("-virtual")}
+    assert {"80", "90"} <= real  # A100, H100/H200
+    assert {"75", "86", "89", "100", "120"} <= real  # Turing, RTX 30xx, RTX 40xx, Blackwell
+    assert [a for a in archs if a.endswith("-virtual")], "no PTX left for GPUs newer than the list"
+
+
+def test_the_architecture_argument_reaches_the_llama_cpp_build(steps):
+    build = stages(steps)[1]
+    declared = next(i for i, (k, a) in enumerate(build) if k == "ARG" and a.startswith("CUDA_ARCHS="))
+    syncs = [(i, a) for i, (k, a) in enumerate(build) if k == "RUN" and "uv sync" in a]
+    assert syncs and all(i > declared for i, _ in syncs)  # an ARG counts only after it, in its stage
+    # Every sync builds with it (SKBUILD_CMAKE_DEFINE would split the list at its semicolons).
+    assert all(f"--config-settings-package {ARCHS_SETTING}" in a for _, a in syncs)
+    assert "CMAKE_CUDA_ARCHITECTURES" not in env_values(build).get("SKBUILD_CMAKE_DEFINE", "")
+
+
 def test_ctranslate2s_cuda_12_cublas_comes_from_the_lock(steps):
     # The image's cuBLAS 12 for faster-whisper is a locked wheel (app/asr.py loads it), not an apt package.
     project = lock_package("voice-assistant")
