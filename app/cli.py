@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, Settings, load_settings
-from .lan import ALL_INTERFACES, TlsFiles, announce, tls_files, uvicorn_tls
+from .lan import ALL_INTERFACES, TlsFiles, announce, fingerprint, pairing_token, tls_files, uvicorn_tls
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="serve phones on the local network: all interfaces, HTTPS (self-signed unless --cert)")
     serve.add_argument("--cert", type=Path, help="TLS certificate (PEM file); with --key, serve HTTPS")
     serve.add_argument("--key", type=Path, help="private key of --cert (PEM file)")
+    serve.add_argument("--new-token", action="store_true",
+                       help="with --lan: replace the pairing token (every device must pair again)")
     return parser.parse_args(argv)
 
 
@@ -49,16 +51,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.preset, flag_overrides(args))
         tls = tls_files(lan=args.lan, cert=args.cert, key=args.key)
+        token = lan_token(lan=args.lan, new=args.new_token)
     except ConfigError as exc:
         print(f"voice-assistant: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
-    return serve(settings, fallback=args.preset == "auto", tls=tls)
+    return serve(settings, fallback=args.preset == "auto", tls=tls, token=token)
 
 
-def serve(settings: Settings, *, fallback: bool = False, tls: TlsFiles | None = None) -> int:
+def lan_token(*, lan: bool, new: bool) -> str | None:
+    """The pairing token `--lan` needs (kept across restarts; `--new-token` replaces it); none on loopback."""
+    if new and not lan:
+        raise ConfigError("--new-token goes with --lan: only a server on the network pairs devices")
+    return pairing_token(new=new) if lan else None
+
+
+def serve(settings: Settings, *, fallback: bool = False, tls: TlsFiles | None = None,
+          token: str | None = None) -> int:
     """Open the port at once; the models load and warm up behind it (/health says "loading").
-    A model that cannot load ends the server: exit 1 with the one-line reason, no traceback wall."""
+    A model that cannot load ends the server: exit 1 with the one-line reason, no traceback wall.
+    With a pairing `token`, every browser and program must carry it (access.py)."""
     import uvicorn
 
     from .server import create_app
@@ -66,8 +78,9 @@ def serve(settings: Settings, *, fallback: bool = False, tls: TlsFiles | None = 
     def stop(_reason: str) -> None:
         server.should_exit = True  # `server` exists: the lifespan that can fail runs inside server.run()
 
-    app = create_app(settings, fallback=fallback, on_failure=stop)
-    announce(settings.host, settings.port, tls)
+    app = create_app(settings, fallback=fallback, on_failure=stop, token=token,
+                     fingerprint=fingerprint(tls.cert) if tls is not None else None)
+    announce(settings.host, settings.port, tls, token)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             **uvicorn_tls(tls))
     server = uvicorn.Server(config)

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from .access import AccessSettings
 from .asr import AsrSettings
 from .chunking import ChunkSettings
 from .llm import LlmSettings
@@ -41,6 +42,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tts: TtsSettings = TtsSettings()
     turns: TurnSettings = TurnSettings()
     chunking: ChunkSettings = ChunkSettings()
+    access: AccessSettings = AccessSettings()  # Host names and page origins to trust (access.py)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -1,7 +1,9 @@
-"""Serving phones on the local network: the LAN address, a self-signed HTTPS certificate, and QR codes.
+"""Serving phones on the local network: the LAN address, a self-signed HTTPS certificate, the pairing
+token, and QR codes.
 
 A phone's browser opens the microphone only on a secure page, so `serve --lan` needs HTTPS; without
-a certificate of the user's own, one is made once and kept under the cache folder.
+a certificate of the user's own, one is made once and kept under the cache folder, and so is the token
+that pairs a phone (access.py checks it), so that a paired phone stays paired across restarts.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import io
 import ipaddress
 import logging
 import os
+import secrets
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -22,7 +25,7 @@ log = logging.getLogger(__name__)
 ALL_INTERFACES = "0.0.0.0"
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 CERT_DAYS = 825  # the longest validity Apple's platforms accept for a server certificate
-CERT_NAME, KEY_NAME = "cert.pem", "key.pem"
+CERT_NAME, KEY_NAME, TOKEN_NAME = "cert.pem", "key.pem", "token"
 
 
 class TlsFiles(msgspec.Struct, frozen=True):
@@ -141,6 +144,38 @@ def _write_private(path: Path, data: bytes) -> None:
         out.write(data)
 
 
+def fingerprint(cert: Path) -> str:
+    """The certificate's SHA-256 fingerprint as browsers show it (AB:CD:...), to check the one a
+    phone is warned about against the one the server log prints."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    digest = x509.load_pem_x509_certificate(cert.read_bytes()).fingerprint(hashes.SHA256())
+    return ":".join(f"{b:02X}" for b in digest)
+
+
+# ---------------------------------------------------------------- pairing token
+
+
+def pairing_token(folder: Path | None = None, *, new: bool = False) -> str:
+    """The secret that pairs a phone: made once (or again when `new`), kept 0600 next to the certificate."""
+    path = (folder or default_tls_dir()) / TOKEN_NAME
+    if not new and path.is_file():
+        token = path.read_text().strip()
+        if len(token) >= 32:  # a file cut short or emptied is replaced, never trusted
+            return token
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    _write_private(path, token.encode())
+    log.info("pairing: made a new token in %s%s", path, " (paired devices must open the new link)" if new else "")
+    return token
+
+
+def token_link(url: str, token: str | None) -> str:
+    """The page's address with the pairing token, as the log and the QR code give it."""
+    return url if token is None else f"{url}/?token={token}"
+
+
 # ---------------------------------------------------------------- QR codes
 
 
@@ -164,18 +199,25 @@ def qr_text(url: str) -> str:
     return out.getvalue()
 
 
-def announce(host: str, port: int, tls: TlsFiles | None) -> None:
-    """When serving beyond this machine, log where a phone should go and print the QR code to scan
-    (to stdout, undecorated, so that a terminal shows it as a square)."""
+def announce(host: str, port: int, tls: TlsFiles | None, token: str | None = None) -> None:
+    """When serving beyond this machine, log where a phone should go (with the pairing token) and
+    print the QR code to scan (to stdout, undecorated, so that a terminal shows it as a square);
+    with TLS, the certificate's fingerprint in any case."""
+    if tls is not None:
+        log.info("TLS certificate SHA-256 fingerprint: %s", fingerprint(tls.cert))
     if host in LOOPBACK_NAMES:
         return
-    url = page_url(lan_ip() if host in (ALL_INTERFACES, "::") else host, port, tls=tls is not None)
+    url = token_link(page_url(lan_ip() if host in (ALL_INTERFACES, "::") else host, port, tls=tls is not None), token)
     log.info("on your phone (same network) open %s -- or scan this QR code:", url)
     print(qr_text(url), flush=True)
     if tls is not None and tls.self_signed:
-        log.info("the certificate is self-signed (%s): accept the browser's warning once per device", tls.cert)
+        log.info("the certificate is self-signed (%s): accept the browser's warning once per device, "
+                 "after checking that it shows the fingerprint above", tls.cert)
     elif tls is None:
         log.warning("plain http: phones only allow the microphone on https (use --lan or --cert/--key)")
+    if token is None:
+        log.warning("no pairing token: anyone on the network who can reach the port can use the assistant "
+                    "(--lan pairs devices)")
 
 
 # ---------------------------------------------------------------- command line

@@ -1,8 +1,9 @@
 """The Litestar app: page, health, status fragment, static files and the conversation WebSocket.
 
-`create_app` only wires them: routes, state, and a lifespan that loads the models on a thread
-(startup.py) while the port is already open. A WebSocket on /ws goes next to ws.py's WsSession, the
-adapter in front of the conversation core (conversation.py).
+`create_app` only wires them: routes, state, the access checks (access.py: Host, same-origin /ws, the
+`--lan` pairing token) and a lifespan that loads the models on a thread (startup.py) while the port is
+already open. A WebSocket on /ws goes next to ws.py's WsSession, the adapter in front of the
+conversation core (conversation.py).
 """
 
 from __future__ import annotations
@@ -17,17 +18,19 @@ from pathlib import Path
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get, websocket
 from litestar.connection import WebSocket
-from litestar.datastructures import State
+from litestar.datastructures import Cookie, State
+from litestar.middleware import DefineMiddleware
 from litestar.plugins.jinja import JinjaTemplateEngine
-from litestar.response import Template
+from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
+from . import access
 from . import events as ev
 from . import protocol as p
 from .config import Settings
 from .engines import Engines
-from .lan import LOOPBACK_NAMES, phone_url, qr_svg
+from .lan import LOOPBACK_NAMES, phone_url, qr_svg, token_link
 from .loading import LoadState, LoadStatus
 from .metrics import Metrics
 from .startup import BackgroundLoad
@@ -40,17 +43,32 @@ TITLE = "Voice assistant"
 
 
 @get("/", include_in_schema=False)
-async def index(request: Request, state: State) -> Template:
+async def index(request: Request, state: State) -> Template | Redirect:
+    """The page; with `--lan`, first the pairing: the link with the token leaves a cookie and goes on to
+    the clean address (no token in the address bar or the history); without either, a page that says how."""
+    given = request.query_params.get("token")
+    if state.token is not None and given is not None and access.same_secret(given, state.token):
+        cookie = Cookie(key=access.COOKIE, value=state.token, max_age=access.COOKIE_DAYS * 86400, path="/",
+                        httponly=True, secure=True, samesite="strict")
+        return Redirect("/", cookies=[cookie], status_code=303)
+    if not access.paired(request):
+        return Template("pairing.html", context={"title": TITLE, "fingerprint": state.fingerprint},
+                        status_code=401)
     bind = state.settings.host
-    context = {"title": TITLE, "ws_path": "/ws", "phone_url": phone_url(str(request.base_url), bind),
-               "on_lan": bind not in LOOPBACK_NAMES}
+    context = {"title": TITLE, "ws_path": "/ws", "phone_url": _phone_link(request, state),
+               "on_lan": bind not in LOOPBACK_NAMES, "fingerprint": state.fingerprint}
     return Template("index.html", context=context)
 
 
-@get("/qr.svg", media_type="image/svg+xml", include_in_schema=False)
+@get("/qr.svg", media_type="image/svg+xml", include_in_schema=False, guards=[access.require_pairing])
 async def qr_code(request: Request, state: State) -> str:
-    """The page's address for a phone as a QR code (the LAN IP when this page was opened as localhost)."""
-    return qr_svg(phone_url(str(request.base_url), state.settings.host))
+    """The page's address for a phone as a QR code (the LAN IP when this page was opened as localhost),
+    with the pairing token: only a paired browser gets this far."""
+    return qr_svg(_phone_link(request, state))
+
+
+def _phone_link(request: Request, state: State) -> str:
+    return token_link(phone_url(str(request.base_url), state.settings.host), state.token)
 
 
 @get("/health")
@@ -67,7 +85,7 @@ async def health(state: State) -> Response[dict[str, object]]:
     return Response(body, status_code=503)
 
 
-@get("/status", media_type=MediaType.HTML, include_in_schema=False)
+@get("/status", media_type=MediaType.HTML, include_in_schema=False, guards=[access.require_pairing])
 async def status(state: State) -> str:
     """A fragment that the page polls with htmx; while loading it asks again every second by itself."""
     now: LoadState = state.loading.state
@@ -98,13 +116,14 @@ def _short(ref: str) -> str:
     return html.escape(name)
 
 
-@get("/metrics", media_type="text/plain; version=0.0.4", include_in_schema=False)
+@get("/metrics", media_type="text/plain; version=0.0.4", include_in_schema=False, guards=[access.require_pairing])
 async def metrics(state: State) -> bytes:
     """Prometheus text format: per-stage latency histograms, turn, error and session counts."""
     return state.metrics.render()
 
 
-@websocket("/ws")
+# Both checks run before the handshake completes: a refused socket gets HTTP 403 and never a byte.
+@websocket("/ws", guards=[access.same_origin, access.require_pairing])
 async def conversation(socket: WebSocket, state: State) -> None:
     await socket.accept()
     if state.loading.state.phase != "ready":
@@ -133,18 +152,25 @@ def create_app(
     *,
     fallback: bool = False,
     on_failure: Callable[[str], None] | None = None,
+    token: str | None = None,
+    fingerprint: str | None = None,
 ) -> Litestar:
     """Wire the app. Unless `engines` is given (loaded already), the lifespan starts a thread that
     fetches, loads and warms up the models, so the port opens at once and /health says "loading"
     until they are ready; `fallback` allows the cpu preset when auto-picked gpu models cannot be had;
-    `on_failure` gets the one-line reason when they cannot load at all."""
+    `on_failure` gets the one-line reason when they cannot load at all. A `token` (`--lan`) must pair
+    every browser and program; `fingerprint` is the TLS certificate's, shown on the page."""
     loading = LoadStatus(LoadState("ready", "ready") if engines is not None else None)
     models = _models_lifespan(settings, engines, loading, fallback=fallback, on_failure=on_failure)
+    hosts = access.served_hosts(settings.host, settings.access)
+    state = {"settings": settings, "metrics": Metrics(), "loading": loading, "engines": engines,
+             "token": token, "fingerprint": fingerprint, "refused_origins": set()}
     return Litestar(
         route_handlers=[*ROUTES, create_static_files_router(path="/static", directories=[ROOT / "static"])],
         lifespan=[models],
+        middleware=[DefineMiddleware(access.HostCheck, hosts=hosts)],
         template_config=TemplateConfig(directory=ROOT / "templates", engine=JinjaTemplateEngine),
-        state=State({"settings": settings, "metrics": Metrics(), "loading": loading, "engines": engines}),
+        state=State(state),
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -43,6 +45,30 @@ def live_server(cpu_settings: Settings, engines: Engines) -> Iterator[str]:
 
     with serving(create_app(cpu_settings, engines)) as url:
         yield url
+
+
+class PairedServer(NamedTuple):
+    url: str  # https://127.0.0.1:<port>
+    token: str
+    cert: Path
+    fingerprint: str
+
+
+@pytest.fixture(scope="session")
+def paired_server(tmp_path_factory, cpu_settings: Settings, engines: Engines) -> Iterator[PairedServer]:
+    """The real app as `serve --lan` makes it (all interfaces, HTTPS, a pairing token), bound to loopback
+    only, so the test opens nothing to the network."""
+    import msgspec
+
+    from app import lan
+    from app.server import create_app
+
+    folder = tmp_path_factory.mktemp("paired")
+    tls, token = lan.ensure_certificate(folder), lan.pairing_token(folder)
+    settings = msgspec.structs.replace(cpu_settings, host=lan.ALL_INTERFACES)
+    app = create_app(settings, engines, token=token, fingerprint=lan.fingerprint(tls.cert))
+    with serving(app, **lan.uvicorn_tls(tls)) as url:
+        yield PairedServer(url, token, tls.cert, lan.fingerprint(tls.cert))
 
 
 @pytest.fixture
