@@ -1,5 +1,6 @@
 """The real page in headless Chromium against the real server: a spoken turn through a fake microphone,
-barge-in, settings kept across a reload, reconnection, desktop and phone screenshots, no console errors."""
+barge-in, settings kept across a reload, reconnection, pairing a phone with `--lan`, desktop and phone
+screenshots, no console errors."""
 
 from __future__ import annotations
 
@@ -107,6 +108,31 @@ def test_spoken_turn_then_barge_in(live_server: str, browser) -> None:
         raise
     finally:
         page.close()
+
+
+def test_pairing_a_phone_by_the_link_from_the_log(paired_server, browser) -> None:
+    """`--lan`: an unpaired phone is told how to pair; the link from the log pairs it with an HttpOnly,
+    Secure, SameSite=Strict cookie and moves on to the clean address, where the page connects and its
+    settings show the certificate's fingerprint."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                                  ignore_https_errors=True)  # the phone accepted the self-signed certificate
+    page = context.new_page()
+    errors = watch_errors(page)
+    try:
+        page.goto(f"{paired_server.url}/")
+        assert "not paired yet" in page.locator("main").text_content()
+        errors.clear()  # that page's own 401; from here on nothing may fail
+        page.goto(f"{paired_server.url}/?token={paired_server.token}")
+        assert page.url == f"{paired_server.url}/"  # the token leaves the address bar and the history
+        (cookie,) = context.cookies()
+        assert (cookie["httpOnly"], cookie["secure"], cookie["sameSite"]) == (True, True, "Strict")
+        page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=60_000)  # /ws with the cookie
+        page.get_by_role("button", name="Settings").click()
+        assert page.locator("#settings .fingerprint").text_content() == paired_server.fingerprint
+        page.screenshot(path=str(SCREENSHOTS / "phone-paired-settings.png"))
+        assert not errors, f"console errors: {errors}"
+    finally:
+        context.close()
 
 
 def barge_in(page, frames: Frames) -> None:
