@@ -1,6 +1,7 @@
 # GPU image of the voice assistant: the `gpu` preset (faster-whisper, llama.cpp and Sesame CSM on CUDA).
 #   docker build -t voice-assistant .
-#   docker run --gpus all -p 8000:8000 -v va-models:/models voice-assistant
+#   docker run --gpus all -p 127.0.0.1:8000:8000 -v va-models:/models voice-assistant   (this computer only;
+#   phones on the network: see the README, `serve --lan` with --network host)
 # CUDA 13.0 matches torch 2.13's PyPI wheels (the nvidia-*/cu13 packages in uv.lock); the host needs an
 # NVIDIA driver >= 580. The venv is built in the CUDA devel image (llama-cpp-python compiles llama.cpp
 # with nvcc) and copied into the smaller runtime image. Every Python package comes from uv.lock.
