@@ -45,6 +45,13 @@ class Answering:
         return self._current is not None
 
     def add(self, turn: PendingTurn) -> None:
+        """Queue `turn`; with max_queued_turns already waiting, the oldest of them is dropped
+        (the newest message is the one the user means now)."""
+        if self._queue.qsize() >= self._c.engines.settings.limits.max_queued_turns:
+            dropped = self._queue.get_nowait()
+            log.info("conversation %s: turn %d dropped, too many waiting", self._c.id, dropped.id)
+            self._c.emit(ev.error("turn_dropped", dropped.id))
+            self._c.emit(ev.TurnEnd(dropped.id, "interrupted"))
         self._queue.put_nowait(turn)
 
     def drop_queued(self) -> list[int]:

@@ -81,8 +81,9 @@ def serve(settings: Settings, *, fallback: bool = False, tls: TlsFiles | None = 
     app = create_app(settings, fallback=fallback, on_failure=stop, token=token,
                      fingerprint=fingerprint(tls.cert) if tls is not None else None)
     announce(settings.host, settings.port, tls, token)
+    # ws_max_size: uvicorn refuses a larger frame (close 1009) before reading it whole.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            **uvicorn_tls(tls))
+                            ws_max_size=settings.limits.max_frame_bytes, **uvicorn_tls(tls))
     server = uvicorn.Server(config)
     server.run()
     now = app.state.loading.state

@@ -11,6 +11,7 @@ import msgspec
 from .access import AccessSettings
 from .asr import AsrSettings
 from .chunking import ChunkSettings
+from .limits import LimitSettings
 from .llm import LlmSettings
 from .tts.csm.engine import CsmSettings
 from .tts.piper import PiperSettings
@@ -42,6 +43,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     tts: TtsSettings = TtsSettings()
     turns: TurnSettings = TurnSettings()
     chunking: ChunkSettings = ChunkSettings()
+    limits: LimitSettings = LimitSettings()
     access: AccessSettings = AccessSettings()  # Host names and page origins to trust (access.py)
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ from .listening import Listener
 from .llm import Message
 from .memory import Memory
 from .metrics import Metrics
+from .outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class Conversation:
         self.options = ev.Options()
         self.memory = Memory(self.metrics)
         self.playback_end = 0.0  # perf_counter() when the listener will have played all reply audio
-        self._out: asyncio.Queue[ev.Event | None] = asyncio.Queue()
+        self._out = Outbox(engines.settings.limits.max_outgoing_bytes)
         self._silenced: set[int] = set()  # turns whose queued audio must not go out any more
         self._answering = Answering(self)
         self._turn_ids = itertools.count(1)
@@ -76,7 +77,7 @@ class Conversation:
             self._listener.end()
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)  # the last turn has ended
-        self._out.put_nowait(None)
+        self._out.put(None)
 
     async def next_event(self) -> ev.Event | None:
         """The next event, in the order they happened; None once closed. Audio of a reply that
@@ -89,7 +90,21 @@ class Conversation:
     def emit(self, event: ev.Event) -> None:
         if isinstance(event, ev.Error):
             self.metrics.errors.labels(event.code).inc()
-        self._out.put_nowait(event)
+        if not self._out.put(event):
+            assert isinstance(event, ev.ReplyAudio)  # only audio is ever refused
+            self._client_behind(event.turn)
+
+    def _client_behind(self, turn_id: int) -> None:
+        """The client stopped reading: rather than buffer its reply without bound, drop the rest
+        of the reply's audio and end the turn (the next turn starts with an empty outbox)."""
+        if turn_id in self._silenced:
+            return
+        log.warning("conversation %s: the client is not reading (%d bytes wait to go out, at most %d): "
+                    "dropping the rest of turn %d's audio", self.id, self._out.bytes, self._out.cap_bytes, turn_id)
+        self.metrics.dropped_audio.inc()
+        self._silenced.add(turn_id)
+        self.emit(ev.error("slow_client", turn_id))
+        self.interrupt(None, cause="slow_client")
 
     def set_state(self, state: ev.State) -> None:
         if state != self._state:

@@ -178,6 +178,9 @@ class ChatModel:
         while history and (len(history) > max_messages // 2 or self._count_tokens(history) > budget // 2):
             del history[:2]
 
+    def count_tokens(self, text: str) -> int:
+        return len(self._llama.tokenize(text.encode(), add_bos=False))
+
     def _count_tokens(self, messages: list[Message]) -> int:
         text = "\n".join(m["content"] for m in messages)
         return len(self._llama.tokenize(text.encode(), add_bos=False)) + 8 * len(messages)

@@ -30,6 +30,8 @@ class Metrics:
         self.errors = Counter("voice_errors", "Error events sent, by code", ["code"], registry=self.registry)
         self.sessions = Gauge("voice_sessions_active", "Open WebSocket sessions", registry=self.registry)
         self.barge_ins = Counter("voice_barge_ins", "Replies cut off by the user", registry=self.registry)
+        self.dropped_audio = Counter("voice_dropped_audio", "Replies whose audio was dropped: the client "
+                                     "did not read it (limits.max_outgoing_bytes)", registry=self.registry)
 
     def observe_turn(self, metrics: ev.TurnMetrics, reason: str) -> None:
         self.turns.labels(reason).inc()

@@ -35,10 +35,8 @@ class UserText(msgspec.Struct, tag="text", forbid_unknown_fields=True):
     text: str
 
     def __post_init__(self) -> None:
-        if not self.text.strip():
+        if not self.text.strip():  # its longest length is a setting (limits.max_text_chars)
             raise ValueError("text is empty")
-        if len(self.text) > 2000:
-            raise ValueError("text is longer than 2000 characters")
 
 
 class Interrupt(msgspec.Struct, tag="interrupt", forbid_unknown_fields=True):

@@ -13,12 +13,14 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import msgspec
+from litestar.exceptions import WebSocketException
 
 from . import events as ev
 from . import protocol as p
 from .audio import StreamDecoder
 from .conversation import Conversation
 from .engines import Engines
+from .limits import system_prompt_budget
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class WsSession:
         self.engines = engines
         self.conversation = Conversation(engines, metrics)
         self.id = self.conversation.id
+        self.limits = engines.settings.limits
         self._decoder: StreamDecoder | None = None  # the recording being received
 
     async def serve(
@@ -41,13 +44,17 @@ class WsSession:
         send_text: Callable[[str], Awaitable[None]],
         send_bytes: Callable[[bytes], Awaitable[None]],
     ) -> None:
-        """Run until the client goes away; whatever happens, stop all work for this connection."""
-        described = self.engines.describe()
-        sample_rate, preset = self.engines.tts.sample_rate, self.engines.settings.preset
-        await send_text(p.encode_event(p.Ready(self.id, sample_rate, preset, **described)))
-        self.conversation.start()
-        writer = asyncio.create_task(self._write(send_text, send_bytes))
+        """Run until the client goes away; whatever happens, stop all work for this connection.
+        Past max_sessions, say `busy` and close (1013, try again later)."""
+        if self._sessions_open() >= self.limits.max_sessions:
+            await self._refuse(send_text)
+        self.conversation.start()  # counted open from here: no await before it lets another in
+        writer: asyncio.Task[None] | None = None
         try:
+            described = self.engines.describe()
+            sample_rate, preset = self.engines.tts.sample_rate, self.engines.settings.preset
+            await send_text(p.encode_event(p.Ready(self.id, sample_rate, preset, **described)))
+            writer = asyncio.create_task(self._write(send_text, send_bytes))
             while (message := await receive())["type"] != "websocket.disconnect":
                 if message.get("bytes") is not None:
                     self.on_audio(message["bytes"])
@@ -56,8 +63,17 @@ class WsSession:
         finally:
             self._stop_recording()
             await self.conversation.close()
-            await writer
+            if writer is not None:
+                await writer
             log.info("session %s closed", self.id)
+
+    def _sessions_open(self) -> int:
+        return int(self.conversation.metrics.registry.get_sample_value("voice_sessions_active") or 0)
+
+    async def _refuse(self, send_text: Callable[[str], Awaitable[None]]) -> None:
+        log.warning("session %s refused: %d sessions open (limits.max_sessions)", self.id, self._sessions_open())
+        await send_text(p.encode_event(ev.error("busy")))
+        raise WebSocketException(detail="busy", code=1013)
 
     async def _write(
         self, send_text: Callable[[str], Awaitable[None]], send_bytes: Callable[[bytes], Awaitable[None]]
@@ -81,17 +97,40 @@ class WsSession:
             return
         match message:
             case p.Hello():
-                self.conversation.configure(message)
+                if self._prompt_fits(message.system_prompt):
+                    self.conversation.configure(message)
             case p.AudioStart():
                 self._start_recording()
             case p.AudioStop():
                 self._stop_recording()
             case p.UserText():
-                self.conversation.say(message.text)
+                if self._text_fits(message.text):
+                    self.conversation.say(message.text)
             case p.Interrupt():
                 self.conversation.interrupt(message.played_samples)
             case p.Reset():
                 self.conversation.reset()
+
+    def _prompt_fits(self, prompt: str | None) -> bool:
+        """A system prompt that leaves no room in the context is refused here, once, rather than
+        failing every turn; the options stay as they were."""
+        if prompt is None:
+            return True
+        llm = self.engines.llm.settings
+        budget = system_prompt_budget(llm.n_ctx, llm.max_tokens, self.limits.prompt_room_tokens)
+        if (tokens := self.engines.llm.count_tokens(prompt)) <= budget:
+            return True
+        log.info("session %s: refused a system prompt of %d tokens (at most %d)", self.id, tokens, budget)
+        self.conversation.emit(ev.error("too_long"))
+        return False
+
+    def _text_fits(self, text: str) -> bool:
+        if len(text) <= self.limits.max_text_chars:
+            return True
+        log.info("session %s: refused a text of %d characters (at most %d)", self.id, len(text),
+                 self.limits.max_text_chars)
+        self.conversation.emit(ev.error("too_long"))
+        return False
 
     def on_audio(self, data: bytes) -> None:
         if len(data) > MAX_AUDIO_FRAME:

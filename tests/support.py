@@ -107,9 +107,14 @@ def free_port() -> int:
 def serving(app, **options) -> Iterator[str]:
     """Run `app` under uvicorn on a free loopback port, on a thread; yields its base URL.
 
-    `options` go to uvicorn.Config; with TLS files (ssl_certfile) the URL is https.
+    `options` go to uvicorn.Config; with TLS files (ssl_certfile) the URL is https. Frames are
+    limited as `voice-assistant serve` limits them (the app's limits.max_frame_bytes).
     """
     import uvicorn
+
+    settings = getattr(getattr(app, "state", None), "settings", None)
+    if settings is not None:
+        options.setdefault("ws_max_size", settings.limits.max_frame_bytes)
 
     config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", **options)
     server = uvicorn.Server(config)
