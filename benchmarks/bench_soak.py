@@ -1,0 +1,163 @@
+"""Soak: N well-behaved sessions x M turns (typed and spoken, alternating) at once, beside a flood
+client (texts and junk as fast as it can send them) and a client that never reads. Writes JSON:
+turns completed, errors, p50/p95 first audio of the well-behaved sessions, server RSS before/after.
+
+    uv run python benchmarks/bench_soak.py --sessions 3 --turns 4 --out bench-results/soak.json
+
+The server runs in this process (cpu preset), so RSS is this process's: server plus clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+import urllib.request
+from collections import Counter
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench_latency import QUESTIONS, run_turn, spoken_questions, start_local_server
+from websockets.sync.client import connect
+
+from tests.test_limits import raw_client, send_text_frame
+
+STORY = "Tell me a very long story about a brave little dragon and all of its friends."
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def typed_turn(ws, text: str) -> dict:
+    """Send `text`; time to the first reply audio received; events until turn_end."""
+    t_sent, first_audio, errors = time.perf_counter(), None, []
+    ws.send(json.dumps({"type": "text", "text": text}))
+    while True:
+        message = ws.recv(timeout=300)
+        if isinstance(message, bytes):
+            first_audio = first_audio or time.perf_counter()
+            continue
+        event = json.loads(message)
+        if event["type"] == "error":
+            errors.append(event["code"])
+        if event["type"] == "turn_end":
+            ms = None if first_audio is None else round((first_audio - t_sent) * 1000, 1)
+            return {"reason": event["reason"], "first_audio_ms": ms, "errors": errors}
+
+
+def well_behaved(url: str, turns: int, speech: list, results: list) -> None:
+    with connect(url, max_size=None) as ws:
+        ws.recv(timeout=30)  # ready
+        for i in range(turns):
+            if i % 2:
+                r = run_turn(ws, speech[i % len(speech)][1], 1.0)
+                r = {"kind": "spoken", "reason": r["reason"], "first_audio_ms": r["voice_to_voice_ms"],
+                     "errors": []}
+            else:
+                r = {"kind": "typed", **typed_turn(ws, QUESTIONS[i % len(QUESTIONS)])}
+            results.append(r)
+
+
+def flood(url: str, stop: threading.Event, stats: Counter) -> None:
+    """Texts, malformed messages and junk audio as fast as it can, reading everything it gets."""
+    with connect(url, max_size=None) as ws:
+        reader = threading.Thread(target=_drain, args=(ws, stats), daemon=True)
+        reader.start()
+        while not stop.is_set():
+            for message in ({"type": "text", "text": "Hi!"}, "{not json", {"type": "text", "text": "x" * 3000}):
+                ws.send(message if isinstance(message, str) else json.dumps(message))
+                stats["sent"] += 1
+            ws.send(b"\x1a\x45\xdf\xa3 junk" * 100)
+            stats["sent"] += 1
+            time.sleep(0.02)
+
+
+def never_reads(url: str, stop: threading.Event, stats: Counter) -> None:
+    """Asks for a long story every 3 s (each cuts the last one off) and reads nothing, ever; notes
+    when the server closes on it (uvicorn's keep-alive ping goes unanswered: about 40 s)."""
+    silent = raw_client(url.replace("ws", "http", 1).removesuffix("/ws"))
+    t0 = time.perf_counter()
+    try:
+        while not stop.is_set():
+            send_text_frame(silent, json.dumps({"type": "text", "text": STORY}))
+            stats["stories_asked"] += 1
+            stop.wait(3)
+    except OSError:
+        stats["closed_by_server_after_s"] = round(time.perf_counter() - t0)
+    finally:
+        silent.close()
+
+
+def _drain(ws, stats: Counter) -> None:
+    try:
+        while True:
+            message = ws.recv()
+            if isinstance(message, str) and (event := json.loads(message))["type"] == "error":
+                stats[f"error:{event['code']}"] += 1
+    except Exception:
+        return
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 1) if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--calm", action="store_true", help="without the flood and the non-reading client")
+    parser.add_argument("--out", type=Path, default=Path("bench-results/soak.json"))
+    args = parser.parse_args()
+    speech = spoken_questions(len(QUESTIONS))
+    with ExitStack() as stack:
+        url = start_local_server("cpu", stack)
+        rss_before = rss_mb()
+        stop, flood_stats, silent_stats = threading.Event(), Counter(), Counter()
+        abusers = [threading.Thread(target=flood, args=(url, stop, flood_stats), daemon=True),
+                   threading.Thread(target=never_reads, args=(url, stop, silent_stats), daemon=True)]
+        for a in abusers if not args.calm else []:
+            a.start()
+        results: list[dict] = []
+        t0 = time.perf_counter()
+        clients = [threading.Thread(target=well_behaved, args=(url, args.turns, speech, results))
+                   for _ in range(args.sessions)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        elapsed = time.perf_counter() - t0
+        stop.set()
+        for a in abusers if not args.calm else []:
+            a.join(10)
+        metrics = urllib.request.urlopen(url.replace("ws", "http", 1).removesuffix("/ws") + "/metrics").read().decode()
+        rss_after = rss_mb()
+    first = [r["first_audio_ms"] for r in results if r["first_audio_ms"] is not None]
+    report = {
+        "sessions": args.sessions, "abusers": not args.calm, "turns_per_session": args.turns,
+        "seconds": round(elapsed, 1),
+        "turns_expected": args.sessions * args.turns,
+        "turns_completed": sum(r["reason"] == "completed" for r in results),
+        "turn_reasons": dict(Counter(r["reason"] for r in results)),
+        "errors": dict(Counter(code for r in results for code in r["errors"])),
+        "first_audio_ms_p50": percentile(first, 50), "first_audio_ms_p95": percentile(first, 95),
+        "flood": dict(flood_stats), "non_reader": dict(silent_stats),
+        "dropped_audio_replies": sum(float(line.split()[1]) for line in metrics.splitlines()
+                                     if line.startswith("voice_dropped_audio_total")),
+        "rss_mb_before": rss_before, "rss_mb_after": rss_after,
+    }
+    print(json.dumps(report, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
