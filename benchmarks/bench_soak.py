@@ -22,7 +22,7 @@ from pathlib import Path
 from bench_latency import QUESTIONS, run_turn, spoken_questions, start_local_server
 from websockets.sync.client import connect
 
-from tests.test_limits import raw_client, send_text_frame
+from tests.support import raw_client, send_text_frame
 
 STORY = "Tell me a very long story about a brave little dragon and all of its friends."
 

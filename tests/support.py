@@ -1,11 +1,15 @@
 """What the tests and the benchmarks share, and the product does not run: the recordings kept in the
-repo, speech and WebM/Opus streams made the way a browser makes them, a server on a thread, a start-up
-status that keeps its history, and a stand-in for the Llama tokenizer (which needs a download)."""
+repo, speech and WebM/Opus streams made the way a browser makes them, a server on a thread, a
+WebSocket client that never reads, a start-up status that keeps its history, and a stand-in for the
+Llama tokenizer (which needs a download)."""
 
 from __future__ import annotations
 
+import base64
 import io
+import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -131,6 +135,26 @@ def serving(app, **options) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def raw_client(url: str) -> socket.socket:
+    """A WebSocket client that reads nothing after the handshake, with a small receive buffer."""
+    host, port = url.split("//")[1].split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    assert sock.recv(12) == b"HTTP/1.1 101"
+    return sock
+
+
+def send_text_frame(sock: socket.socket, text: str) -> None:
+    data, mask = text.encode(), os.urandom(4)
+    header = struct.pack("!BBH", 0x81, 0x80 | 126, len(data)) if len(data) >= 126 else struct.pack(
+        "!BB", 0x81, 0x80 | len(data))
+    sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
 
 
 TOKENIZER_SENTENCES = [

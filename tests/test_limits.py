@@ -4,12 +4,8 @@ when the audio comes faster than real time."""
 
 from __future__ import annotations
 
-import base64
 import json
-import os
 import re
-import socket
-import struct
 import time
 import urllib.request
 
@@ -25,6 +21,7 @@ from app.engines import Engines
 from app.events import ERROR_MESSAGES
 from app.limits import LimitSettings
 from app.turns import Event, StreamingVad, TurnDetector
+from tests.support import raw_client, send_text_frame
 from tests.test_conversation import run, turn_end, wait_for
 from tests.test_server import of_type, session
 from tests.test_ws import STORY, SpyLlm, events_until, own_engines, send, served, turn_ends
@@ -121,26 +118,6 @@ def test_max_turn_s_holds_when_the_audio_comes_faster_than_real_time(engines, jf
 
 
 # ---------------------------------------------------------------- a client that stops reading
-
-
-def raw_client(url: str) -> socket.socket:
-    """A WebSocket client that reads nothing after the handshake, with a small receive buffer."""
-    host, port = url.split("//")[1].split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((host, int(port)))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    assert sock.recv(12) == b"HTTP/1.1 101"
-    return sock
-
-
-def send_text_frame(sock: socket.socket, text: str) -> None:
-    data, mask = text.encode(), os.urandom(4)
-    header = struct.pack("!BBH", 0x81, 0x80 | 126, len(data)) if len(data) >= 126 else struct.pack(
-        "!BB", 0x81, 0x80 | len(data))
-    sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
 
 
 def metric(url: str, name: str) -> float:
