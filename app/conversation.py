@@ -87,6 +87,12 @@ class Conversation:
                 return event
         return None
 
+    @property
+    def backlog_bytes(self) -> int:
+        """What the events waiting to go out hold: reply audio is capped (limits.max_outgoing_bytes),
+        other events are not, so an adapter closes a client that keeps sending but never reads."""
+        return self._out.bytes
+
     def emit(self, event: ev.Event) -> None:
         if isinstance(event, ev.Error):
             self.metrics.errors.labels(event.code).inc()

@@ -60,12 +60,22 @@ class WsSession:
                     self.on_audio(message["bytes"])
                 elif message.get("text") is not None:
                     self.on_control(message["text"])
+                self._check_backlog()
         finally:
             self._stop_recording()
             await self.conversation.close()
             if writer is not None:
                 await writer
             log.info("session %s closed", self.id)
+
+    def _check_backlog(self) -> None:
+        """Reply audio past the cap is dropped, but every message a client sends may be answered: one
+        that keeps sending and never reads would pile up those answers. Past twice the cap, close it."""
+        waiting = self.conversation.backlog_bytes
+        if waiting > 2 * self.limits.max_outgoing_bytes:
+            log.warning("session %s closed: the client sends but does not read (%d bytes wait to go out)",
+                        self.id, waiting)
+            raise WebSocketException(detail="slow_client", code=1008)
 
     def _sessions_open(self) -> int:
         return int(self.conversation.metrics.registry.get_sample_value("voice_sessions_active") or 0)

@@ -167,3 +167,30 @@ def test_a_client_that_stops_reading_is_bounded_and_the_others_go_on(cpu_setting
             silent.close()
     waiting = [int(n) for n in re.findall(r"not reading \((\d+) bytes wait to go out", app_log.text)]
     assert waiting and all(n <= cap for n in waiting), waiting
+
+
+def test_a_client_that_sends_but_never_reads_is_closed(cpu_settings, engines, app_log):
+    cap = 512 * 1024  # as above: a client that reads keeps up with the long-winded voice
+    settings = limited(cpu_settings, max_outgoing_bytes=cap)
+    slow = own_engines(settings, engines, llm=SpyLlm(engines.llm, max_tokens=200), tts=LongWindedVoice(engines.tts))
+    with served(slow) as url:
+        flood = raw_client(url)
+        try:
+            send_text_frame(flood, json.dumps({"type": "text", "text": STORY}))
+            deadline = time.monotonic() + TIMEOUT
+            while metric(url, "voice_dropped_audio_total") < 1:  # the socket's buffers are full now
+                assert time.monotonic() < deadline, "the flood client's reply never filled its socket"
+                time.sleep(0.5)
+            # Every malformed message is answered with an error, which can no longer go out: the
+            # server closes the session, and its conversation is gone.
+            for sent in range(1, 40_001):
+                send_text_frame(flood, "{not json")
+                if sent % 100 == 0 and metric(url, "voice_sessions_active") == 0:
+                    break
+            assert metric(url, "voice_sessions_active") == 0, "the flood client's session is still open"
+            with session(url) as ws:  # the server goes on
+                a_turn_completes(ws, 1)
+        finally:
+            flood.close()
+    (waiting,) = [int(n) for n in re.findall(r"sends but does not read \((\d+) bytes wait", app_log.text)]
+    assert 2 * cap < waiting < 2 * cap + 4096  # closed as soon as it passed twice the cap
