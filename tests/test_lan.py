@@ -51,7 +51,8 @@ def test_given_cert_and_key_are_used_as_they_are(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("argv", "message"),
-    [(["--cert", "c.pem"], "--cert and --key go together"), (["--cert", "/no/c.pem", "--key", "/no/k.pem"], "no such file")],
+    [(["--cert", "c.pem"], "--cert and --key go together"),
+     (["--cert", "/no/c.pem", "--key", "/no/k.pem"], "no such file")],
 )
 def test_bad_tls_flags_are_one_clear_line(capsys, argv: list[str], message: str) -> None:
     assert main(["serve", "--preset", "cpu", *argv]) == 2

@@ -110,7 +110,8 @@ def test_loading_refuses_before_building_the_model(tmp_path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     shape = model.config.backbone
     hints = {"num_attention_heads": shape.num_heads, "num_key_value_heads": shape.num_kv_heads,
-             "max_position_embeddings": model.config.max_seq_len, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+             "max_position_embeddings": model.config.max_seq_len,
+             "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
              "depth_decoder_config": {"num_attention_heads": 4, "num_key_value_heads": 2}}
     with pytest.raises(UnsupportedConfigError, match="`rope_scaling.rope_type` = 'dynamic'"):
         loader.load_csm_model([path], hints=hints)
