@@ -138,7 +138,7 @@ async def _not_yet(socket: WebSocket, now: LoadState) -> None:
     """No conversation before the models are ready: say why in words and close politely
     (1013: try again later); the page reconnects with backoff."""
     if now.phase == "failed":
-        event = ev.Error(code="load_failed", message=f"The assistant could not start: {now.message}")
+        event = ev.error("load_failed")  # the reason names paths and models: the log and /health keep it
     else:
         event = ev.Error(code="loading", message=f"The assistant is still starting ({now.message}). "
                                                 "It will connect by itself when it is ready.")

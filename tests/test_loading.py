@@ -18,6 +18,7 @@ from websockets.sync.client import connect
 from app import loading, startup
 from app.config import load_settings
 from app.engines import Engines
+from app.events import ERROR_MESSAGES
 from app.loading import DownloadProgress, progress_text, watch_hub_download
 from tests.support import RecordingStatus, serving
 
@@ -182,4 +183,5 @@ def test_a_failed_load_is_500_with_the_reason(cpu_settings):
         }
         assert "Could not start" in get(url + "/status")[1]
         event, close_code = first_event_then_close(url)
-        assert event["code"] == "load_failed" and "/nowhere/model.gguf" in event["message"]
+        assert event == {"type": "error", "code": "load_failed", "message": ERROR_MESSAGES["load_failed"], "turn": None}
+        assert "/nowhere" not in event["message"]  # the page gets words, not the server's paths
