@@ -65,6 +65,18 @@ def send_in_real_time(ws, pieces: list[bytes], t_start: float) -> None:
         ws.send(piece)
 
 
+def listen_to_turn(ws) -> tuple[float | None, list[dict]]:
+    """(perf_counter() of the first reply audio received or None, the JSON events up to turn_end)."""
+    first_audio, events = None, []
+    while not events or events[-1]["type"] != "turn_end":
+        message = ws.recv(timeout=300)
+        if isinstance(message, bytes):
+            first_audio = first_audio or time.perf_counter()
+        else:
+            events.append(json.loads(message))
+    return first_audio, events
+
+
 def run_turn(ws, speech: np.ndarray, trailing_silence: float) -> dict:
     """Speak one turn in real time while listening; return client- and server-side timings."""
     audio = np.concatenate([speech, np.zeros(int(trailing_silence * ASR_RATE), np.float32)])
@@ -74,21 +86,15 @@ def run_turn(ws, speech: np.ndarray, trailing_silence: float) -> dict:
     sender = threading.Thread(target=send_in_real_time, args=(ws, pieces, t_start))
     sender.start()
     t_speech_end = t_start + speech_end_seconds(speech)
-    first_audio = None
+    first_audio, events = listen_to_turn(ws)
     result: dict = {}
-    while True:
-        message = ws.recv(timeout=300)
-        if isinstance(message, bytes):
-            first_audio = first_audio or time.perf_counter()
-            continue
-        event = json.loads(message)
+    for event in events:
         if event["type"] == "transcript":
             result["transcript"] = event["text"]
         elif event["type"] == "metrics":
             result["server"] = event
         elif event["type"] == "turn_end":
             result["reason"], result["reply"] = event["reason"], event["reply"]
-            break
     sender.join()
     ws.send(json.dumps({"type": "audio_stop"}))  # its turn was found, so no extra end event
     result["voice_to_voice_ms"] = None if first_audio is None else round(

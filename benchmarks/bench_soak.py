@@ -19,7 +19,7 @@ from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench_latency import QUESTIONS, run_turn, spoken_questions, start_local_server
+from bench_latency import QUESTIONS, listen_to_turn, run_turn, spoken_questions, start_local_server
 from websockets.sync.client import connect
 
 from tests.support import raw_client, send_text_frame
@@ -36,19 +36,12 @@ def rss_mb() -> float:
 
 def typed_turn(ws, text: str) -> dict:
     """Send `text`; time to the first reply audio received; events until turn_end."""
-    t_sent, first_audio, errors = time.perf_counter(), None, []
+    t_sent = time.perf_counter()
     ws.send(json.dumps({"type": "text", "text": text}))
-    while True:
-        message = ws.recv(timeout=300)
-        if isinstance(message, bytes):
-            first_audio = first_audio or time.perf_counter()
-            continue
-        event = json.loads(message)
-        if event["type"] == "error":
-            errors.append(event["code"])
-        if event["type"] == "turn_end":
-            ms = None if first_audio is None else round((first_audio - t_sent) * 1000, 1)
-            return {"reason": event["reason"], "first_audio_ms": ms, "errors": errors}
+    first_audio, events = listen_to_turn(ws)
+    ms = None if first_audio is None else round((first_audio - t_sent) * 1000, 1)
+    errors = [e["code"] for e in events if e["type"] == "error"]
+    return {"reason": events[-1]["reason"], "first_audio_ms": ms, "errors": errors}
 
 
 def well_behaved(url: str, turns: int, speech: list, results: list) -> None:

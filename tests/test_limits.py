@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import msgspec
 import numpy as np
@@ -147,50 +150,53 @@ class LongWindedVoice:
             yield chunk
 
 
-def test_a_client_that_stops_reading_is_bounded_and_the_others_go_on(cpu_settings, engines, app_log):
-    cap = 512 * 1024  # about 12 s of Piper's voice; the story's is minutes long
-    settings = limited(cpu_settings, max_outgoing_bytes=cap)
+CAP = 512 * 1024  # about 12 s of Piper's voice; the story's is minutes long, and a reader keeps up with it
+
+
+@contextmanager
+def a_story_nobody_reads(cpu_settings, engines) -> Iterator[tuple[str, socket.socket]]:
+    """A server whose outgoing cap is CAP, and a raw client that asked it for a long-winded story and
+    reads nothing; yields (the server's URL, that client's socket)."""
+    settings = limited(cpu_settings, max_outgoing_bytes=CAP)
     slow = own_engines(settings, engines, llm=SpyLlm(engines.llm, max_tokens=200), tts=LongWindedVoice(engines.tts))
     with served(slow) as url:
         silent = raw_client(url)
         try:
             send_text_frame(silent, json.dumps({"type": "text", "text": STORY}))
-            with session(url) as ws:
-                a_turn_completes(ws, 1)
-            deadline = time.monotonic() + TIMEOUT
-            while metric(url, "voice_dropped_audio_total") < 1:
-                assert time.monotonic() < deadline, "the silent client's reply was never cut"
-                time.sleep(0.5)
-            with session(url) as ws:  # still served while the silent client holds its socket
-                a_turn_completes(ws, 1)
+            yield url, silent
         finally:
             silent.close()
+
+
+def wait_until_its_audio_is_cut(url: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while metric(url, "voice_dropped_audio_total") < 1:  # the socket's buffers are full now
+        assert time.monotonic() < deadline, "the silent client's reply was never cut"
+        time.sleep(0.5)
+
+
+def test_a_client_that_stops_reading_is_bounded_and_the_others_go_on(cpu_settings, engines, app_log):
+    with a_story_nobody_reads(cpu_settings, engines) as (url, _):
+        with session(url) as ws:
+            a_turn_completes(ws, 1)
+        wait_until_its_audio_is_cut(url)
+        with session(url) as ws:  # still served while the silent client holds its socket
+            a_turn_completes(ws, 1)
     waiting = [int(n) for n in re.findall(r"not reading \((\d+) bytes wait to go out", app_log.text)]
-    assert waiting and all(n <= cap for n in waiting), waiting
+    assert waiting and all(n <= CAP for n in waiting), waiting
 
 
 def test_a_client_that_sends_but_never_reads_is_closed(cpu_settings, engines, app_log):
-    cap = 512 * 1024  # as above: a client that reads keeps up with the long-winded voice
-    settings = limited(cpu_settings, max_outgoing_bytes=cap)
-    slow = own_engines(settings, engines, llm=SpyLlm(engines.llm, max_tokens=200), tts=LongWindedVoice(engines.tts))
-    with served(slow) as url:
-        flood = raw_client(url)
-        try:
-            send_text_frame(flood, json.dumps({"type": "text", "text": STORY}))
-            deadline = time.monotonic() + TIMEOUT
-            while metric(url, "voice_dropped_audio_total") < 1:  # the socket's buffers are full now
-                assert time.monotonic() < deadline, "the flood client's reply never filled its socket"
-                time.sleep(0.5)
-            # Every malformed message is answered with an error, which can no longer go out: the
-            # server closes the session, and its conversation is gone.
-            for sent in range(1, 40_001):
-                send_text_frame(flood, "{not json")
-                if sent % 100 == 0 and metric(url, "voice_sessions_active") == 0:
-                    break
-            assert metric(url, "voice_sessions_active") == 0, "the flood client's session is still open"
-            with session(url) as ws:  # the server goes on
-                a_turn_completes(ws, 1)
-        finally:
-            flood.close()
+    with a_story_nobody_reads(cpu_settings, engines) as (url, flood):
+        wait_until_its_audio_is_cut(url)
+        # Every malformed message is answered with an error, which can no longer go out: the
+        # server closes the session, and its conversation is gone.
+        for sent in range(1, 40_001):
+            send_text_frame(flood, "{not json")
+            if sent % 100 == 0 and metric(url, "voice_sessions_active") == 0:
+                break
+        assert metric(url, "voice_sessions_active") == 0, "the flood client's session is still open"
+        with session(url) as ws:  # the server goes on
+            a_turn_completes(ws, 1)
     (waiting,) = [int(n) for n in re.findall(r"sends but does not read \((\d+) bytes wait", app_log.text)]
-    assert 2 * cap < waiting < 2 * cap + 4096  # closed as soon as it passed twice the cap
+    assert 2 * CAP < waiting < 2 * CAP + 4096  # closed as soon as it passed twice the cap

@@ -88,6 +88,19 @@ def test_an_abandoned_generator_is_closed_on_the_worker_thread():
     assert len(closed_on) == 1 and closed_on[0].startswith("engine")
 
 
+async def hold(worker: Worker) -> tuple[asyncio.Future, threading.Event]:
+    """Another session's long job holds `worker` until the event is set; returns (its future, the event)."""
+    started, release = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        started.set()
+        release.wait(10)
+
+    blocker = asyncio.ensure_future(worker.run(busy))
+    await asyncio.to_thread(started.wait, 10)
+    return blocker, release
+
+
 def test_a_queued_stream_whose_consumer_left_never_starts():
     calls = []
 
@@ -100,14 +113,7 @@ def test_a_queued_stream_whose_consumer_left_never_starts():
         unhandled = []
         loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
         worker = Worker("engine")
-        started, release = threading.Event(), threading.Event()
-
-        def busy():  # another session's long job holds the engine
-            started.set()
-            release.wait(10)
-
-        blocker = asyncio.ensure_future(worker.run(busy))
-        await asyncio.to_thread(started.wait, 10)
+        blocker, release = await hold(worker)
 
         async def consume():
             async for _ in worker.stream(tokens):
@@ -146,14 +152,7 @@ def test_a_queued_run_whose_caller_was_cancelled_never_calls_the_model():
 
     async def main():
         worker = Worker("engine")
-        started, release = threading.Event(), threading.Event()
-
-        def busy():  # another session's long job holds the engine
-            started.set()
-            release.wait(10)
-
-        blocker = asyncio.ensure_future(worker.run(busy))
-        await asyncio.to_thread(started.wait, 10)
+        blocker, release = await hold(worker)
         caller = asyncio.ensure_future(worker.run(calls.append, "model called"))
         await asyncio.sleep(0)  # the job is in the executor's queue
         caller.cancel()  # its session went away
