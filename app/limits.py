@@ -31,8 +31,3 @@ class LimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("limits: prompt_room_tokens >= 0, max_frame_bytes >= 1024, "
                              "max_outgoing_bytes >= 65536")
 
-
-def system_prompt_budget(n_ctx: int, max_tokens: int, room: int) -> int:
-    """The most tokens a system prompt may take: the context less the longest reply, the room kept
-    for the user and the chat template's overhead (as ChatModel.build_messages reserves it)."""
-    return n_ctx - max_tokens - room - 64

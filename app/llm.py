@@ -45,6 +45,8 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("llm n_ctx must be >= 256, max_tokens and slice_tokens >= 1")
 
 
+TEMPLATE_TOKENS = 64  # what the chat template adds around the messages, kept free in the context
+
 Message = dict[str, str]  # {"role": ..., "content": ...}, the shape llama.cpp's chat API takes
 
 
@@ -162,7 +164,7 @@ class ChatModel:
         that the prompt and the longest reply fit the context."""
         system = {"role": "system", "content": system_prompt or self.settings.system_prompt}
         user = {"role": "user", "content": user_text}
-        reserved = self._count_tokens([system, user]) + self.settings.max_tokens + 64
+        reserved = self._count_tokens([system, user]) + self.settings.max_tokens + TEMPLATE_TOKENS
         self.trim_history(history, budget=self.settings.n_ctx - reserved)
         return [system, *history, user]
 
@@ -182,14 +184,19 @@ class ChatModel:
         return len(self._llama.tokenize(text.encode(), add_bos=False))
 
     def _count_tokens(self, messages: list[Message]) -> int:
-        text = "\n".join(m["content"] for m in messages)
-        return len(self._llama.tokenize(text.encode(), add_bos=False)) + 8 * len(messages)
+        return self.count_tokens("\n".join(m["content"] for m in messages)) + 8 * len(messages)
 
     def warm_up(self) -> None:
         # With the system prompt: llama.cpp keeps the evaluated tokens, so the first real turn,
         # which starts with the same prompt, evaluates only its own words, like every later turn.
         for _ in self.stream_reply(self.build_messages([], "Hi")):
             break
+
+
+def system_prompt_budget(settings: LlmSettings, room: int) -> int:
+    """The most tokens a system prompt may take: the context less the longest reply, `room` for the
+    user's message and some history, and the chat template (what build_messages reserves)."""
+    return settings.n_ctx - settings.max_tokens - room - TEMPLATE_TOKENS
 
 
 async def write_reply(

@@ -20,7 +20,7 @@ from . import protocol as p
 from .audio import StreamDecoder
 from .conversation import Conversation
 from .engines import Engines
-from .limits import system_prompt_budget
+from .llm import system_prompt_budget
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,7 @@ class WsSession:
         failing every turn; the options stay as they were."""
         if prompt is None:
             return True
-        llm = self.engines.llm.settings
-        budget = system_prompt_budget(llm.n_ctx, llm.max_tokens, self.limits.prompt_room_tokens)
+        budget = system_prompt_budget(self.engines.llm.settings, self.limits.prompt_room_tokens)
         if (tokens := self.engines.llm.count_tokens(prompt)) <= budget:
             return True
         log.info("session %s: refused a system prompt of %d tokens (at most %d)", self.id, tokens, budget)
