@@ -10,6 +10,7 @@ from __future__ import annotations
 from .asr import Transcriber
 from .config import Settings
 from .llm import ChatModel
+from .smart_turn import SmartTurn
 from .tts.base import TtsEngine
 from .turns import load_vad_model
 from .workers import Worker
@@ -17,7 +18,7 @@ from .workers import Worker
 
 class Engines:
     """The three models, one worker thread each (a model runs one job at a time, in arrival order),
-    and the VAD model every session's listener shares."""
+    and the VAD and Smart Turn models every session's listener shares."""
 
     def __init__(self, settings: Settings, asr: Transcriber, llm: ChatModel, tts: TtsEngine) -> None:
         self.settings = settings
@@ -25,6 +26,7 @@ class Engines:
         self.llm = llm
         self.tts = tts
         self.vad_model = load_vad_model()
+        self.smart_turn = SmartTurn()  # end of turn, judged at pauses on the listeners' threads
         self.asr_worker = Worker("asr")
         self.llm_worker = Worker("llm")
         self.tts_worker = Worker("tts")
