@@ -3,7 +3,8 @@
 `create_app` only wires them: routes, state, the access checks (access.py: Host, same-origin /ws, the
 `--lan` pairing token) and a lifespan that loads the models on a thread (startup.py) while the port is
 already open. A WebSocket on /ws goes next to ws.py's WsSession, the adapter in front of the
-conversation core (conversation.py).
+conversation core (conversation.py); one on /v1/realtime to realtime.py's RealtimeSession, the OpenAI
+Realtime protocol over the same core.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from .engines import Engines
 from .lan import LOOPBACK_NAMES, phone_url, qr_svg, token_link
 from .loading import LoadState, LoadStatus
 from .metrics import Metrics
+from .realtime import RealtimeSession
+from .realtime_protocol import encode as encode_realtime
+from .realtime_replies import error_event
 from .startup import BackgroundLoad
 from .ws import WsSession
 
@@ -78,7 +82,8 @@ async def health(state: State) -> Response[dict[str, object]]:
     now: LoadState = state.loading.state
     if now.phase == "ready":
         engines: Engines = state.engines
-        return Response({"status": "ok", "preset": engines.settings.preset, **engines.describe()})
+        return Response({"status": "ok", "preset": engines.settings.preset, **engines.describe(),
+                         "llm_backend": engines.llm_backend()})
     if now.phase == "failed":
         return Response({"status": "failed", "error": now.message}, status_code=500)
     body = {"status": "loading", "preset": state.settings.preset, **msgspec.structs.asdict(now)}
@@ -134,7 +139,21 @@ async def conversation(socket: WebSocket, state: State) -> None:
     await session.serve(socket.receive, socket.send_text, socket.send_bytes)
 
 
-async def _not_yet(socket: WebSocket, now: LoadState) -> None:
+# The OpenAI Realtime protocol (realtime.py), for the SDKs and clients that speak it: the same
+# checks (programs send the pairing token as `Authorization: Bearer`) and the same conversation core.
+@websocket("/v1/realtime", guards=[access.same_origin, access.require_pairing])
+async def realtime(socket: WebSocket, state: State) -> None:
+    offered = socket.scope.get("subprotocols") or []
+    await socket.accept(subprotocols="realtime" if "realtime" in offered else None)  # browsers offer it
+    if state.loading.state.phase != "ready":
+        await _not_yet(socket, state.loading.state, encode=lambda e: encode_realtime(error_event(e)))
+        return
+    session = RealtimeSession(state.engines, state.metrics)
+    log.info("realtime session %s opened from %s", session.id, socket.client)
+    await session.serve(socket.receive, socket.send_text)
+
+
+async def _not_yet(socket: WebSocket, now: LoadState, encode: Callable[[ev.Error], str] = p.encode_event) -> None:
     """No conversation before the models are ready: say why in words and close politely
     (1013: try again later); the page reconnects with backoff."""
     if now.phase == "failed":
@@ -142,7 +161,7 @@ async def _not_yet(socket: WebSocket, now: LoadState) -> None:
     else:
         event = ev.Error(code="loading", message=f"The assistant is still starting ({now.message}). "
                                                 "It will connect by itself when it is ready.")
-    await socket.send_text(p.encode_event(event))
+    await socket.send_text(encode(event))
     await socket.close(code=1013, reason=event.code)
 
 
@@ -174,7 +193,7 @@ def create_app(
     )
 
 
-ROUTES = [index, health, status, qr_code, metrics, conversation]
+ROUTES = [index, health, status, qr_code, metrics, conversation, realtime]
 
 
 def _models_lifespan(
