@@ -10,6 +10,7 @@ from __future__ import annotations
 from .asr import Transcriber
 from .config import Settings
 from .llm import ChatModel
+from .llm_remote import RemoteChatModel
 from .smart_turn import SmartTurn
 from .tts.base import TtsEngine
 from .turns import load_vad_model
@@ -20,7 +21,9 @@ class Engines:
     """The three models, one worker thread each (a model runs one job at a time, in arrival order),
     and the VAD and Smart Turn models every session's listener shares."""
 
-    def __init__(self, settings: Settings, asr: Transcriber, llm: ChatModel, tts: TtsEngine) -> None:
+    def __init__(
+        self, settings: Settings, asr: Transcriber, llm: ChatModel | RemoteChatModel, tts: TtsEngine
+    ) -> None:
         self.settings = settings
         self.asr = asr
         self.llm = llm
@@ -35,6 +38,11 @@ class Engines:
         s = self.settings
         tts = s.tts.csm.model if s.tts.engine == "csm" else s.tts.piper.model
         return {"asr": s.asr.model, "llm": s.llm.model, "tts": tts}
+
+    def llm_backend(self) -> str:
+        """Where the language model runs: in this process, or on an OpenAI-compatible server (its
+        address, without credentials)."""
+        return self.llm.describe() if isinstance(self.llm, RemoteChatModel) else "llama_cpp in process"
 
     def close(self) -> None:
         for worker in (self.asr_worker, self.llm_worker, self.tts_worker):

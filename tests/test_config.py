@@ -38,11 +38,22 @@ def test_env_names_map_to_nested_settings():
         ({"VA_LLM__TEMPERATURE": "7"}, "temperature must be between 0 and 2"),
         ({"VA_PORT": "70000"}, "port"),
         ({"VA_NO_SUCH_THING": "1"}, "no_such_thing"),
+        ({"VA_LLM__BACKEND": "vllm"}, "llm.backend"),
+        ({"VA_LLM__BACKEND": "openai"}, "base_url must be the server's http:// or https:// address"),
     ],
 )
 def test_bad_settings_are_refused_with_their_name(env, named):
     with pytest.raises(ConfigError, match=named):
         load_settings("cpu", environ=env)
+
+
+def test_a_language_model_server_is_set_from_the_environment():
+    env = {"VA_LLM__BACKEND": "openai", "VA_LLM__BASE_URL": "http://10.0.0.5:8000/v1",
+           "VA_LLM__MODEL": "meta-llama/Llama-3.2-1B-Instruct", "VA_LLM__API_KEY": "sk-local-secret"}
+    s = load_settings("gpu", environ=env)
+    assert (s.llm.backend, s.llm.base_url, s.llm.model) == ("openai", env["VA_LLM__BASE_URL"], env["VA_LLM__MODEL"])
+    assert s.llm.api_key == "sk-local-secret" and "sk-local-secret" not in repr(s)  # never in a log line
+    assert load_settings("cpu", environ={}).llm.backend == "llama_cpp"
 
 
 def test_auto_preset_without_a_gpu_is_cpu(monkeypatch):
