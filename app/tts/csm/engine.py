@@ -41,6 +41,8 @@ class CsmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     topk: int = 50
     device: str = "auto"  # auto = cuda when present, else cpu
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    # torch.compile the frame step in the warm-up: auto = on with CUDA (as CUDA graphs), off on a CPU
+    compile: Literal["auto", "on", "off"] = "auto"
     voice_prompt_wav: str | None = None  # a few seconds of the voice, any audio format
     voice_prompt_text: str | None = None  # its transcript
     context_frames: int = 500  # audio frames (12.5/s) of the assistant's recent utterances kept as context
@@ -179,11 +181,26 @@ class CsmEngine:
         )
 
     def warm_up(self) -> None:
-        """About a second of speech, remembered nowhere: first-call kernels, allocator, Mimi state."""
+        """Compile the frame step if asked, then about a second of speech, remembered nowhere:
+        first-call kernels, allocator, Mimi state. Start-up runs this before the port answers ok."""
         start = time.monotonic()
+        self._compile()
         for _ in self._synthesize("Hello, I am ready.", voice=None, cancel=None, max_frames=12):
             pass
         log.info("csm: warmed up in %.2f s", time.monotonic() - start)
+
+    def _compile(self) -> None:
+        from app.tts.csm.step import compile_mode, use_model_cache_for_inductor
+
+        step = self.generator.step
+        mode = compile_mode(self.settings.compile, step.device)
+        if mode is None or step.compiled:
+            return
+        cache = use_model_cache_for_inductor()
+        step.compile(mode)
+        seconds = step.warm(topk=self.config.topk, temperature=self.config.temperature)
+        if step.compiled:  # else step said once why it runs eagerly
+            log.info("csm: compiled the frame step (%s) in %.1f s; inductor cache in %s", mode, seconds, cache)
 
 
 # ---------------------------------------------------------------- loading

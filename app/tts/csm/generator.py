@@ -3,8 +3,9 @@
 One utterance:
   1. prompt: context segments (text rows, then their audio frames and an all-zero EOS frame) and
      the new text, trimmed so that prompt + the longest allowed reply fit the KV cache;
-  2. frames: each frame step samples codebook 0 from the backbone and codebooks 1..K-1 from the
-     decoder, all on the device; the generated frame is the next backbone input;
+  2. frames: each frame step (step.py; compiled on request) samples codebook 0 from the backbone and
+     codebooks 1..K-1 from the decoder, all on the device; the generated frame is the next backbone
+     input, written in place into a one-row buffer so that every step after the prompt has one shape;
   3. chunks: after `first_chunk_frames` frames, then every `chunk_frames`, the chunk's codes come to
      the CPU in one transfer, the stop rules read them (EOS frame, repeated frames), and Mimi (in
      streaming mode, so its state carries across chunks) turns the kept frames into PCM.
@@ -23,10 +24,10 @@ from typing import Any
 import msgspec
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from app.tts.csm.loader import TextTokenizer
 from app.tts.csm.model import CsmModel
+from app.tts.csm.step import FrameStep, gumbel_noise, pick_code
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +152,8 @@ def sample_topk(
     logits: torch.Tensor, *, topk: int, temperature: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """(B, V) logits -> (B, 1) codes, on the device: top-k, temperature, Gumbel-max (no host sync)."""
-    logits = logits.float()
-    if topk == 1 or temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    kth = torch.topk(logits, min(topk, logits.shape[-1]), dim=-1).values[..., -1:]
-    logits = logits.masked_fill(logits < kth, float("-inf"))
-    # argmax(logits - log E) with E ~ Exp(1) draws from softmax(logits): the Gumbel-max trick.
-    noise = torch.empty_like(logits).exponential_(generator=generator).clamp_min_(1e-20)
-    return (logits - noise.log()).argmax(dim=-1, keepdim=True)
+    gumbel = gumbel_noise(tuple(logits.shape), logits.device, generator)
+    return pick_code(logits, gumbel, topk=topk, temperature=temperature)
 
 
 class StopRules:
@@ -202,44 +196,29 @@ class CsmGenerator:
             self.rng.manual_seed(seed)
         # Codes Mimi cannot decode (2048..2050 of the 2051-entry vocabulary) are never sampled.
         self.sampled_vocab = min(model.config.audio_vocab_size, getattr(mimi, "cardinality", 1 << 30))
-        k = self.num_codebooks
-        # Decoder positions per codebook step: [0, 1] for (backbone state, c0), then 2, 3, ..., K-1.
-        self._decoder_positions = [torch.tensor([[0, 1]], device=self.device)] + [
-            torch.tensor([[p]], device=self.device) for p in range(2, k)
-        ]
-        self._audio_row_mask = torch.ones(1, 1, k + 1, dtype=torch.bool, device=self.device)
-        self._audio_row_mask[..., -1] = False
+        self.step = FrameStep(model, self.sampled_vocab)
         self.decode_frame_by_frame = self.device.type == "cuda"  # see decode()
         self.active: Utterance | None = None
-
-    def sample(self, logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
-        logits = logits[..., : self.sampled_vocab]
-        return sample_topk(logits, topk=config.topk, temperature=config.temperature, generator=self.rng)
 
     def generate_frame(
         self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, config: GenerationConfig
     ) -> torch.Tensor:
         """One frame step. (1, S, K+1) rows at (1, S) positions -> (1, K) codes, all on the device."""
-        model = self.model
-        hidden = model.backbone_hidden(model.embed_frames(tokens, mask), positions)[:, -1]  # (1, D)
-        code = self.sample(model.codebook0_logits(hidden), config)  # (1, 1)
-        codes = [code]
-        embeds = torch.cat([hidden.unsqueeze(1), model.embed_audio(0, code)], dim=1)  # (1, 2, D)
-        model.reset_decoder_cache()
-        for codebook in range(1, self.num_codebooks):
-            logits = model.decoder_logits(embeds, self._decoder_positions[codebook - 1], codebook)
-            code = self.sample(logits, config)
-            codes.append(code)
-            embeds = model.embed_audio(codebook, code)  # (1, 1, D)
-        return torch.cat(codes, dim=1)
+        return self.step.frame(tokens, mask, positions, topk=config.topk, temperature=config.temperature,
+                               generator=self.rng)
 
     def frame_chunks(
         self, prompt: Prompt, config: GenerationConfig, cancel: threading.Event | None
     ) -> Iterator[torch.Tensor]:
         """(n, K) device tensors of consecutive frames; ends at prompt.max_frames or on `cancel`."""
-        tokens = prompt.tokens.to(self.device)[None]  # (1, S, K+1)
+        tokens = prompt.tokens.to(self.device)[None]  # (1, S, K+1): the prompt, once
         mask = prompt.mask.to(self.device)[None]
         positions = torch.arange(tokens.shape[1], device=self.device)[None]  # (1, S)
+        # After the prompt every step reads the same three small tensors, rewritten in place.
+        row = torch.zeros(1, 1, self.num_codebooks + 1, dtype=torch.long, device=self.device)  # text column 0
+        row_mask = torch.ones_like(row, dtype=torch.bool)
+        row_mask[..., -1] = False  # audio columns only
+        position = positions[:, -1:].clone()  # (1, 1)
         done, size = 0, config.first_chunk_frames
         while done < prompt.max_frames:
             frames = []
@@ -248,8 +227,9 @@ class CsmGenerator:
                     return
                 frame = self.generate_frame(tokens, mask, positions, config)  # (1, K)
                 frames.append(frame)
-                tokens, mask = F.pad(frame, (0, 1)).unsqueeze(1), self._audio_row_mask  # text column 0, masked
-                positions = positions[:, -1:] + 1
+                row[0, :, :-1] = frame
+                position.add_(1)
+                tokens, mask, positions = row, row_mask, position
             done += len(frames)
             size = config.chunk_frames
             yield torch.cat(frames)

@@ -147,7 +147,6 @@ class CsmModel(nn.Module):
         if not self.audio_head.is_meta:
             nn.init.normal_(self.audio_head, std=0.02)  # torch.empty may hold NaNs; checkpoints overwrite it
         self.register_buffer("audio_offsets", torch.arange(k) * vocab, persistent=False)  # (K,)
-        self._masks: dict[str, torch.Tensor] = {}
 
     def prepare(self, *, device: torch.device | str, dtype: torch.dtype) -> CsmModel:
         """Move to `device`/`dtype` for inference: eval mode, float32 RoPE tables, caches allocated.
@@ -168,7 +167,11 @@ class CsmModel(nn.Module):
     # ---- caches: allocated once, for the largest context, reused by every utterance ----
 
     def setup_caches(self, dtype: torch.dtype) -> None:
-        """Allocate both KV caches and causal masks on the model's device (batch size 1)."""
+        """Allocate both KV caches and causal masks on the model's device (batch size 1).
+
+        The masks are buffers, not plain attributes, so that a compiled step treats them as fixed
+        addresses (a CUDA graph then reads them in place instead of copying them in every replay).
+        """
         device = self.text_embeddings.weight.device
         for name, stack, length in (
             ("backbone", self.backbone, self.config.max_seq_len),
@@ -179,7 +182,8 @@ class CsmModel(nn.Module):
                 attn.kv_cache = StaticKVCache(1, length, attn.num_kv_heads, attn.head_dim, dtype).to(device)
                 attn.cache_enabled = True
             # mask[p] = which cache slots the token at position p may attend to: (length, length)
-            self._masks[name] = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
+            causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
+            self.register_buffer(f"{name}_mask", causal, persistent=False)
 
     def reset_caches(self) -> None:
         """Forget the whole context (start of an utterance)."""
@@ -199,21 +203,31 @@ class CsmModel(nn.Module):
         columns = torch.cat([audio, text], dim=-2)  # (B, S, K+1, D)
         return (columns * mask.unsqueeze(-1)).sum(dim=-2)
 
-    def embed_audio(self, codebook: int, codes: torch.Tensor) -> torch.Tensor:
-        """(B, 1) codes of one codebook -> (B, 1, D)."""
+    def embed_audio(self, codebook: int | torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """(B, 1) codes of one codebook (an int, or a 0-d device tensor in a compiled step) -> (B, 1, D)."""
         return self.audio_embeddings(codes + codebook * self.config.audio_vocab_size)
 
     def backbone_hidden(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """(B, S, D) embeddings at (B, S) positions -> (B, S, D) normed hidden states; fills the cache."""
-        mask = self._masks["backbone"][positions]  # (B, S, max_seq_len)
+        mask = self.backbone_mask[positions]  # (B, S, max_seq_len)
         return self.backbone(embeds, mask=mask, input_pos=positions)
 
     def codebook0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, D) last backbone state -> (B, V) logits of codebook 0."""
         return self.codebook0_head(hidden)
 
-    def decoder_logits(self, embeds: torch.Tensor, positions: torch.Tensor, codebook: int) -> torch.Tensor:
-        """(B, S, D) backbone-width inputs at (B, S) positions -> (B, V) logits of `codebook` (1..K-1)."""
-        mask = self._masks["decoder"][positions]  # (B, S, K)
-        hidden = self.decoder(self.projection(embeds), mask=mask, input_pos=positions)  # (B, S, d)
-        return hidden[:, -1] @ self.audio_head[codebook - 1]  # (B, d) @ (d, V)
+    def decoder_hidden(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) backbone-width inputs at (B, S) positions -> (B, S, d) decoder states; fills its cache."""
+        mask = self.decoder_mask[positions]  # (B, S, K)
+        return self.decoder(self.projection(embeds), mask=mask, input_pos=positions)
+
+    def decoder_logits(
+        self, embeds: torch.Tensor, positions: torch.Tensor, codebook: int | torch.Tensor
+    ) -> torch.Tensor:
+        """(B, S, D) inputs at (B, S) positions -> (B, V) logits of `codebook` (1..K-1; int or 0-d tensor)."""
+        hidden = self.decoder_hidden(embeds, positions)  # (B, S, d)
+        if isinstance(codebook, int):
+            head = self.audio_head[codebook - 1]  # (d, V)
+        else:  # index_select, not [tensor]: a 0-d tensor index would be read back to the host
+            head = self.audio_head.index_select(0, (codebook - 1).reshape(1))[0]
+        return hidden[:, -1] @ head  # (B, d) @ (d, V)
