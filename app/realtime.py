@@ -337,6 +337,10 @@ class RealtimeSession:
         audio = [item.audio for item in items if item.audio is not None]
         if audio and len(audio) < len(items):
             raise Refused("unsupported", "item.content")  # typed and spoken in one turn: not in the core
+        if self.conversation.memory.still_playing():
+            # The protocol's rule: a reply the client did not truncate was heard whole. Without this
+            # the core would cut it by its playback clock, as for the page's typing over its voice.
+            self.conversation.interrupt(self.replies.last_reply_samples)
         self.replies.request(items, spoken=bool(audio))
         if not audio:
             self.conversation.say("\n".join(item.text or "" for item in items))

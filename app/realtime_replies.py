@@ -104,6 +104,7 @@ class Replies:
         self.input_samples = 0  # 24 kHz samples the client has appended, for the VAD events' times
         self.last_item_id: str | None = None
         self.last_reply_item: str | None = None  # the latest assistant item
+        self.last_reply_samples = 0  # how long its voice is, in the voice's own samples
         self._requests: deque[Response] = deque()  # asked for, its turn not seen yet
         self._turns: dict[int, Response] = {}  # turn -> its response, until the turn ends
         self._vad_items: dict[int, UserItem] = {}  # turns the VAD started, until they stop
@@ -159,7 +160,9 @@ class Replies:
                 return self._turn_end(event)
             case ev.Error():
                 return self._error(event)
-        return []  # states, interim transcripts, metrics and ReplyAudioEnd (its tail goes at TurnEnd)
+            case ev.ReplyAudioEnd():
+                self.last_reply_samples = event.samples  # its 24 kHz tail goes out at TurnEnd
+        return []  # states, interim transcripts and metrics
 
     def _find(self, turn: int, *, silent: bool = False) -> tuple[Response | None, list[rt.ServerEvent]]:
         """The response of `turn`; a new turn of the core is the next one asked for (a turn that
