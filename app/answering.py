@@ -2,18 +2,27 @@
 transcribing it (if spoken), building the messages from the history, and running the reply pipeline
 (app/pipeline.py); whatever happens, the turn ends with exactly one TurnEnd, its metrics, and the
 history updated with what was heard.
+
+A turn may also be answered on speculation, from the first pause in the user's speech: it runs as
+usual, but behind a closed Gate, so nothing of it is sent, shown or remembered. If the turn then
+ends with exactly that audio, the queue adopts the running answer and opens its gate; if the user
+goes on speaking, it is cancelled (its worker jobs with it) and leaves no trace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import events as ev
+from .llm import Message
 from .pipeline import StageError, make_reply
 from .reply import Reply
 
@@ -30,6 +39,56 @@ class PendingTurn:
     t_decided: float  # when the end of the turn was decided
     audio: np.ndarray | None = None
     text: str | None = None
+    # A guess reports here how likely its words end the turn (None: no words, or no way to judge).
+    on_words: Callable[[float | None], None] | None = None
+
+    def words_judged(self, probability: float | None) -> None:
+        """Report once: a guess that fails or stops early reports None from its `finally`."""
+        if self.on_words is not None:
+            report, self.on_words = self.on_words, None
+            report(probability)
+
+
+class Gate:
+    """A turn's way out to the conversation (events, state, playback clock): open, or closed while
+    the turn is a guess, holding what it would have done until open() or discard()."""
+
+    def __init__(self, *, closed: bool = False) -> None:
+        self._held: list[Callable[[], None]] | None = [] if closed else None
+        self._verdict: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if not closed:
+            self._verdict.set_result(True)
+
+    def do(self, fn: Callable[..., object], *args: object) -> None:
+        if self._held is None:
+            fn(*args)
+        elif not self._verdict.done():
+            self._held.append(functools.partial(fn, *args))
+
+    def open(self) -> None:
+        held, self._held = self._held or [], None
+        self._verdict.set_result(True)
+        for action in held:
+            action()
+
+    def discard(self) -> None:
+        self._held = []
+        if not self._verdict.done():
+            self._verdict.set_result(False)
+
+    async def confirmed(self) -> bool:
+        """True once open (at once if it never was closed); False if the guess was discarded."""
+        return await asyncio.shield(self._verdict)
+
+
+@dataclass
+class Guess:
+    """A turn answered on speculation: its task runs behind its closed gate."""
+
+    turn: PendingTurn
+    reply: Reply
+    gate: Gate
+    task: asyncio.Task[None]
 
 
 class Answering:
@@ -39,6 +98,7 @@ class Answering:
         self._current: asyncio.Task[None] | None = None
         self._active: tuple[PendingTurn, Reply] | None = None  # the turn being answered
         self._cut: tuple[str, int | None] | None = None  # why the running turn was cancelled
+        self._guess: Guess | None = None
 
     @property
     def busy(self) -> bool:
@@ -53,6 +113,40 @@ class Answering:
             self._c.emit(ev.error("turn_dropped", dropped.id))
             self._c.emit(ev.TurnEnd(dropped.id, "interrupted"))
         self._queue.put_nowait(turn)
+
+    def speculate(self, turn: PendingTurn) -> None:
+        """Start answering `turn`, the user's speech up to a pause, before the turn is certain to be
+        over; only when nothing else is being answered or waiting (its answer would wait anyway)."""
+        self.drop_guess()
+        if self.busy or not self._queue.empty():
+            turn.words_judged(None)
+            return
+        gate, reply = Gate(closed=True), Reply(self._c.engines.tts.sample_rate)
+        task = asyncio.create_task(self._answer(turn, reply, gate))
+        self._guess = Guess(turn, reply, gate, task)
+
+    def drop_guess(self) -> None:
+        """The user went on speaking: the guess was wrong."""
+        if (guess := self._guess) is not None:
+            self._guess = None
+            guess.gate.discard()
+            guess.task.cancel()
+            self._c.metrics.speculations.labels("dropped").inc()
+
+    def _adopt_guess(self, turn: PendingTurn) -> Guess | None:
+        """The running guess, if it answers exactly this turn's audio (else it is dropped)."""
+        guess = self._guess
+        if (guess is None or guess.task.done() or guess.turn.id != turn.id or turn.audio is None
+                or guess.turn.audio is None or not np.array_equal(guess.turn.audio, turn.audio)):
+            self.drop_guess()
+            return None
+        self._guess = None
+        self._c.metrics.speculations.labels("used").inc()
+        guess.turn.t_speech_end, guess.turn.t_decided = turn.t_speech_end, turn.t_decided
+        guess.reply.marks["end_of_turn"] = turn.t_decided
+        if "first_audio" in guess.reply.marks:  # made while held: the page gets it from now on
+            guess.reply.marks["first_audio"] = time.perf_counter()
+        return guess
 
     def drop_queued(self) -> list[int]:
         """Take every turn still waiting out of the queue; returns their ids."""
@@ -75,42 +169,52 @@ class Answering:
             while True:
                 turn = await self._queue.get()
                 self._cut = None
-                self._active = (turn, Reply(self._c.engines.tts.sample_rate))
-                self._current = asyncio.create_task(self._answer(*self._active))
+                if (guess := self._adopt_guess(turn)) is not None:
+                    self._active, self._current = (guess.turn, guess.reply), guess.task
+                    guess.gate.open()
+                else:
+                    self._active = (turn, Reply(self._c.engines.tts.sample_rate))
+                    self._current = asyncio.create_task(self._answer(*self._active, Gate()))
                 await asyncio.wait({self._current})  # an interrupt cancels only this turn
                 self._current, self._active = None, None
                 self._c.set_state(self._c.resting_state())
         finally:
+            self.drop_guess()
             if self._current is not None:
                 self._current.cancel()
                 await asyncio.wait({self._current})  # its TurnEnd and metrics still count
 
-    async def _answer(self, turn: PendingTurn, reply: Reply) -> None:
+    async def _answer(self, turn: PendingTurn, reply: Reply, gate: Gate) -> None:
+        c = self._c
         reply.marks["end_of_turn"] = turn.t_decided
         reason, user_text = "completed", turn.text
         try:
-            self._c.set_state("thinking")
+            gate.do(c.set_state, "thinking")
             if user_text is None:
                 user_text = await self._transcribe(turn.audio)
                 reply.mark("transcript")
             if not user_text:
                 reason = "no_speech"
                 return
-            self._c.emit(ev.Transcript(turn.id, user_text))
-            await self._reply(turn.id, user_text, reply)
+            gate.do(c.emit, ev.Transcript(turn.id, user_text))
+            await self._reply(turn, user_text, reply, gate)
         except asyncio.CancelledError:
             reason = "interrupted"
         except StageError as exc:
             reason = "error"
-            log.error("conversation %s turn %d: %s failed: %s", self._c.id, turn.id, exc.stage, exc,
+            log.error("conversation %s turn %d: %s failed: %s", c.id, turn.id, exc.stage, exc,
                       exc_info=exc.__cause__)
-            self._c.emit(ev.error(f"{exc.stage}_failed", turn.id))
+            gate.do(c.emit, ev.error(f"{exc.stage}_failed", turn.id))
         except Exception:
             reason = "error"
-            log.exception("conversation %s turn %d failed", self._c.id, turn.id)
-            self._c.emit(ev.error("internal_error", turn.id))
+            log.exception("conversation %s turn %d failed", c.id, turn.id)
+            gate.do(c.emit, ev.error("internal_error", turn.id))
         finally:
-            self._finish(turn, user_text, reply, reason)
+            turn.words_judged(None)  # the listener must not wait for words that will not come
+            # A guess ends only once it is confirmed; a discarded one leaves no trace (its task is
+            # cancelled while it waits here).
+            if await gate.confirmed():
+                self._finish(turn, user_text, reply, reason)
 
     async def _transcribe(self, audio: np.ndarray | None) -> str:
         engines = self._c.engines
@@ -119,22 +223,38 @@ class Answering:
         except Exception as exc:
             raise StageError("asr", exc) from exc
 
-    async def _reply(self, turn_id: int, user_text: str, reply: Reply) -> None:
+    async def _words_end_turn(self, messages: list[Message]) -> float | None:
+        """The language model's probability that the user's message is complete (None if it cannot
+        say: a model on a server, or a failure; then the sound alone decides)."""
+        llm = self._c.engines.llm
+        judge = getattr(llm, "end_of_turn_probability", None)
+        if judge is None:
+            return None
+        try:
+            return await self._c.engines.llm_worker.run(judge, messages)
+        except Exception:
+            log.warning("conversation %s: end-of-turn check by the LLM failed", self._c.id, exc_info=True)
+            return None
+
+    async def _reply(self, turn: PendingTurn, user_text: str, reply: Reply, gate: Gate) -> None:
         """The options are read once here: a change sent meanwhile applies from the next reply."""
         c, (options, voice) = self._c, self._c.reply_options()
         messages = c.engines.llm.build_messages(c.memory.history, user_text, options.system_prompt)
         sample_rate = c.engines.tts.sample_rate
+        if turn.on_words is not None:
+            turn.words_judged(await self._words_end_turn(messages))
 
-        def on_audio(chunk: np.ndarray, first: bool) -> None:
+        def sent(chunk: np.ndarray, first: bool) -> None:
             if first:
-                c.emit(ev.ReplyAudioStart(turn_id, sample_rate))
+                c.emit(ev.ReplyAudioStart(turn.id, sample_rate))
                 c.set_state("speaking")
-            c.emit(ev.ReplyAudio(turn_id, chunk, sample_rate))
+            c.emit(ev.ReplyAudio(turn.id, chunk, sample_rate))
             c.playback_end = reply.playback_end()
 
         await make_reply(
             c.engines, messages, reply, temperature=options.temperature, voice=voice,
-            on_text=lambda piece: c.emit(ev.ReplyText(turn_id, piece)), on_audio=on_audio,
+            on_text=lambda piece: gate.do(c.emit, ev.ReplyText(turn.id, piece)),
+            on_audio=lambda chunk, first: gate.do(sent, chunk, first), confirmed=gate.confirmed,
         )
         if not reply.phrases:
             raise StageError("llm", RuntimeError("it returned an empty reply"))

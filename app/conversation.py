@@ -6,12 +6,14 @@ Listener (app/listening.py) finds it in the PCM and calls speech_turn(); the tur
 (app/answering.py) transcribes it, builds the messages from the history and runs the reply pipeline
 (app/pipeline.py), whose text and audio come back here as events, and always ends it with a
 TurnEnd. Speech that starts while the assistant thinks or talks cuts the reply off (barge-in); the
-history keeps only what was heard (app/memory.py).
+history keeps only what was heard (app/memory.py). At a pause in the user's speech the turn is
+answered on speculation, unseen until the turn is confirmed (paused(), resumed()).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -137,7 +139,7 @@ class Conversation:
         """A new recording: feed its PCM to the listener this returns."""
         self.stop_listening()
         turns = self.engines.settings.turns
-        self._listener = Listener(self, self.engines.vad_model, turns, self.options)
+        self._listener = Listener(self, self.engines.vad_model, turns, self.options, self.engines.smart_turn)
         if not self._answering.busy:
             self.set_state("listening")
         return self._listener
@@ -171,6 +173,7 @@ class Conversation:
         """New conversation: stop the reply, drop queued turns, forget the history."""
         for turn_id in self._answering.drop_queued():
             self.emit(ev.TurnEnd(turn_id, "interrupted"))
+        self._answering.drop_guess()
         self.interrupt(None, cause="reset")
         self.memory.forget()
         self._carry = None
@@ -204,10 +207,26 @@ class Conversation:
         if text and self._speaking_turn == turn_id:  # the final transcript has not overtaken it
             self.emit(ev.Transcript(turn_id, text, final=False))
 
-    def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float) -> None:
+    def paused(self, listener: Listener, audio: np.ndarray, t_speech_end: float) -> None:
+        """The user paused: if the turn ends here, `audio` is all of it. Transcribe it and start the
+        reply now, held back until speech_turn() confirms it; the listener gets the language
+        model's opinion of the words for its end-of-turn decision (None: none coming)."""
+        turn_id = self._speaking_turn
+        if turn_id is None or self._carry is not None or not self.engines.settings.turns.speculate:
+            listener.words_judged(audio, None)
+            return
+        judged = functools.partial(listener.words_judged, audio)
+        self._answering.speculate(PendingTurn(turn_id, t_speech_end, t_speech_end, audio=audio, on_words=judged))
+
+    def resumed(self) -> None:
+        """The user went on after a pause: the guess is void."""
+        self._answering.drop_guess()
+
+    def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float, ended_by: str = "silence") -> None:
         turn_id, self._speaking_turn = self._speaking_turn or next(self._turn_ids), None
         if self._carry is not None:  # the user had paused, not finished: answer both parts
             audio, self._carry = np.concatenate([self._carry, CARRY_GAP, audio]), None
+        self.metrics.end_of_turn.labels(ended_by).inc()
         self.emit(ev.SpeechStopped())
         self._answering.add(PendingTurn(turn_id, t_speech_end, t_decided, audio=audio))
 

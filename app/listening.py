@@ -1,11 +1,13 @@
 """Listening to one recording: its 16 kHz PCM goes through Silero VAD and the end-of-turn rules on a
-thread of its own, and what they find (speech started, an interim snapshot, a finished turn, the end
-of the recording) is handed to the conversation on its event loop.
+thread of its own, and what they find (speech started, an interim snapshot, a pause, speech after
+it, a finished turn, the end of the recording) is handed to the conversation on its event loop.
+At a pause, Smart Turn judges on this thread whether the turn is finished.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -16,17 +18,38 @@ import numpy as np
 
 from .audio import ASR_RATE
 from .events import Options
-from .turns import Event, StreamingVad, TurnDetector, TurnSettings
+from .turns import WINDOW, Event, StreamingVad, TurnDetector, TurnSettings
 
 if TYPE_CHECKING:
     import onnxruntime
 
     from .conversation import Conversation
+    from .smart_turn import SmartTurn
+
+log = logging.getLogger(__name__)
 
 
 class _End:
     def __init__(self, error: str | None) -> None:
         self.error = error
+
+
+class _Words:
+    def __init__(self, audio: np.ndarray, probability: float | None) -> None:
+        self.audio = audio
+        self.probability = probability
+
+
+class _Judgement:
+    """Both opinions on one paused candidate turn: its sound (Smart Turn) and its words (the LLM).
+    NOT_YET: that opinion has not arrived; None: there will be none."""
+
+    NOT_YET = -1.0
+
+    def __init__(self, audio: np.ndarray, sound: float | None) -> None:
+        self.audio = audio
+        self.sound = sound
+        self.words: float | None = self.NOT_YET
 
 
 class Listener:
@@ -38,14 +61,18 @@ class Listener:
         vad_model: onnxruntime.InferenceSession,
         settings: TurnSettings,
         options: Options,
+        smart_turn: SmartTurn | None = None,
     ) -> None:
         self._conversation = conversation
         self._loop = asyncio.get_running_loop()
         # A VAD state of its own: the previous recording's thread may still be draining.
         self.detector = TurnDetector(settings, StreamingVad(vad_model))
+        self._smart_turn = smart_turn if settings.end_of_turn == "smart" else None
+        self._settings = settings
+        self._judgement: _Judgement | None = None  # of the candidate turn at the current pause
         self.apply(options)
         self.turns_found = 0
-        self._inbox: queue.SimpleQueue[np.ndarray | _End] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[np.ndarray | _Words | _End] = queue.SimpleQueue()
         threading.Thread(target=self._run, name="listener", daemon=True).start()
 
     def apply(self, options: Options) -> None:
@@ -58,16 +85,26 @@ class Listener:
         """More of the recording: mono float32 at 16 kHz."""
         self._inbox.put(pcm)
 
+    def words_judged(self, audio: np.ndarray, probability: float | None) -> None:
+        """The language model's probability that the words of the candidate `audio` end the turn
+        (None: it has no opinion); from the conversation, on its event loop."""
+        self._inbox.put(_Words(audio, probability))
+
     def end(self, error: str | None = None) -> None:
         """The recording is over (with why, if it could not be read); speech in progress ends its turn."""
         self._inbox.put(_End(error))
 
     def _run(self) -> None:
         while not isinstance(item := self._inbox.get(), _End):
+            if isinstance(item, _Words):
+                self._words(item)
+                continue
             # While the assistant speaks, only confident speech counts (its own voice may leak in).
             self.detector.strict = time.perf_counter() < self._conversation.playback_end
-            for event in self.detector.feed(item):
-                self._report(event)
+            # One VAD window at a time, so a pause is judged before the audio after it is heard.
+            for start in range(0, len(item), WINDOW):
+                for event in self.detector.feed(item[start : start + WINDOW]):
+                    self._report(event)
         if (event := self.detector.flush()) is not None:
             self._report(event)
         self._post(self._conversation.recording_ended, self, item.error)
@@ -77,16 +114,56 @@ class Listener:
             self._post(self._conversation.speech_started)
         elif event is Event.INTERIM:
             self._post(self._conversation.interim, self.detector.snapshot())
+        elif event is Event.PAUSED:
+            audio, speech_end = self.detector.candidate()
+            self._post(self._conversation.paused, self, audio, self._time_of(speech_end))
+            if self._smart_turn is not None:
+                self._judgement = _Judgement(audio, self._sound(audio))
+        elif event is Event.RESUMED:
+            self._judgement = None
+            self._post(self._conversation.resumed)
         else:
+            self._judgement = None
             self.turns_found += 1
-            audio, speech_end = self.detector.take_turn()
-            now = time.perf_counter()
-            # The stream runs in real time, so the speech ended as long ago as the audio after it.
-            t_speech_end = now - (self.detector.position - speech_end) / ASR_RATE
-            self._post(self._conversation.speech_turn, audio, t_speech_end, now)
+            audio, speech_end, ended_by = self.detector.take_turn()
+            self._post(self._conversation.speech_turn, audio, self._time_of(speech_end), time.perf_counter(),
+                       ended_by)
+
+    def _time_of(self, position: int) -> float:
+        """perf_counter() of a stream position: the stream runs in real time, so it was as long
+        ago as the audio heard after it."""
+        return time.perf_counter() - (self.detector.position - position) / ASR_RATE
+
+    def _sound(self, audio: np.ndarray) -> float | None:
+        """Smart Turn's probability that the paused turn is finished (None if it failed: then only
+        the longer silence ends the turn)."""
+        try:
+            return self._smart_turn.probability(audio)  # type: ignore[union-attr]
+        except Exception:
+            log.warning("Smart Turn failed; the turn ends after the longer silence", exc_info=True)
+            return None
+
+    def _words(self, words: _Words) -> None:
+        judgement = self._judgement
+        if judgement is None or judgement.audio is not words.audio:
+            return  # a pause the user has already talked over
+        judgement.words = words.probability
+        log.debug("end of turn at a pause: sound %s, words %s", judgement.sound, judgement.words)
+        if finished(judgement.sound, judgement.words, self._settings) and self.detector.paused:
+            self._judgement = None
+            self._report(self.detector.end_now())
 
     def _post(self, fn: Callable[..., object], *args: object) -> None:
         try:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is gone: the conversation has ended
             pass
+
+
+def finished(sound: float | None, words: float | None, settings: TurnSettings) -> bool:
+    """The end-of-turn rule at a pause: the sound must say finished (Smart Turn), and so must the
+    words when the language model has judged them (a finished-sounding clause like "if the weather
+    holds" is not a finished sentence). Anything less waits for the longer silence."""
+    if sound is None or sound < settings.smart_turn_threshold:
+        return False
+    return words is None or words >= settings.words_threshold

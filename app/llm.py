@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Literal
 
 import msgspec
+import numpy as np
 
 from . import models
 
@@ -219,6 +220,30 @@ class ChatModel(ContextWindow):
         # which starts with the same prompt, evaluates only its own words, like every later turn.
         for _ in self.stream_reply(self.build_messages([], "Hi")):
             break
+
+    def end_of_turn_probability(self, messages: list[Message]) -> float:
+        """How likely the model thinks the last (user) message ends where it does: the probability
+        of the template's end-of-message token right after its text (LiveKit's turn detector asks
+        a small LM the same). Evaluates the prompt up to there, which is also the head of the
+        reply's prompt: llama.cpp keeps it, so the reply that follows re-evaluates none of it."""
+        text = self._format(messages=messages).prompt
+        cut = text.rfind(messages[-1]["content"]) + len(messages[-1]["content"])
+        head = self._llama.tokenize(text[:cut].encode(), add_bos=False, special=True)
+        end_token = self._llama.tokenize(text[cut:].encode(), add_bos=False, special=True)[0]
+        logits = self._next_token_logits(head)
+        probs = np.exp(logits - logits.max())
+        return float(probs[end_token] / probs.sum())
+
+    def _next_token_logits(self, tokens: list[int]) -> np.ndarray:
+        llama = self._llama
+        kept = 0  # the longest prefix llama.cpp already holds; at least the last token is evaluated
+        for held, new in zip(llama.input_ids[: llama.n_tokens], tokens[:-1], strict=False):
+            if held != new:
+                break
+            kept += 1
+        llama.n_tokens = kept
+        llama.eval(tokens[kept:])
+        return np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)).astype(np.float64)
 
 
 def system_prompt_budget(settings: LlmSettings, room: int) -> int:

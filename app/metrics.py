@@ -30,6 +30,11 @@ class Metrics:
         self.errors = Counter("voice_errors", "Error events sent, by code", ["code"], registry=self.registry)
         self.sessions = Gauge("voice_sessions_active", "Open WebSocket sessions", registry=self.registry)
         self.barge_ins = Counter("voice_barge_ins", "Replies cut off by the user", registry=self.registry)
+        self.end_of_turn = Counter("voice_end_of_turn", "Spoken turns ended, by what ended them: smart (Smart "
+                                   "Turn at a pause), silence, length, released", ["by"], registry=self.registry)
+        self.speculations = Counter("voice_speculations", "Turns answered from the first pause on, by "
+                                    "outcome: used, or dropped because the user went on", ["outcome"],
+                                    registry=self.registry)
         self.dropped_audio = Counter("voice_dropped_audio", "Replies whose audio was dropped: the client "
                                      "did not read it (limits.max_outgoing_bytes)", registry=self.registry)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -36,13 +36,16 @@ async def make_reply(
     voice: object | None,
     on_text: Callable[[str], None],
     on_audio: Callable[[np.ndarray, bool], None],
+    confirmed: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
     """Write and speak the reply to `messages`. on_text gets each piece of text; on_audio each
-    int16 chunk of voice and whether it is the reply's first. Raises StageError."""
+    int16 chunk of voice and whether it is the reply's first. A reply to a turn that is not yet
+    certain (app/answering.py) speaks its first phrase, then awaits `confirmed()` before the next.
+    Raises StageError."""
     phrases: asyncio.Queue[str | None] = asyncio.Queue()
     writer = asyncio.create_task(_write(engines, messages, temperature, phrases, reply, on_text))
     try:
-        await _speak(engines, phrases, voice, reply, on_audio)
+        await _speak(engines, phrases, voice, reply, on_audio, confirmed)
         await writer  # raises what the LLM raised
     finally:
         writer.cancel()
@@ -81,8 +84,11 @@ async def _speak(
     voice: object | None,
     reply: Reply,
     on_audio: Callable[[np.ndarray, bool], None],
+    confirmed: Callable[[], Awaitable[bool]] | None,
 ) -> None:
     while (phrase := await phrases.get()) is not None:
+        if reply.phrases and confirmed is not None and not await confirmed():
+            raise asyncio.CancelledError  # the guess was wrong (its task is being cancelled too)
         make = functools.partial(_tts_job, engines.tts, phrase, voice)
         try:
             async for chunk in engines.tts_worker.stream(make):

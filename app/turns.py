@@ -1,10 +1,16 @@
-"""Voice activity and end of turn: Silero VAD (the copy faster-whisper ships) run as a stream."""
+"""Voice activity and end of turn: Silero VAD (the copy faster-whisper ships) run as a stream.
+
+A turn starts with sustained speech. It ends after `end_silence_ms` of silence, or, with the
+"smart" rule, sooner: at the first `pause_ms` of silence the detector reports a PAUSED candidate
+turn, which Smart Turn (app/smart_turn.py, run by the listener) may judge finished (end_now()).
+"""
 
 from __future__ import annotations
 
 import os
 from collections import deque
 from enum import Enum
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -15,6 +21,8 @@ from .audio import ASR_RATE
 
 WINDOW = 512  # samples per VAD step at 16 kHz (32 ms), fixed by the model
 CONTEXT = 64  # samples of the previous window the model sees before each step
+# What ended a turn: Smart Turn at a pause, the longest silence, the length cap, or the recording's end.
+EndedBy = Literal["smart", "silence", "length", "released"]
 NEVER = 1 << 62  # an end-of-silence no stream reaches: push-to-talk turns end at flush() only
 
 
@@ -22,7 +30,18 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     speech_threshold: float = 0.5  # probability that counts as speech
     silence_threshold: float = 0.35  # below this counts as silence (hysteresis)
     min_speech_ms: int = 250  # shorter bursts (clicks, coughs) never start a turn
-    end_silence_ms: int = 500  # this much silence after speech ends the turn (hands-free)
+    # How a hands-free turn ends. "smart": after pause_ms of silence Smart Turn judges from the audio
+    # whether the sentence is finished and, if so, ends the turn there; "silence": only the rule below.
+    end_of_turn: Literal["smart", "silence"] = "smart"
+    pause_ms: int = 200  # the short silence at which Smart Turn judges and speculation starts
+    smart_turn_threshold: float = 0.5  # Smart Turn's probability that counts as "finished"
+    # With speculation, the LLM also reads the transcript: the probability it gives its end-of-message
+    # token right after the user's words must reach this (an unfinished clause scores ~0.000).
+    words_threshold: float = 0.01
+    end_silence_ms: int = 1600  # this much silence always ends the turn (with "silence", the only rule)
+    # At the first pause, transcribe the turn and start the reply on the worker threads, held back
+    # until the turn is confirmed (dropped if the person goes on): see app/answering.py.
+    speculate: bool = True
     pad_ms: int = 200  # audio kept before the first and after the last speech window
     max_turn_s: float = 30.0  # endless speech is cut into turns of at most this length
     # While the assistant talks, its own voice may leak back through the microphone; only
@@ -38,6 +57,11 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("need speech_threshold <= barge_in_threshold < 1")
         if self.end_silence_ms < 100 or self.min_speech_ms < 0 or self.max_turn_s < 1:
             raise ValueError("end_silence_ms >= 100, min_speech_ms >= 0, max_turn_s >= 1")
+        if self.pause_ms < self.pad_ms:
+            # A candidate cut at the pause must hold the same audio as the turn that ends later.
+            raise ValueError("need pad_ms <= pause_ms")
+        if not 0.0 < self.smart_turn_threshold < 1.0:
+            raise ValueError("smart_turn_threshold must be between 0 and 1")
 
 
 def load_vad_model() -> onnxruntime.InferenceSession:
@@ -77,6 +101,8 @@ class StreamingVad:
 class Event(Enum):
     SPEECH_STARTED = "speech_started"
     INTERIM = "interim"  # enough new speech for another interim transcript: see snapshot()
+    PAUSED = "paused"  # pause_ms of silence: see candidate(); the turn may end now (end_now())
+    RESUMED = "resumed"  # speech again after PAUSED: the candidate is void
     TURN_ENDED = "turn_ended"
 
 
@@ -84,7 +110,8 @@ class TurnDetector:
     """Turns a 16 kHz stream into user turns: speech start, then enough silence ends it.
 
     feed() returns the events that the new audio caused; after TURN_ENDED, `take_turn()` gives
-    the turn's audio and where in the stream its speech ended (for latency metrics).
+    the turn's audio and where in the stream its speech ended (for latency metrics). After PAUSED,
+    candidate() is what take_turn() would give if the turn ended now, and end_now() ends it.
     """
 
     def __init__(self, settings: TurnSettings, vad: StreamingVad, *, push_to_talk: bool = False) -> None:
@@ -107,6 +134,9 @@ class TurnDetector:
         attribute write that _step() reads once per window."""
         ms = self.settings.end_silence_ms if end_silence_ms is None else end_silence_ms
         self._end_silence = NEVER if push_to_talk else ms * (ASR_RATE // 1000)
+        # A pause only means something when silence can end the turn at all, and before it does.
+        pause = self.settings.pause_ms * (ASR_RATE // 1000)
+        self._pause = NEVER if push_to_talk or pause >= self._end_silence else pause
 
     def reset(self) -> None:
         self._vad.reset()
@@ -118,10 +148,11 @@ class TurnDetector:
         self._run_confidence = 0.0  # sum of their speech probabilities
         self._silence_run = 0
         self.in_speech = False
+        self.paused = False  # PAUSED was reported and no speech came since
         self._speech_end_at = 0
         self._next_interim = 0
         # Finished turns not yet taken, oldest first: one feed() of a long block can end several.
-        self._finished: deque[tuple[np.ndarray, int]] = deque()
+        self._finished: deque[tuple[np.ndarray, int, EndedBy]] = deque()
 
     def feed(self, pcm: np.ndarray) -> list[Event]:
         events: list[Event] = []
@@ -143,11 +174,17 @@ class TurnDetector:
         if prob >= self.settings.silence_threshold:
             self._silence_run = 0
             self._speech_end_at = self.position
+            if self.paused:
+                self.paused = False
+                return Event.RESUMED
         else:
             self._silence_run += WINDOW
         turn_len = len(self._turn) * WINDOW
         if self._silence_run >= self._end_silence or turn_len >= self._max_turn:
-            return self._finish()
+            return self._finish("silence" if self._silence_run >= self._end_silence else "length")
+        if not self.paused and self._silence_run >= self._pause:
+            self.paused = True
+            return Event.PAUSED
         if self._interim_every and self._silence_run == 0 and turn_len >= self._next_interim:
             self._next_interim = turn_len + self._interim_every
             return Event.INTERIM
@@ -180,15 +217,26 @@ class TurnDetector:
     def flush(self) -> Event | None:
         """The stream ended (push-to-talk released): a turn in progress ends now."""
         if self.in_speech:
-            return self._finish()
+            return self._finish("released")
         return None
 
-    def _finish(self) -> Event:
+    def end_now(self) -> Event:
+        """End the turn in progress here (Smart Turn judged the paused candidate finished)."""
+        assert self.in_speech, "end_now() without a turn in progress"
+        return self._finish("smart")
+
+    def candidate(self) -> tuple[np.ndarray, int]:
+        """(audio, speech end) of the turn in progress as if it ended now: the same samples
+        take_turn() gives if it does end without more speech."""
         trailing_silence = self.position - self._speech_end_at
         keep = len(self._turn) * WINDOW - max(0, trailing_silence - self._pad)
         audio = np.concatenate(self._turn)[:keep] if self._turn else np.zeros(0, np.float32)
-        self._finished.append((audio, self._speech_end_at))
+        return audio, self._speech_end_at
+
+    def _finish(self, ended_by: EndedBy) -> Event:
+        self._finished.append((*self.candidate(), ended_by))
         self.in_speech = False
+        self.paused = False
         self._turn = []
         self._speech_run, self._run_confidence = 0, 0.0
         self._silence_run = 0
@@ -198,7 +246,8 @@ class TurnDetector:
         """The audio of the turn in progress so far (for an interim transcript)."""
         return np.concatenate(self._turn) if self._turn else np.zeros(0, np.float32)
 
-    def take_turn(self) -> tuple[np.ndarray, int]:
-        """(audio of the finished turn, stream position in samples where its speech ended)."""
+    def take_turn(self) -> tuple[np.ndarray, int, EndedBy]:
+        """(audio of the finished turn, stream position in samples where its speech ended, and
+        what ended it)."""
         assert self._finished, "take_turn() without a TURN_ENDED event"
         return self._finished.popleft()

@@ -1,8 +1,14 @@
-"""Voice-to-voice latency of whole spoken turns, measured like a browser would experience it.
+"""Voice-to-voice latency of whole spoken turns, measured like a browser would experience it, under two
+end-of-turn rules in one run: the old one (a fixed 500 ms of silence, nothing started before it) and
+the new one (Smart Turn and the LLM's reading of the words at a 200 ms pause, with the transcript
+and the reply started there on speculation).
 
-Streams spoken questions as WebM/Opus in real time (100 ms pieces) over the WebSocket, and
-times end of the user's speech -> first reply PCM received. Prints a table and the median,
-and writes JSON. By default it starts the app in-process on the cpu preset:
+Streams spoken questions as WebM/Opus in real time (100 ms pieces) over the WebSocket, and times
+end of the user's speech -> first reply PCM received (the page starts playing a chunk this long at
+once). Then sentences from a real recording with a 0.6-1.0 s pause in the middle: were they cut in
+two, and how much later does their answer come. Last, every pause of every clip judged offline (sound,
+words, both) against whether the speaker had finished: the confusion counts. Prints a table, both
+medians and their ratio, and writes JSON. It starts the app in-process on the cpu preset:
 
     uv run python benchmarks/bench_latency.py --turns 5 --out bench-results/latency.json
 """
@@ -20,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from websockets.sync.client import connect
 
-from app.audio import ASR_RATE, read_audio_file
-from tests.support import encode_webm_opus, serving, speak
+from app.audio import ASR_RATE
+from tests.support import encode_webm_opus, recording, serving, speak
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -43,13 +49,38 @@ def spoken_questions(n: int) -> list[tuple[str, np.ndarray]]:
 def start_local_server(preset: str, stack: ExitStack) -> str:
     """Load the preset and serve it in this process until `stack` closes; returns its /ws URL."""
     from app.config import load_settings
-    from app.server import create_app
     from app.startup import load_and_warm
 
     settings = load_settings(preset)
     engines = stack.enter_context(closing(load_and_warm(settings)))
-    base = stack.enter_context(serving(create_app(settings, engines)))
+    return serve(engines, stack)
+
+
+def serve(engines, stack: ExitStack) -> str:
+    """Serve `engines` in this process until `stack` closes; returns its /ws URL."""
+    from app.server import create_app
+
+    base = stack.enter_context(serving(create_app(engines.settings, engines)))
     return base.replace("http", "ws", 1) + "/ws"
+
+
+OLD_RULE = {"end_of_turn": "silence", "end_silence_ms": 500, "speculate": False}
+
+
+def start_both_rules(preset: str, stack: ExitStack):
+    """One set of models, served twice: with the old end-of-turn rule and with the new (default)
+    one. Returns (the new rule's engines, {rule: /ws URL}); turns are run one at a time."""
+    import msgspec
+
+    from app.config import load_settings
+    from app.engines import Engines
+    from app.startup import load_and_warm
+
+    new = stack.enter_context(closing(load_and_warm(load_settings(preset))))
+    turns = msgspec.structs.replace(new.settings.turns, **OLD_RULE)
+    old = Engines(msgspec.structs.replace(new.settings, turns=turns), new.asr, new.llm, new.tts)
+    stack.callback(old.close)
+    return new, {"old": serve(old, stack), "new": serve(new, stack)}
 
 
 def speech_end_seconds(pcm: np.ndarray) -> float:
@@ -119,34 +150,198 @@ def run_turns(url: str, turns: list[tuple[str, np.ndarray]], silence: float) -> 
     return results
 
 
+# ------------------------------------------------------------ sentences with a pause in the middle
+
+# JFK's speech in the repo's recording (seconds): "And so my fellow Americans" 0.3-2.3, "ask" 3.3-3.75,
+# "not" 4.0-4.4, "what your country can do for you" 5.45-7.65, "ask what you can do for your country"
+# 8.25-10.55. Each case: the parts of one sentence, and the pause put between them (the recording's
+# own room tone). The speaker goes on after every pause: cutting there is always wrong.
+PAUSE_CASES = [
+    ("ask not | what your country can do for you", [(3.2, 4.45), (5.4, 7.75)], [0.6]),
+    ("ask not | what your country can do for you", [(3.2, 4.45), (5.4, 7.75)], [0.8]),
+    ("ask not | what your country can do for you", [(3.2, 4.45), (5.4, 7.75)], [1.0]),
+    ("And so my fellow Americans | ask not | what your country can do for you",
+     [(0.0, 2.35), (3.2, 4.45), (5.4, 7.75)], [0.8, 0.7]),
+    ("ask not what your country can do for you | ask what you can do for your country",
+     [(3.2, 4.45), (5.4, 7.7), (8.2, 10.6)], [0.15, 0.9]),
+    ("And so my fellow Americans | ask not what your country can do for you",
+     [(0.0, 2.35), (3.2, 4.45), (5.4, 7.75)], [1.0, 0.15]),
+]
+ROOM_TONE = (2.45, 3.15)  # the recording's own quiet between "Americans" and "ask"
+
+
+def pause_cases() -> list[tuple[str, np.ndarray, list[float]]]:
+    """(words, 16 kHz audio, seconds into it where each real pause ends) of every case."""
+    pcm = recording("jfk.flac")
+    tone = pcm[int(ROOM_TONE[0] * ASR_RATE) : int(ROOM_TONE[1] * ASR_RATE)]
+    cases = []
+    for words, parts, pauses in PAUSE_CASES:
+        pieces, resumes, length = [], [], 0
+        for i, (a, b) in enumerate(parts):
+            pieces.append(pcm[int(a * ASR_RATE) : int(b * ASR_RATE)])
+            length += len(pieces[-1])
+            if i < len(pauses):
+                fill = np.resize(tone, int(pauses[i] * ASR_RATE))
+                pieces.append(fill)
+                length += len(fill)
+                if pauses[i] >= 0.5:  # a thinking pause, not the short gap that joins two parts
+                    resumes.append(length / ASR_RATE)
+        cases.append((words, np.concatenate(pieces), resumes))
+    return cases
+
+
+def run_paused_sentence(ws, speech: np.ndarray, resumes: list[float], trailing_silence: float) -> dict:
+    """Speak a sentence with pauses in real time; it was cut if the server ended a turn before the
+    speech after a pause had begun. Waits until every turn it found has ended."""
+    audio = np.concatenate([speech, np.zeros(int(trailing_silence * ASR_RATE), np.float32)])
+    pieces = encode_webm_opus(audio, ASR_RATE, piece_ms=100)
+    ws.send(json.dumps({"type": "audio_start"}))
+    t_start = time.perf_counter()
+    sender = threading.Thread(target=send_in_real_time, args=(ws, pieces, t_start))
+    sender.start()
+    arrivals: list[tuple[float, dict | None]] = []  # (perf_counter, event or None for audio)
+    while sender.is_alive() or _open_turns(arrivals):
+        try:
+            message = ws.recv(timeout=0.2)
+        except TimeoutError:
+            continue
+        arrivals.append((time.perf_counter(), None if isinstance(message, bytes) else json.loads(message)))
+    sender.join()
+    ws.send(json.dumps({"type": "audio_stop"}))
+    stops = [t - t_start for t, e in arrivals if e and e["type"] == "speech_stopped"]
+    t_speech_end = t_start + speech_end_seconds(speech)
+    first_audio = next((t for t, e in arrivals if e is None and t > t_speech_end), None)
+    ends = [e for _, e in arrivals if e and e["type"] == "turn_end"]
+    return {
+        "cut": any(stop < resume for stop in stops for resume in resumes),
+        "turns": len(ends),
+        "transcripts": [e["text"] for _, e in arrivals if e and e["type"] == "transcript" and e["final"]],
+        "voice_to_voice_ms": None if first_audio is None else round((first_audio - t_speech_end) * 1000, 1),
+    }
+
+
+def _open_turns(arrivals: list[tuple[float, dict | None]]) -> bool:
+    events = [e["type"] for _, e in arrivals if e]
+    return events.count("speech_started") > events.count("turn_end")
+
+
+# ------------------------------------------------------------ every pause, judged offline
+
+
+def judge_pauses(engines, clips: list[tuple[str, np.ndarray]]) -> dict:
+    """Feed each clip to a turn detector; at every 200 ms pause ask Smart Turn (sound) and the LLM
+    (words, on Whisper's transcript of the candidate) whether the turn is finished. Only a clip's
+    last pause is the speaker's real end. Returns the confusion counts of each rule, and the rows."""
+    from app.listening import finished
+    from app.turns import WINDOW, Event, StreamingVad, TurnDetector
+
+    settings, rows = engines.settings.turns, []
+    for name, pcm in clips:
+        detector = TurnDetector(settings, StreamingVad(engines.vad_model))
+        stream = np.concatenate([pcm, np.zeros(2 * ASR_RATE, np.float32)])
+        found = []
+        for i in range(0, len(stream), WINDOW):
+            if Event.PAUSED in detector.feed(stream[i : i + WINDOW]):
+                found.append(detector.candidate()[0])
+        for n, audio in enumerate(found):
+            text = engines.asr.transcribe(audio)
+            words = engines.llm.end_of_turn_probability(engines.llm.build_messages([], text)) if text else None
+            sound = engines.smart_turn.probability(audio)
+            rows.append({"clip": name, "at_s": round(len(audio) / ASR_RATE, 2), "finished": n == len(found) - 1,
+                         "text": text, "sound": round(sound, 4), "words": None if words is None else round(words, 4),
+                         "fused": finished(sound, words, settings)})
+
+    def confusion(says) -> dict:
+        return {k: sum(1 for r in rows if says(r) == want and r["finished"] == real)
+                for k, want, real in (("ended_finished", True, True), ("waited_finished", False, True),
+                                      ("cut_unfinished", True, False), ("waited_unfinished", False, False))}
+    return {
+        "sound": confusion(lambda r: r["sound"] >= settings.smart_turn_threshold),
+        "words": confusion(lambda r: r["words"] is not None and r["words"] >= settings.words_threshold),
+        "fused": confusion(lambda r: r["fused"]),
+        "pauses": rows,
+    }
+
+
+# ------------------------------------------------------------ the run
+
+
+def stage_medians(results: list[dict]) -> dict:
+    stages = ("end_of_turn_ms", "transcript_ms", "first_token_ms", "first_phrase_ms", "first_audio_ms")
+    out = {}
+    for stage in stages:
+        values = [r["server"][stage] for r in results if r.get("server", {}).get(stage) is not None]
+        out[stage] = statistics.median(values) if values else None
+    return out
+
+
+def median(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", help="ws://host:port/ws of a running server (default: start one)")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--wav", help="speak this recording every turn instead of the questions")
-    parser.add_argument("--silence", type=float, default=2.0, help="seconds sent after speech")
+    parser.add_argument("--silence", type=float, default=2.5, help="seconds sent after speech")
     parser.add_argument("--out", default="bench-results/latency.json")
     args = parser.parse_args()
 
-    if args.wav:
-        turns = [(Path(args.wav).name, read_audio_file(args.wav))] * args.turns
-    else:
-        turns = spoken_questions(args.turns)
+    questions = spoken_questions(args.turns)
+    cases = pause_cases()
+    report: dict = {"questions": {}, "paused_sentences": {}}
     with ExitStack() as stack:
-        url = args.url or start_local_server(args.preset, stack)
-        results = run_turns(url, turns, args.silence)
-    v2v = [r["voice_to_voice_ms"] for r in results if r["voice_to_voice_ms"] is not None]
-    server = [r["server"]["first_audio_ms"] for r in results if r.get("server", {}).get("first_audio_ms")]
-    summary = {
-        "turns": len(results),
-        "median_voice_to_voice_ms": statistics.median(v2v) if v2v else None,
-        "median_server_first_audio_ms": statistics.median(server) if server else None,
-        "end_silence_ms_included": True,
-    }
-    print(json.dumps(summary))
+        engines, urls = start_both_rules(args.preset, stack)
+        socks = {rule: stack.enter_context(connect(url, max_size=None)) for rule, url in urls.items()}
+        for ws in socks.values():
+            ws.recv(timeout=30)  # ready
+        results: dict[str, list[dict]] = {"old": [], "new": []}
+        for text, speech in questions:  # the two rules take turns, so both see the same machine
+            for rule, ws in socks.items():
+                r = run_turn(ws, speech, args.silence)
+                r["question"] = text
+                results[rule].append(r)
+                s = r.get("server", {})
+                print(f"{rule}: {r['voice_to_voice_ms']!s:>8} ms | eot {s.get('end_of_turn_ms')} asr "
+                      f"{s.get('transcript_ms')} token {s.get('first_token_ms')} phrase {s.get('first_phrase_ms')} "
+                      f"audio {s.get('first_audio_ms')} | {r.get('transcript', '')!r}")
+        paused: dict[str, list[dict]] = {"old": [], "new": []}
+        for words, speech, resumes in cases:
+            for rule, ws in socks.items():
+                r = run_paused_sentence(ws, speech, resumes, args.silence)
+                r["sentence"] = words
+                paused[rule].append(r)
+                print(f"{rule}: {'CUT' if r['cut'] else 'whole'} {r['voice_to_voice_ms']!s:>8} ms | {words}")
+        judged = judge_pauses(engines, [(t, s) for t, s in questions] + [(w, s) for w, s, _ in cases])
+
+    for rule in ("old", "new"):
+        report["questions"][rule] = {
+            "median_voice_to_voice_ms": median([r["voice_to_voice_ms"] for r in results[rule]]),
+            "median_stages_ms": stage_medians(results[rule]),
+            "turns": results[rule],
+        }
+        v2v = median([r["voice_to_voice_ms"] for r in paused[rule] if not r["cut"]])
+        report["paused_sentences"][rule] = {
+            "cut": sum(r["cut"] for r in paused[rule]),
+            "of": len(paused[rule]),
+            "median_voice_to_voice_ms_of_whole": v2v,
+            "median_added_delay_ms": None if v2v is None else round(
+                v2v - report["questions"][rule]["median_voice_to_voice_ms"], 1),
+            "sentences": paused[rule],
+        }
+    report["pauses_judged_offline"] = judged
+    old, new = (report["questions"][r]["median_voice_to_voice_ms"] for r in ("old", "new"))
+    report["new_over_old"] = round(new / old, 3) if old and new else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"summary": summary, "turns": results}, indent=2))
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    for rule in ("old", "new"):
+        q, p = report["questions"][rule], report["paused_sentences"][rule]
+        print(f"{rule} rule: median voice-to-voice {q['median_voice_to_voice_ms']} ms, stages {q['median_stages_ms']}; "
+              f"paused sentences cut {p['cut']}/{p['of']}, added delay {p['median_added_delay_ms']} ms")
+    for rule in ("sound", "words", "fused"):
+        print(f"pauses judged by {rule}: {judged[rule]}")
+    print(f"new/old median voice-to-voice: {report['new_over_old']}")
 
 
 if __name__ == "__main__":

@@ -166,3 +166,87 @@ def test_a_long_history_is_cut_to_half_keeping_the_latest_exchanges(engines):
                                         {"role": "assistant", "content": end.reply}]
 
     run(engines, script)
+
+
+# ---------------------------------------------------------------- speculation from the first pause
+
+
+class Judged:
+    """In place of the listener: what the guesses report about their words."""
+
+    def __init__(self) -> None:
+        self.verdicts: list[float | None] = []
+
+    def words_judged(self, audio: np.ndarray, probability: float | None) -> None:
+        self.verdicts.append(probability)
+
+
+def count_calls(monkeypatch, obj: object, name: str) -> list[object]:
+    calls: list[object] = []
+    real = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+def test_a_guess_is_unseen_until_its_turn_ends_there_and_then_answers_it(engines, jfk_pcm, monkeypatch):
+    transcribed = count_calls(monkeypatch, engines.asr, "transcribe")
+    spoken = count_calls(monkeypatch, engines.tts, "synthesize")
+    clause = jfk_pcm[: int(2.45 * ASR_RATE)]  # "And so my fellow Americans", then the pause begins
+    seen_before: list[ev.Event] = []
+
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        judged = Judged()
+        conversation.listen()
+        conversation.speech_started()
+        conversation.paused(judged, clause, time.perf_counter())
+        await until(lambda: judged.verdicts and spoken)  # transcribed, read by the LLM, first phrase spoken
+        await asyncio.sleep(0.3)
+        seen_before.extend(events)
+        assert isinstance(judged.verdicts[0], float) and 0.0 <= judged.verdicts[0] <= 1.0
+        conversation.speech_turn(clause, time.perf_counter(), time.perf_counter(), "smart")
+        await wait_for(events, turn_end(1))
+
+    events = run(engines, script)
+    assert seen_before == [ev.StateChanged("idle"), ev.StateChanged("listening"), ev.SpeechStarted(1)]
+    assert len(transcribed) == 1  # the guess's transcript was the turn's: Whisper ran once
+    after = events[len(seen_before) :]
+    assert after[:3] == [ev.SpeechStopped(), ev.StateChanged("thinking"), of(after, ev.Transcript)[0]]
+    written = "".join(e.delta for e in of(events, ev.ReplyText))
+    (end,) = of(events, ev.TurnEnd)
+    assert (end.turn, end.reason) == (1, "completed") and end.reply == written.strip()
+    assert sum(len(a.pcm) for a in of(events, ev.ReplyAudio)) == of(events, ev.ReplyAudioEnd)[0].samples > 0
+
+
+def test_a_guess_the_user_talks_over_leaves_no_trace(engines, jfk_pcm, monkeypatch):
+    transcribed = count_calls(monkeypatch, engines.asr, "transcribe")
+    clause, sentence = jfk_pcm[: int(2.45 * ASR_RATE)], jfk_pcm[: int(5.0 * ASR_RATE)]
+
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        judged = Judged()
+        conversation.listen()
+        conversation.speech_started()
+        conversation.paused(judged, clause, time.perf_counter())
+        await until(lambda: bool(judged.verdicts))  # it got as far as the reply
+        conversation.resumed()  # "... ask not"
+        conversation.speech_turn(sentence, time.perf_counter(), time.perf_counter(), "silence")
+        await wait_for(events, turn_end(1))
+
+    events = run(engines, script)
+    assert [len(args[0]) for args in transcribed] == [len(clause), len(sentence)]
+    (final,) = of(events, ev.Transcript)
+    assert "ask" in final.text.lower()  # the whole sentence's transcript, not the guess's
+    written = "".join(e.delta for e in of(events, ev.ReplyText))
+    (end,) = of(events, ev.TurnEnd)
+    assert (end.turn, end.reason) == (1, "completed") and end.reply == written.strip()
+    states = [e.state for e in of(events, ev.StateChanged)]
+    assert states.count("thinking") == 1

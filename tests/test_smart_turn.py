@@ -11,7 +11,6 @@ import pytest
 
 from app.audio import ASR_RATE
 from app.smart_turn import SmartTurn
-from tests.support import recording
 
 # Cuts of the real recording, in seconds: mid-sentence clauses, the whole of it (longer than the
 # model's 8 s window, so only its end is heard), and one short enough to be mostly zero padding.

@@ -4,16 +4,19 @@ two sessions at once, and the Prometheus endpoint."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.request
 
+import msgspec
 import numpy as np
 
 from app.audio import ASR_RATE
 from app.chunking import speakable
+from app.config import Settings
 from app.metrics import STAGES
-from tests.support import JFK_TEXT, encode_webm_opus, serving, word_error_rate
+from tests.support import JFK_TEXT, encode_webm_opus, serving, speak, word_error_rate
 from tests.test_server import (
     TIMEOUT,
     events_until_turn_end,
@@ -21,6 +24,7 @@ from tests.test_server import (
     send_recording,
     session,
 )
+from tests.test_ws import own_engines, served
 
 
 def silence(seconds: float) -> np.ndarray:
@@ -43,14 +47,46 @@ def speak_in_real_time(ws, pcm: np.ndarray) -> threading.Thread:
     return thread
 
 
-def test_end_of_turn_is_decided_after_the_configured_silence(live_server, jfk_pcm):
+def with_turns(settings: Settings, **turns) -> Settings:
+    return msgspec.structs.replace(settings, turns=msgspec.structs.replace(settings.turns, **turns))
+
+
+def counter(url: str, name: str, label: str) -> float:
+    text = urllib.request.urlopen(url + "/metrics").read().decode()
+    match = re.search(rf"^{name}_total\{{{label}\}} (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_the_silence_rule_ends_a_turn_after_the_configured_silence(cpu_settings, engines, jfk_pcm):
     first_words = jfk_pcm[: int(2.9 * ASR_RATE)]  # "And so my fellow Americans", then a pause
-    with session(live_server) as ws:  # the default: hands-free, 500 ms
-        send_recording(ws, encode_webm_opus(np.concatenate([first_words, silence(2)]), ASR_RATE))
-        events, _ = events_until_turn_end(ws)
+    settings = with_turns(cpu_settings, end_of_turn="silence", end_silence_ms=500)
+    with served(own_engines(settings, engines)) as url:
+        with session(url) as ws:
+            send_recording(ws, encode_webm_opus(np.concatenate([first_words, silence(2)]), ASR_RATE))
+            events, _ = events_until_turn_end(ws)
+        assert counter(url, "voice_end_of_turn", 'by="silence"') == 1
     (metrics,) = of_type(events, "metrics")
     assert 500 <= metrics["end_of_turn_ms"] <= 650, metrics
     assert "americans" in of_type(events, "transcript")[-1]["text"].lower()
+
+
+def test_a_finished_question_ends_at_its_first_pause_and_its_guess_is_used(cpu_settings, engines):
+    question = speak(engines.tts, "What is the capital of France?", ASR_RATE)
+    with served(own_engines(cpu_settings, engines)) as url:
+        # Smart Turn at a 200 ms pause; a longest pause far beyond the time the transcript and the
+        # LLM's reading of the words take on a slow machine, so that only they can end the turn early.
+        with session(url, end_silence_ms=4000) as ws:
+            sender = speak_in_real_time(ws, np.concatenate([question, silence(4.5)]))
+            events, _ = events_until_turn_end(ws)
+            sender.join()
+        # Ended by Smart Turn and the LLM's reading of the words, answered by the guess started at the
+        # pause: the transcript was not made twice.
+        assert counter(url, "voice_end_of_turn", 'by="smart"') == 1
+        assert counter(url, "voice_speculations", 'outcome="used"') == 1
+    (metrics,) = of_type(events, "metrics")
+    assert metrics["end_of_turn_ms"] < 4000, metrics
+    assert metrics["transcript_ms"] <= metrics["first_audio_ms"]
+    assert "capital of france" in of_type(events, "transcript")[-1]["text"].lower()
 
 
 def test_interim_transcripts_come_before_the_final_one(live_server, jfk_pcm):

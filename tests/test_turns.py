@@ -6,13 +6,17 @@ import pytest
 from app.audio import ASR_RATE
 from app.turns import WINDOW, Event, StreamingVad, TurnDetector, TurnSettings
 
+PAUSES = (Event.PAUSED, Event.RESUMED)
 
-def feed_stream(detector: TurnDetector, audio: np.ndarray, block: int = 1600, interim: bool = False):
-    """Feed 100 ms blocks; return [(event, stream position in samples)], INTERIM only if asked."""
+
+def feed_stream(detector: TurnDetector, audio: np.ndarray, block: int = 1600, interim: bool = False,
+                pauses: bool = False):
+    """Feed 100 ms blocks; return [(event, stream position in samples)], INTERIM, PAUSED and
+    RESUMED only if asked."""
     out = []
     for i in range(0, len(audio), block):
         for event in detector.feed(audio[i : i + block]):
-            if interim or event is not Event.INTERIM:
+            if (interim or event is not Event.INTERIM) and (pauses or event not in PAUSES):
                 out.append((event, detector.position))
     return out
 
@@ -35,7 +39,8 @@ def test_one_turn_ends_after_the_configured_silence(jfk_pcm):
     detector = TurnDetector(settings, StreamingVad())
     events = feed_stream(detector, np.concatenate([silence(1), jfk_pcm, silence(3)]))
     assert [e for e, _ in events] == [Event.SPEECH_STARTED, Event.TURN_ENDED]
-    audio, speech_end = detector.take_turn()
+    audio, speech_end, ended_by = detector.take_turn()
+    assert ended_by == "silence"
     decided_at = events[1][1]
     waited_ms = (decided_at - speech_end) / ASR_RATE * 1000
     assert 1500 <= waited_ms <= 1500 + 150, waited_ms  # decided one 100 ms block after the silence
@@ -63,7 +68,7 @@ def test_endless_speech_is_cut_at_the_cap(jfk_pcm):
     detector = TurnDetector(TurnSettings(max_turn_s=3), StreamingVad())
     events = feed_stream(detector, jfk_pcm)
     assert Event.TURN_ENDED in [e for e, _ in events]
-    audio, _ = detector.take_turn()
+    audio, _, _ = detector.take_turn()
     assert len(audio) <= 3 * ASR_RATE + WINDOW
 
 
@@ -72,7 +77,7 @@ def test_flush_ends_a_turn_in_progress(jfk_pcm):
     events = feed_stream(detector, jfk_pcm[: 3 * ASR_RATE])
     assert [e for e, _ in events] == [Event.SPEECH_STARTED]
     assert detector.flush() is Event.TURN_ENDED
-    audio, _ = detector.take_turn()
+    audio, _, _ = detector.take_turn()
     assert len(audio) > ASR_RATE
 
 
@@ -108,7 +113,7 @@ def test_push_to_talk_never_ends_on_silence(jfk_pcm):
     events = feed_stream(detector, np.concatenate([jfk_pcm, silence(3)]))
     assert [e for e, _ in events] == [Event.SPEECH_STARTED]  # JFK's pauses do not cut it
     assert detector.flush() is Event.TURN_ENDED
-    audio, _ = detector.take_turn()
+    audio, _, _ = detector.take_turn()
     assert len(audio) / ASR_RATE > 10
 
 
@@ -119,7 +124,7 @@ def test_switching_to_push_to_talk_mid_turn_keeps_the_pauses_inside_it(jfk_pcm):
     detector.set_end(push_to_talk=True)
     assert feed_stream(detector, np.concatenate([rest, silence(3)])) == []
     assert detector.flush() is Event.TURN_ENDED
-    audio, _ = detector.take_turn()
+    audio, _, _ = detector.take_turn()
     assert len(audio) / ASR_RATE > 10  # all of it, one turn
 
 
@@ -130,7 +135,7 @@ def test_a_new_pause_applies_to_the_turn_in_progress(jfk_pcm):
     detector.set_end(end_silence_ms=300)  # hands-free now: the first pause (2.25-3.3 s) ends it
     events = feed_stream(detector, pause)
     assert [e for e, _ in events] == [Event.TURN_ENDED]
-    _, speech_end = detector.take_turn()
+    _, speech_end, _ = detector.take_turn()
     waited_ms = (events[0][1] - speech_end) / ASR_RATE * 1000
     assert 300 <= waited_ms <= 300 + 150, waited_ms
 
@@ -140,3 +145,51 @@ def test_settings_are_validated():
         TurnSettings(speech_threshold=0.3, silence_threshold=0.5)
     with pytest.raises(ValueError):
         TurnSettings(end_silence_ms=10)
+
+
+def test_a_pause_is_reported_once_and_speech_after_it_voids_it(jfk_pcm):
+    detector = TurnDetector(TurnSettings(pause_ms=200, end_silence_ms=1500), StreamingVad())
+    events = [e for e, _ in feed_stream(detector, np.concatenate([jfk_pcm, silence(2)]), pauses=True)]
+    assert events[0] is Event.SPEECH_STARTED and events[-1] is Event.TURN_ENDED
+    middle = events[1:-1]
+    # JFK pauses several times: each pause but the last is followed by speech, never two in a row.
+    assert middle.count(Event.PAUSED) >= 2
+    assert middle == [Event.PAUSED, Event.RESUMED] * (len(middle) // 2) + [Event.PAUSED]
+
+
+def test_a_candidate_is_exactly_the_turn_that_ends_without_more_speech(jfk_pcm):
+    detector = TurnDetector(TurnSettings(pause_ms=200, end_silence_ms=1500), StreamingVad())
+    candidates = []
+    for i in range(0, len(jfk_pcm) + 2 * ASR_RATE, WINDOW):
+        block = np.concatenate([jfk_pcm, silence(2)])[i : i + WINDOW]
+        for event in detector.feed(block):
+            if event is Event.PAUSED:
+                candidates.append(detector.candidate())
+    audio, speech_end, _ = detector.take_turn()
+    last_audio, last_end = candidates[-1]
+    assert last_end == speech_end and np.array_equal(last_audio, audio)
+    assert all(len(a) < len(audio) for a, _ in candidates[:-1])  # earlier pauses: shorter, void
+
+
+def test_end_now_ends_the_paused_turn_there(jfk_pcm):
+    detector = TurnDetector(TurnSettings(pause_ms=200, end_silence_ms=1500), StreamingVad())
+    for i in range(0, len(jfk_pcm), WINDOW):
+        if Event.PAUSED in detector.feed(jfk_pcm[i : i + WINDOW]):
+            break
+    expected, _ = detector.candidate()
+    assert detector.end_now() is Event.TURN_ENDED
+    audio, _, ended_by = detector.take_turn()
+    assert ended_by == "smart"
+    assert np.array_equal(audio, expected) and 1.0 < len(audio) / ASR_RATE < 4.0  # the first clause
+    # The stream goes on: the rest of the speech is a turn of its own.
+    rest = feed_stream(detector, np.concatenate([jfk_pcm[i + WINDOW :], silence(2)]))
+    assert [e for e, _ in rest][:1] == [Event.SPEECH_STARTED]
+
+
+def test_no_pause_is_reported_in_push_to_talk_or_past_the_end_silence(jfk_pcm):
+    stream = np.concatenate([jfk_pcm, silence(2)])
+    detector = TurnDetector(TurnSettings(), StreamingVad(), push_to_talk=True)
+    assert Event.PAUSED not in [e for e, _ in feed_stream(detector, stream, pauses=True)]
+    detector = TurnDetector(TurnSettings(pause_ms=300), StreamingVad())
+    detector.set_end(end_silence_ms=250)  # the silence rule ends the turn before any pause
+    assert Event.PAUSED not in [e for e, _ in feed_stream(detector, stream, pauses=True)]
