@@ -3,10 +3,11 @@
 Builds the network at a given size with random weights and an untrained full-size Mimi, so it
 runs anywhere without downloads (random weights never say EOS, so every utterance runs to its
 frame cap: the numbers are per frame and do not depend on what is said). Prints a summary and
-writes JSON:
+writes JSON. `--compile both` measures the eager and the compiled frame step on the same weights in
+one run, and ends with the line `compiled/eager frames per second: X.XX`:
 
-    uv run python benchmarks/bench_csm.py --size tiny --out bench-results/csm-tiny-cpu.json
-    uv run python benchmarks/bench_csm.py --size full --device cuda --out bench-results/csm-full-gpu.json
+    uv run python benchmarks/bench_csm.py --size tiny --compile both --out bench-results/csm-tiny-cpu.json
+    uv run python benchmarks/bench_csm.py --size full --device cuda --compile both --out bench-results/csm-full-gpu.json
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from app.tts.csm.generator import SAMPLES_PER_FRAME, CsmGenerator, GenerationConfig
 from app.tts.csm.loader import load_text_tokenizer
 from app.tts.csm.model import CsmModel, CsmModelConfig
+from app.tts.csm.step import compile_mode
 from tests.support import build_tokenizer_json
 
 TEXTS = [
@@ -89,6 +91,46 @@ def time_parts(generator: CsmGenerator, config: GenerationConfig, frames: int) -
     return {"frame_step_ms": 1000 * step, "mimi_decode_ms": 1000 * mimi}
 
 
+def measure(generator: CsmGenerator, config: GenerationConfig, args: argparse.Namespace) -> dict:
+    """Warm up, then time `args.utterances` utterances and the frame step alone."""
+    device = generator.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    warm = time_utterance(generator, "Warm up.", config, frames=12)  # first-call costs, not counted
+    runs = [time_utterance(generator, TEXTS[i % len(TEXTS)], config, args.frames) for i in range(args.utterances)]
+    parts = time_parts(generator, config, args.frames)
+    ms_per_frame = statistics.median(r["ms_per_frame"] for r in runs)
+    return {
+        "compiled": generator.step.compiled, "warm_up_s": warm["wall_s"], "median_ms_per_frame": ms_per_frame,
+        "frames_per_s": 1000 / ms_per_frame, "median_rtf": statistics.median(r["rtf"] for r in runs),
+        "median_first_chunk_s": statistics.median(r["first_chunk_s"] for r in runs), **parts,
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "runs": runs,
+    }
+
+
+def compile_step(generator: CsmGenerator, config: GenerationConfig) -> float:
+    """Compile the frame step as the server's warm-up does; seconds, or raise if it fell back to eager."""
+    mode = compile_mode("on", generator.device)
+    assert mode is not None
+    start = time.perf_counter()
+    generator.step.compile(mode)
+    generator.step.warm(topk=config.topk, temperature=config.temperature)
+    if not generator.step.compiled:
+        raise SystemExit("compiling the frame step failed (see the warning above)")
+    return time.perf_counter() - start
+
+
+def report(name: str, result: dict, args: argparse.Namespace) -> None:
+    print(f"  {name}:")
+    print(f"    frames per second {result['frames_per_s']:.1f}  ({result['median_ms_per_frame']:.1f} ms a frame:"
+          f" frame step {result['frame_step_ms']:.1f} ms + Mimi decode {result['mimi_decode_ms']:.1f} ms)")
+    print(f"    real-time factor  {result['median_rtf']:.2f}  (< 1 is faster than real time; a frame is 80 ms)")
+    print(f"    first chunk       {1000 * result['median_first_chunk_s']:.0f} ms  ({args.first_chunk_frames} frames)")
+    if result["peak_gpu_memory_gb"] is not None:
+        print(f"    peak GPU memory   {result['peak_gpu_memory_gb']:.2f} GiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
@@ -98,36 +140,49 @@ def main() -> None:
     parser.add_argument("--first-chunk-frames", type=int, default=2)
     parser.add_argument("--chunk-frames", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                        help="the frame step eager, compiled (torch.compile; CUDA graphs on a GPU), or both in turn")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for the tiny model, whose ops are too small to split)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.threads or args.size == "tiny":
+        torch.set_num_threads(args.threads or 1)
     start = time.perf_counter()
     generator = build_generator(args.size, device, dtype, args.seed)
     build_s = time.perf_counter() - start
     config = GenerationConfig(first_chunk_frames=args.first_chunk_frames, chunk_frames=args.chunk_frames)
-    warm = time_utterance(generator, "Warm up.", config, frames=12)  # first-call costs, not counted
-    runs = [time_utterance(generator, TEXTS[i % len(TEXTS)], config, args.frames) for i in range(args.utterances)]
-    parts = time_parts(generator, config, args.frames)
     summary = {
         "size": args.size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "build_s": build_s,
         "first_chunk_frames": args.first_chunk_frames, "chunk_frames": args.chunk_frames,
-        "warm_up_s": warm["wall_s"], "median_ms_per_frame": statistics.median(r["ms_per_frame"] for r in runs),
-        "median_rtf": statistics.median(r["rtf"] for r in runs),
-        "median_first_chunk_s": statistics.median(r["first_chunk_s"] for r in runs), **parts, "runs": runs,
     }
-    print(f"CSM {args.size} on {device} ({summary['dtype']}), {args.utterances} x {args.frames} frames:")
-    print(f"  time per frame   {summary['median_ms_per_frame']:.1f} ms  (frame step {parts['frame_step_ms']:.1f}"
-          f" ms + Mimi decode {parts['mimi_decode_ms']:.1f} ms)")
-    print(f"  real-time factor {summary['median_rtf']:.2f}  (< 1 is faster than real time; a frame is 80 ms)")
-    print(f"  first chunk      {1000 * summary['median_first_chunk_s']:.0f} ms  ({args.first_chunk_frames} frames)")
+    print(f"CSM {args.size} on {device} ({summary['dtype']}, {torch.get_num_threads()} CPU threads),"
+          f" {args.utterances} x {args.frames} frames:")
+    if args.compile in ("off", "both"):
+        summary["eager"] = measure(generator, config, args)
+        report("eager", summary["eager"], args)
+    if args.compile in ("on", "both"):
+        summary["compile_s"] = compile_step(generator, config)
+        print(f"  compiling the frame step took {summary['compile_s']:.1f} s (once, at start-up; not counted)")
+        summary["compiled"] = measure(generator, config, args)
+        report("compiled", summary["compiled"], args)
+    if args.compile == "both":
+        eager, compiled = summary["eager"], summary["compiled"]
+        summary["compiled_over_eager_step"] = eager["frame_step_ms"] / compiled["frame_step_ms"]
+        summary["compiled_over_eager_fps"] = compiled["frames_per_s"] / eager["frames_per_s"]
+        print(f"  the frame step alone, compiled/eager speed: {summary['compiled_over_eager_step']:.2f}"
+              " (frames per second below include Mimi's decoding, the same in both)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2))
         print(f"  wrote {args.out}")
+    if args.compile == "both":  # last, so that scripts can read it off the final line
+        print(f"compiled/eager frames per second: {summary['compiled_over_eager_fps']:.2f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 
 from app.tts.csm.engine import CsmEngine, CsmSettings
 from app.tts.csm.generator import CsmGenerator, GenerationConfig, Segment
+from app.tts.csm.model import CsmModel, CsmModelConfig
 from app.tts.csm.step import FrameStep, StepOutput, compile_mode
 
 from .conftest import tiny_model
@@ -60,7 +61,10 @@ def runs(text_tokenizer, mimi):
     eager = _speak(generator)
     generator.step.compile("default")
     compile_s = generator.step.warm(topk=GREEDY.topk, temperature=GREEDY.temperature)
-    compiled = _speak(generator)
+    # The warm-up's graphs must serve real utterances as they are: a recompile (a guard on a shape or
+    # stride that changes with the prompt) would cost seconds mid-reply; here it fails the test.
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = _speak(generator)
     return generator, eager, compiled, compile_s
 
 
@@ -131,3 +135,25 @@ def test_engine_warm_up_compiles_into_the_model_cache(make_generator, monkeypatc
         engine.warm_up()
     assert modes == ["default"]
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "torchinductor")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+def test_cuda_graphs_give_the_eager_greedy_codes(text_tokenizer) -> None:
+    """On a GPU, `reduce-overhead` replays both steps as CUDA graphs; float32 so codes must agree."""
+    torch.manual_seed(3)
+    model = CsmModel(CsmModelConfig.tiny()).prepare(device="cuda", dtype=torch.float32)
+    generator = CsmGenerator(model, text_tokenizer, mimi=object(), seed=0)  # frames only: no Mimi needed
+    prompt = generator.utterance("I can help you plan a trip.", speaker=4, config=GREEDY, max_frames=FRAMES).prompt
+
+    def frames() -> torch.Tensor:
+        model.reset_caches()
+        with torch.no_grad():
+            return torch.cat(list(generator.frame_chunks(prompt, GREEDY, cancel=None))).cpu()
+
+    eager = frames()
+    generator.step.compile("reduce-overhead")
+    generator.step.warm(topk=GREEDY.topk, temperature=GREEDY.temperature)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = frames()
+    assert generator.step.compiled and torch.equal(compiled, eager)

@@ -218,7 +218,8 @@ class CsmGenerator:
         row = torch.zeros(1, 1, self.num_codebooks + 1, dtype=torch.long, device=self.device)  # text column 0
         row_mask = torch.ones_like(row, dtype=torch.bool)
         row_mask[..., -1] = False  # audio columns only
-        position = positions[:, -1:].clone()  # (1, 1)
+        # (1, 1), contiguous: a compiled step guards on strides, and a view's would change with S
+        position = positions[:, -1:].clone(memory_format=torch.contiguous_format)
         done, size = 0, config.first_chunk_frames
         while done < prompt.max_frames:
             frames = []
