@@ -76,7 +76,8 @@ class RealtimeSession:
         self.id = self.conversation.id
         self.limits = engines.settings.limits
         self.setup = Setup(instructions=engines.llm.settings.system_prompt, voice="default")
-        self.replies = Replies(engines.tts.sample_rate, self.conversation.id)
+        self.replies = Replies(engines.tts.sample_rate, self.conversation.id,
+                               stop=lambda: self.conversation.interrupt(None, cause="client"))
         self._send_text: Callable[[str], Awaitable[None]] | None = None
         self._send_lock = asyncio.Lock()
         self._events = 0
@@ -166,7 +167,7 @@ class RealtimeSession:
 
     async def _not_understood(self, data: str | bytes, exc: Exception) -> None:
         seen = rt.envelope(data)
-        known = seen.type in {tag for tag in _HANDLED} or seen.type is None
+        known = seen.type in _HANDLED or seen.type is None
         code = "invalid_event" if known else "unknown_event"
         log.info("realtime session %s: skipped %s event %r: %s", self.id, code, seen.type, exc)
         self.conversation.metrics.errors.labels(code).inc()
@@ -190,9 +191,10 @@ class RealtimeSession:
             case rt.ResponseCreate():
                 self._respond(event.response)
             case rt.ResponseCancel():
-                if not self.replies.cancel():
+                if not self.replies.active:
                     raise Refused("response_cancel_not_active")
-                self.conversation.interrupt(None, cause="client")
+                if self.replies.cancel():
+                    self.conversation.interrupt(None, cause="client")
         return []
 
     # ------------------------------------------------------------ session.update
@@ -358,9 +360,9 @@ class RealtimeSession:
         """The client played `audio_end_ms` of the latest reply: the history keeps what was heard."""
         if event.item_id != self.replies.last_reply_item or event.audio_end_ms < 0:
             raise Refused("item_not_found", "item_id")
-        self.replies.truncating()
-        played = event.audio_end_ms * self.engines.tts.sample_rate // 1000  # in the voice's own samples
-        self.conversation.interrupt(played)
+        if self.replies.truncating(event.item_id):
+            played = event.audio_end_ms * self.engines.tts.sample_rate // 1000  # in the voice's own samples
+            self.conversation.interrupt(played)
         return [rt.ItemTruncated(item_id=event.item_id, content_index=event.content_index,
                                  audio_end_ms=event.audio_end_ms)]
 

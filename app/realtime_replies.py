@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import av
@@ -76,6 +77,7 @@ class Response:
     spoken: bool
     conversation_id: str
     item_id: str = field(default_factory=lambda: new_id("item"))
+    running: bool = False  # the core answers its turn (its transcript is out)
     started: bool = False  # its assistant item has been announced
     text: str = ""  # the transcript deltas sent
     voice: Resampler | None = None  # the reply's voice -> 24 kHz
@@ -95,10 +97,12 @@ class Response:
 
 
 class Replies:
-    """Turns the conversation's events into server events; keeps which response is which turn."""
+    """Turns the conversation's events into server events; keeps which response is which turn.
+    `stop` cuts off the turn the conversation is answering (a cancel that came before it ran)."""
 
-    def __init__(self, voice_rate: int, conversation_id: str) -> None:
+    def __init__(self, voice_rate: int, conversation_id: str, stop: Callable[[], None]) -> None:
         self.voice_rate = voice_rate
+        self._stop = stop
         self.conversation_id = f"conv_{conversation_id}"
         self.transcribe = True  # send input transcription events (session's audio.input.transcription)
         self.input_samples = 0  # 24 kHz samples the client has appended, for the VAD events' times
@@ -127,18 +131,23 @@ class Replies:
         self._requests.append(Response(new_id("resp"), items, spoken, self.conversation_id))
 
     def cancel(self) -> bool:
-        """Mark the response in progress as cancelled by the client; False when there is none."""
-        newest = [*self._turns.values(), *self._requests]
-        if not newest:
-            return False
-        newest[-1].cancel_reason = "client_cancelled"
-        return True
+        """Mark the response in progress as cancelled by the client (there is one: see `active`).
+        True: its turn runs, stop it now; False: it is stopped as soon as it runs (the core cuts
+        off only the turn it is answering)."""
+        newest = [*self._turns.values(), *self._requests][-1]
+        newest.cancel_reason = "client_cancelled"
+        return newest.running
 
-    def truncating(self) -> None:
-        """A truncate of the latest reply while it is made stops it: that is the client's cut."""
-        for response in self._turns.values():
-            if response.item_id == self.last_reply_item:
+    def truncating(self, item_id: str) -> bool:
+        """Whether a truncate of `item_id` may stop what the conversation is doing: while that reply
+        is still being made (then it is the client's cut), or when nothing else is; never another
+        response that started since."""
+        answering = [*self._turns.values(), *self._requests]
+        for response in answering:
+            if response.item_id == item_id:
                 response.cancel_reason = "client_cancelled"
+                return True
+        return not answering
 
     # ------------------------------------------------------------ what the conversation did
 
@@ -198,9 +207,12 @@ class Replies:
 
     def _transcript(self, event: ev.Transcript) -> list[rt.ServerEvent]:
         response, out = self._find(event.turn)
-        if response is None or not response.spoken:
+        if response is None:
             return out
-        return out + self._heard(response, event.text)
+        response.running = True
+        if response.cancel_reason is not None:
+            self._stop()  # cancelled before its turn ran; its TurnEnd follows
+        return out + (self._heard(response, event.text) if response.spoken else [])
 
     def _heard(self, response: Response, text: str) -> list[rt.ServerEvent]:
         """The transcript of a spoken turn: it belongs to the last audio item it answers."""
@@ -214,7 +226,7 @@ class Replies:
 
     def _output(self, response: Response) -> list[rt.ServerEvent]:
         """Announce the reply's assistant item once, before its first text or audio."""
-        if response.started:
+        if response.started or response.cancel_reason is not None:
             return []
         response.started = True
         previous, self.last_item_id = self.last_item_id, response.item_id
@@ -228,15 +240,20 @@ class Replies:
         response, out = self._find(event.turn)
         if response is None:
             return out
+        out += self._output(response)
+        if not response.started:
+            return out  # cancelled before it began: it says nothing
         response.text += event.delta
-        return out + self._output(response) + [rt.TranscriptDelta(delta=event.delta, **response.where())]
+        return out + [rt.TranscriptDelta(delta=event.delta, **response.where())]
 
     def _audio_start(self, event: ev.ReplyAudioStart) -> list[rt.ServerEvent]:
         response, out = self._find(event.turn)
         if response is None:
             return out
-        response.voice = Resampler(event.sample_rate, rt.RATE)
-        return out + self._output(response)
+        out += self._output(response)
+        if response.started:
+            response.voice = Resampler(event.sample_rate, rt.RATE)
+        return out
 
     def _audio(self, event: ev.ReplyAudio) -> list[rt.ServerEvent]:
         response = self._turns.get(event.turn)

@@ -226,6 +226,20 @@ def test_a_cancel_mid_reply_ends_it_cancelled_and_keeps_at_most_what_was_sent(cp
     assert remembered == ([{"role": "assistant", "content": kept}] if kept else [])
 
 
+def test_a_cancel_right_after_response_create_stops_it_before_it_speaks(live_server):
+    """The core cuts off only the turn it is answering: a cancel that comes before is kept until then."""
+    with connect(live_server) as conn:
+        conn.conversation.item.create(item=text_item(QUESTION))
+        conn.response.create()
+        conn.response.cancel()
+        events = until(conn, "response.done")
+        after = ask(conn, "Hello?")  # and the session goes on
+    (done,) = of(events, "response.done")
+    assert done["response"]["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
+    assert not of(events, "response.output_audio.delta") and not done["response"]["output"]
+    assert of(after, "response.done")[0]["response"]["status"] == "completed"
+
+
 def test_a_truncate_keeps_exactly_the_words_the_client_played(cpu_settings, engines):
     """The reply was all sent and the client's player stopped it mid-way, at audio_end_ms."""
     llm, voice = SpyLlm(engines.llm, max_tokens=60), SpyVoice(engines.tts)
@@ -240,6 +254,18 @@ def test_a_truncate_keeps_exactly_the_words_the_client_played(cpu_settings, engi
         ask(conn, "And then?")
     assert truncated["item_id"] == item_id and truncated["audio_end_ms"] == audio_end_ms
     assert llm.turns[1][1:3] == [{"role": "user", "content": STORY}, {"role": "assistant", "content": heard}]
+
+
+def test_a_late_truncate_of_the_previous_reply_never_stops_the_next_one(cpu_settings, engines):
+    with served(own_engines(cpu_settings, engines)) as url, connect(url) as conn:
+        first = ask(conn, QUESTION)
+        item_id = of(first, "response.output_item.added")[0]["item"]["id"]
+        conn.conversation.item.create(item=text_item("And Germany?"))
+        conn.response.create()
+        conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=100)
+        events = until(conn, "response.done")
+    assert of(events, "conversation.item.truncated")[0]["item_id"] == item_id
+    assert of(events, "response.done")[0]["response"]["status"] == "completed"
 
 
 def test_speech_during_a_reply_cancels_it_and_is_answered(cpu_settings, engines):
