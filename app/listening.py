@@ -1,7 +1,8 @@
 """Listening to one recording: its 16 kHz PCM goes through Silero VAD and the end-of-turn rules on a
 thread of its own, and what they find (speech started, an interim snapshot, a pause, speech after
 it, a finished turn, the end of the recording) is handed to the conversation on its event loop.
-At a pause, Smart Turn judges on this thread whether the turn is finished.
+At a pause, this thread decides whether the turn is finished, from the LLM's reading of the words
+(which the conversation sends back) and Smart Turn's hearing of the sound (run here).
 """
 
 from __future__ import annotations
@@ -40,18 +41,6 @@ class _Words:
         self.probability = probability
 
 
-class _Judgement:
-    """Both opinions on one paused candidate turn: its sound (Smart Turn) and its words (the LLM).
-    NOT_YET: that opinion has not arrived; None: there will be none."""
-
-    NOT_YET = -1.0
-
-    def __init__(self, audio: np.ndarray, sound: float | None) -> None:
-        self.audio = audio
-        self.sound = sound
-        self.words: float | None = self.NOT_YET
-
-
 class Listener:
     """One microphone stream. feed() and end() may be called from any thread."""
 
@@ -69,7 +58,7 @@ class Listener:
         self.detector = TurnDetector(settings, StreamingVad(vad_model))
         self._smart_turn = smart_turn if settings.end_of_turn == "smart" else None
         self._settings = settings
-        self._judgement: _Judgement | None = None  # of the candidate turn at the current pause
+        self._paused_audio: np.ndarray | None = None  # the candidate turn at the current pause
         self.apply(options)
         self.turns_found = 0
         self._inbox: queue.SimpleQueue[np.ndarray | _Words | _End] = queue.SimpleQueue()
@@ -117,13 +106,14 @@ class Listener:
         elif event is Event.PAUSED:
             audio, speech_end = self.detector.candidate()
             self._post(self._conversation.paused, self, audio, self._time_of(speech_end))
-            if self._smart_turn is not None:
-                self._judgement = _Judgement(audio, self._sound(audio))
+            self._paused_audio = audio
+            if self._smart_turn is not None and self._settings.decide_by == "sound":
+                self._decide(audio, self._sound(audio), None)
         elif event is Event.RESUMED:
-            self._judgement = None
+            self._paused_audio = None
             self._post(self._conversation.resumed)
         else:
-            self._judgement = None
+            self._paused_audio = None
             self.turns_found += 1
             audio, speech_end, ended_by = self.detector.take_turn()
             self._post(self._conversation.speech_turn, audio, self._time_of(speech_end), time.perf_counter(),
@@ -134,6 +124,23 @@ class Listener:
         ago as the audio heard after it."""
         return time.perf_counter() - (self.detector.position - position) / ASR_RATE
 
+    def _words(self, words: _Words) -> None:
+        """The conversation's verdict on the words of the paused turn has come: decide."""
+        if self._smart_turn is None or self._settings.decide_by == "sound":
+            return  # decided at the pause already, or no smart rule at all
+        sound = None
+        if self._settings.decide_by == "both" or words.probability is None:
+            sound = self._sound(words.audio)
+        self._decide(words.audio, sound, words.probability)
+
+    def _decide(self, audio: np.ndarray, sound: float | None, words: float | None) -> None:
+        if audio is not self._paused_audio or not self.detector.paused:
+            return  # a pause the user has already talked over
+        log.debug("end of turn at a pause: sound %s, words %s", sound, words)
+        if finished(sound, words, self._settings):
+            self._paused_audio = None
+            self._report(self.detector.end_now())
+
     def _sound(self, audio: np.ndarray) -> float | None:
         """Smart Turn's probability that the paused turn is finished (None if it failed: then only
         the longer silence ends the turn)."""
@@ -143,16 +150,6 @@ class Listener:
             log.warning("Smart Turn failed; the turn ends after the longer silence", exc_info=True)
             return None
 
-    def _words(self, words: _Words) -> None:
-        judgement = self._judgement
-        if judgement is None or judgement.audio is not words.audio:
-            return  # a pause the user has already talked over
-        judgement.words = words.probability
-        log.debug("end of turn at a pause: sound %s, words %s", judgement.sound, judgement.words)
-        if finished(judgement.sound, judgement.words, self._settings) and self.detector.paused:
-            self._judgement = None
-            self._report(self.detector.end_now())
-
     def _post(self, fn: Callable[..., object], *args: object) -> None:
         try:
             self._loop.call_soon_threadsafe(fn, *args)
@@ -161,9 +158,13 @@ class Listener:
 
 
 def finished(sound: float | None, words: float | None, settings: TurnSettings) -> bool:
-    """The end-of-turn rule at a pause: the sound must say finished (Smart Turn), and so must the
-    words when the language model has judged them (a finished-sounding clause like "if the weather
-    holds" is not a finished sentence). Anything less waits for the longer silence."""
-    if sound is None or sound < settings.smart_turn_threshold:
-        return False
-    return words is None or words >= settings.words_threshold
+    """The end-of-turn rule at a pause (turns.decide_by), from Smart Turn's probability for the
+    sound and the LLM's for the words (None: that one has no opinion). Anything short of finished
+    waits for the longer silence."""
+    heard = sound is not None and sound >= settings.smart_turn_threshold
+    read = words is not None and words >= settings.words_threshold
+    if settings.decide_by == "sound":
+        return heard
+    if settings.decide_by == "words":
+        return read if words is not None else heard
+    return heard and (read or words is None)

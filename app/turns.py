@@ -36,8 +36,14 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pause_ms: int = 200  # the short silence at which Smart Turn judges and speculation starts
     smart_turn_threshold: float = 0.5  # Smart Turn's probability that counts as "finished"
     # With speculation, the LLM also reads the transcript: the probability it gives its end-of-message
-    # token right after the user's words must reach this (an unfinished clause scores ~0.000).
-    words_threshold: float = 0.01
+    # token right after the user's words must reach this. On the cpu preset's SmolLM2-135M an unfinished
+    # clause scores ~0.000, a fragment Whisper ended with a period up to ~0.04, questions 0.2-0.8.
+    words_threshold: float = 0.05
+    # Which opinion decides at a pause: "words" (the LLM's, and Smart Turn's where the words cannot be
+    # judged: no speculation, or a model on a server), "sound" (Smart Turn's alone) or "both" (both must
+    # say finished). benchmarks/bench_latency.py measures the three; "words" cut no sentence and kept
+    # none waiting there, Smart Turn alone cut 7 of 21 unfinished pauses (README, Latency).
+    decide_by: Literal["words", "sound", "both"] = "words"
     end_silence_ms: int = 1600  # this much silence always ends the turn (with "silence", the only rule)
     # At the first pause, transcribe the turn and start the reply on the worker threads, held back
     # until the turn is confirmed (dropped if the person goes on): see app/answering.py.

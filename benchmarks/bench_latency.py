@@ -154,45 +154,63 @@ def run_turns(url: str, turns: list[tuple[str, np.ndarray]], silence: float) -> 
 
 # JFK's speech in the repo's recording (seconds): "And so my fellow Americans" 0.3-2.3, "ask" 3.3-3.75,
 # "not" 4.0-4.4, "what your country can do for you" 5.45-7.65, "ask what you can do for your country"
-# 8.25-10.55. Each case: the parts of one sentence, and the pause put between them (the recording's
-# own room tone). The speaker goes on after every pause: cutting there is always wrong.
+# 8.25-10.55. A case is the parts of one sentence and the pause put after each part but the last (the
+# recording's own room tone): pauses of 0.5 s or more are a speaker thinking mid-sentence, where
+# cutting the turn is always wrong; shorter ones only join two parts. Where two parts meet inside
+# continuous speech, the cut is moved to the quietest 10 ms nearby.
 PAUSE_CASES = [
-    ("ask not | what your country can do for you", [(3.2, 4.45), (5.4, 7.75)], [0.6]),
-    ("ask not | what your country can do for you", [(3.2, 4.45), (5.4, 7.75)], [0.8]),
-    ("ask not | what your country can do for you", [(3.2, 4.45), (5.4, 7.75)], [1.0]),
-    ("And so my fellow Americans | ask not | what your country can do for you",
-     [(0.0, 2.35), (3.2, 4.45), (5.4, 7.75)], [0.8, 0.7]),
-    ("ask not what your country can do for you | ask what you can do for your country",
-     [(3.2, 4.45), (5.4, 7.7), (8.2, 10.6)], [0.15, 0.9]),
+    ("And so my fellow | Americans, ask not what your country can do for you",
+     [(0.0, 1.76), (1.76, 2.35), (3.2, 4.45), (5.4, 7.75)], [0.8, 0.3, 0.3]),
+    ("And so my fellow Americans, ask not | what your country can do for you",
+     [(0.0, 2.35), (3.2, 4.45), (5.4, 7.75)], [0.3, 0.6]),
+    ("And so my fellow Americans, ask not | what your country can do for you",
+     [(0.0, 2.35), (3.2, 4.45), (5.4, 7.75)], [0.3, 0.8]),
+    ("And so my fellow Americans, ask not | what your country can do for you",
+     [(0.0, 2.35), (3.2, 4.45), (5.4, 7.75)], [0.3, 1.0]),
+    ("And so my fellow Americans, ask not what your | country can do for you",
+     [(0.0, 2.35), (3.2, 4.45), (5.4, 6.04), (6.04, 7.75)], [0.3, 0.3, 0.8]),
+    ("ask what you can do | for your country", [(8.2, 9.72), (9.72, 10.6)], [0.8]),
     ("And so my fellow Americans | ask not what your country can do for you",
-     [(0.0, 2.35), (3.2, 4.45), (5.4, 7.75)], [1.0, 0.15]),
+     [(0.0, 2.35), (3.2, 4.45), (5.4, 7.75)], [0.7, 0.3]),
 ]
 ROOM_TONE = (2.45, 3.15)  # the recording's own quiet between "Americans" and "ask"
+THINKING_PAUSE = 0.5
+
+
+def quietest(pcm: np.ndarray, t: float, within: float = 0.08) -> float:
+    frame = ASR_RATE // 100
+    start = int((t - within) * ASR_RATE) // frame
+    frames = range(start, start + int(2 * within * 100))
+    energies = [float(np.mean(pcm[k * frame : (k + 1) * frame] ** 2)) for k in frames]
+    return (start + int(np.argmin(energies))) * frame / ASR_RATE
 
 
 def pause_cases() -> list[tuple[str, np.ndarray, list[float]]]:
-    """(words, 16 kHz audio, seconds into it where each real pause ends) of every case."""
+    """(words, 16 kHz audio, seconds into it where each thinking pause ends) of every case."""
     pcm = recording("jfk.flac")
     tone = pcm[int(ROOM_TONE[0] * ASR_RATE) : int(ROOM_TONE[1] * ASR_RATE)]
     cases = []
     for words, parts, pauses in PAUSE_CASES:
+        bounds = [list(part) for part in parts]
+        for left, right in zip(bounds, bounds[1:], strict=False):
+            if left[1] == right[0]:  # a cut inside speech
+                left[1] = right[0] = quietest(pcm, left[1])
         pieces, resumes, length = [], [], 0
-        for i, (a, b) in enumerate(parts):
+        for i, (a, b) in enumerate(bounds):
             pieces.append(pcm[int(a * ASR_RATE) : int(b * ASR_RATE)])
             length += len(pieces[-1])
             if i < len(pauses):
-                fill = np.resize(tone, int(pauses[i] * ASR_RATE))
-                pieces.append(fill)
-                length += len(fill)
-                if pauses[i] >= 0.5:  # a thinking pause, not the short gap that joins two parts
+                pieces.append(np.resize(tone, int(pauses[i] * ASR_RATE)))
+                length += len(pieces[-1])
+                if pauses[i] >= THINKING_PAUSE:
                     resumes.append(length / ASR_RATE)
         cases.append((words, np.concatenate(pieces), resumes))
     return cases
 
 
 def run_paused_sentence(ws, speech: np.ndarray, resumes: list[float], trailing_silence: float) -> dict:
-    """Speak a sentence with pauses in real time; it was cut if the server ended a turn before the
-    speech after a pause had begun. Waits until every turn it found has ended."""
+    """Speak a sentence with pauses in real time; it was cut if the server found more than one turn
+    in it. Waits until every turn it found has ended."""
     audio = np.concatenate([speech, np.zeros(int(trailing_silence * ASR_RATE), np.float32)])
     pieces = encode_webm_opus(audio, ASR_RATE, piece_ms=100)
     ws.send(json.dumps({"type": "audio_start"}))
@@ -213,7 +231,8 @@ def run_paused_sentence(ws, speech: np.ndarray, resumes: list[float], trailing_s
     first_audio = next((t for t, e in arrivals if e is None and t > t_speech_end), None)
     ends = [e for _, e in arrivals if e and e["type"] == "turn_end"]
     return {
-        "cut": any(stop < resume for stop in stops for resume in resumes),
+        "cut": len(stops) > 1,
+        "turn_ends_s": [round(stop, 2) for stop in stops],
         "turns": len(ends),
         "transcripts": [e["text"] for _, e in arrivals if e and e["type"] == "transcript" and e["final"]],
         "voice_to_voice_ms": None if first_audio is None else round((first_audio - t_speech_end) * 1000, 1),
