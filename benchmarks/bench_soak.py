@@ -4,13 +4,17 @@ turns completed, errors, p50/p95 first audio of the well-behaved sessions, serve
 
     uv run python benchmarks/bench_soak.py --sessions 3 --turns 4 --out bench-results/soak.json
 
-The server runs in this process (cpu preset), so RSS is this process's: server plus clients.
+The server runs in this process (cpu preset), so RSS is this process's: server plus clients. Its language
+model is in process unless the VA_LLM__* variables point it at an OpenAI-compatible server, or
+`--llm-server` starts llama-cpp-python's own server on the cpu preset's GGUF (a process of its own) and
+points it there; the report names the backend either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import threading
 import time
@@ -22,13 +26,14 @@ from pathlib import Path
 from bench_latency import QUESTIONS, listen_to_turn, run_turn, spoken_questions, start_local_server
 from websockets.sync.client import connect
 
+from tests.llm_server import LlamaServer
 from tests.support import raw_client, send_text_frame
 
 STORY = "Tell me a very long story about a brave little dragon and all of its friends."
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_mb(pid: int | str = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return round(int(line.split()[1]) / 1024, 1)
     return 0.0
@@ -97,6 +102,10 @@ def _drain(ws, stats: Counter) -> None:
         return
 
 
+def _http(ws_url: str) -> str:
+    return ws_url.replace("ws", "http", 1).removesuffix("/ws")
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -108,11 +117,18 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=3)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--calm", action="store_true", help="without the flood and the non-reading client")
+    parser.add_argument("--llm-server", action="store_true",
+                        help="the language model on llama-cpp-python's server (backend openai), started here")
+    parser.add_argument("--llm-threads", type=int, help="that server's threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/soak.json"))
     args = parser.parse_args()
     speech = spoken_questions(len(QUESTIONS))
     with ExitStack() as stack:
+        llm_server = stack.enter_context(LlamaServer(threads=args.llm_threads)) if args.llm_server else None
+        if llm_server is not None:  # start_local_server reads the VA_* environment
+            os.environ.update(llm_server.env())
         url = start_local_server("cpu", stack)
+        health = json.loads(urllib.request.urlopen(_http(url) + "/health").read())
         rss_before = rss_mb()
         stop, flood_stats, silent_stats = threading.Event(), Counter(), Counter()
         abusers = [threading.Thread(target=flood, args=(url, stop, flood_stats), daemon=True),
@@ -131,11 +147,13 @@ def main() -> None:
         stop.set()
         for a in abusers if not args.calm else []:
             a.join(10)
-        metrics = urllib.request.urlopen(url.replace("ws", "http", 1).removesuffix("/ws") + "/metrics").read().decode()
+        metrics = urllib.request.urlopen(_http(url) + "/metrics").read().decode()
         rss_after = rss_mb()
+        llm_rss = None if llm_server is None else rss_mb(llm_server.pid)
     first = [r["first_audio_ms"] for r in results if r["first_audio_ms"] is not None]
     report = {
         "sessions": args.sessions, "abusers": not args.calm, "turns_per_session": args.turns,
+        "llm": health["llm"], "llm_backend": health["llm_backend"],
         "seconds": round(elapsed, 1),
         "turns_expected": args.sessions * args.turns,
         "turns_completed": sum(r["reason"] == "completed" for r in results),
@@ -145,7 +163,7 @@ def main() -> None:
         "flood": dict(flood_stats), "non_reader": dict(silent_stats),
         "dropped_audio_replies": sum(float(line.split()[1]) for line in metrics.splitlines()
                                      if line.startswith("voice_dropped_audio_total")),
-        "rss_mb_before": rss_before, "rss_mb_after": rss_after,
+        "rss_mb_before": rss_before, "rss_mb_after": rss_after, "llm_server_rss_mb_after": llm_rss,
     }
     print(json.dumps(report, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,6 +37,10 @@ class LlamaServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
     def env(self) -> dict[str, str]:
         """The settings that point the assistant at this server, as environment variables."""
         values = {"VA_LLM__BACKEND": "openai", "VA_LLM__BASE_URL": self.base_url, "VA_LLM__MODEL": self.alias,
@@ -47,11 +51,14 @@ class LlamaServer:
         """Start it (again, on the same port) and wait until /v1/models answers."""
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--model_alias",
                    self.alias, "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(self.n_ctx),
-                   "--n_threads", str(self.threads), "--n_threads_batch", str(self.threads)]
+                   # The prompt on all cores, as llama-cpp-python does in process (its n_threads_batch default).
+                   "--n_threads", str(self.threads), "--n_threads_batch", str(os.cpu_count() or 1),
+                   # One request at a time, in turn: by default a new request ends the running one's
+                   # stream early (a clean [DONE]), which would cut other sessions' replies short.
+                   "--interrupt_requests", "False"]
         command += ["--api_key", self.api_key] if self.api_key else []
         with self._log.open("a") as log:  # unbuffered: its prints must be in the file when they happen
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self._environ())
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self._process.poll() is not None or time.monotonic() > deadline:
@@ -59,6 +66,14 @@ class LlamaServer:
                 raise RuntimeError(f"llama_cpp.server did not start:\n{self.output()[-2000:]}")
             time.sleep(0.1)
         return self
+
+    @staticmethod
+    def _environ() -> dict[str, str]:
+        # Its prints unbuffered, so they are in the file when they happen. And OpenMP threads that sleep
+        # when idle: this server computes each token on whichever of its pool's threads comes next, each
+        # with an OpenMP team of its own, and teams left spinning starve the active one on few cores
+        # (measured here on 2 cores: 400 ms a token instead of 45).
+        return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
     def _answers(self) -> bool:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
