@@ -76,8 +76,7 @@ class RealtimeSession:
         self.id = self.conversation.id
         self.limits = engines.settings.limits
         self.setup = Setup(instructions=engines.llm.settings.system_prompt, voice="default")
-        self.replies = Replies(engines.tts.sample_rate, self.conversation.id,
-                               stop=lambda: self.conversation.interrupt(None, cause="client"))
+        self.replies = Replies(self.conversation.id, stop=lambda: self.conversation.interrupt(None, cause="client"))
         self._send_text: Callable[[str], Awaitable[None]] | None = None
         self._send_lock = asyncio.Lock()
         self._events = 0

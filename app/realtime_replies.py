@@ -100,8 +100,7 @@ class Replies:
     """Turns the conversation's events into server events; keeps which response is which turn.
     `stop` cuts off the turn the conversation is answering (a cancel that came before it ran)."""
 
-    def __init__(self, voice_rate: int, conversation_id: str, stop: Callable[[], None]) -> None:
-        self.voice_rate = voice_rate
+    def __init__(self, conversation_id: str, stop: Callable[[], None]) -> None:
         self._stop = stop
         self.conversation_id = f"conv_{conversation_id}"
         self.transcribe = True  # send input transcription events (session's audio.input.transcription)
