@@ -1,7 +1,8 @@
 """The compiled frame step against the eager one: same greedy codes and logits, and a safe fallback.
 
 Tiny random weights in float32 on the CPU (inductor's C++ backend), so it runs in CI; on a GPU
-the same two functions become CUDA graphs. The compile costs ~20-40 s on 2 cores, paid once here.
+the same two functions become CUDA graphs. Compiling costs ~30-60 s on 2 cores with a cold cache,
+paid once here; one layer per stack (every op of the step, half the compile time of two).
 """
 
 from __future__ import annotations
@@ -19,10 +20,17 @@ from app.tts.csm.generator import CsmGenerator, GenerationConfig, Segment
 from app.tts.csm.model import CsmModel, CsmModelConfig
 from app.tts.csm.step import FrameStep, StepOutput, compile_mode
 
-from .conftest import tiny_model
-
 GREEDY = GenerationConfig(topk=1, first_chunk_frames=2, chunk_frames=4)
 FRAMES = 12
+
+
+def one_layer_model(seed: int, device: str = "cpu") -> CsmModel:
+    """CsmModelConfig.tiny() with one layer per stack: grouped-query attention, RoPE, KV caches, 32 codebooks."""
+    torch.manual_seed(seed)
+    tiny = CsmModelConfig.tiny()
+    config = msgspec.structs.replace(tiny, backbone=msgspec.structs.replace(tiny.backbone, num_layers=1),
+                                     decoder=msgspec.structs.replace(tiny.decoder, num_layers=1))
+    return CsmModel(config).prepare(device=device, dtype=torch.float32)
 
 
 def _recording(step: Callable[..., StepOutput], seen: list[torch.Tensor]) -> Callable[..., StepOutput]:
@@ -57,7 +65,7 @@ def _speak(generator: CsmGenerator) -> tuple[torch.Tensor, list[torch.Tensor], l
 @pytest.fixture(scope="module")
 def runs(text_tokenizer, mimi):
     """The same generator speaking the same greedy utterance, eagerly and then compiled."""
-    generator = CsmGenerator(tiny_model(seed=3), text_tokenizer, mimi, seed=0)
+    generator = CsmGenerator(one_layer_model(seed=3), text_tokenizer, mimi, seed=0)
     eager = _speak(generator)
     generator.step.compile("default")
     compile_s = generator.step.warm(topk=GREEDY.topk, temperature=GREEDY.temperature)
@@ -141,8 +149,7 @@ def test_engine_warm_up_compiles_into_the_model_cache(make_generator, monkeypatc
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
 def test_cuda_graphs_give_the_eager_greedy_codes(text_tokenizer) -> None:
     """On a GPU, `reduce-overhead` replays both steps as CUDA graphs; float32 so codes must agree."""
-    torch.manual_seed(3)
-    model = CsmModel(CsmModelConfig.tiny()).prepare(device="cuda", dtype=torch.float32)
+    model = one_layer_model(seed=3, device="cuda")
     generator = CsmGenerator(model, text_tokenizer, mimi=object(), seed=0)  # frames only: no Mimi needed
     prompt = generator.utterance("I can help you plan a trip.", speaker=4, config=GREEDY, max_frames=FRAMES).prompt
 
