@@ -144,8 +144,8 @@ class FrameStep:
             self.backbone = torch.compile(self.backbone_step, **options)
             self.decoder = torch.compile(self.decoder_step, **options)
         except Exception as exc:  # e.g. a platform torch.compile does not support
-            self.compiled = True  # so that use_eager says why
-            self.use_eager(f"torch.compile is unavailable: {_first_line(exc)}")
+            log.warning("csm: running the frame step eagerly: torch.compile is unavailable: %s", _first_line(exc))
+            self.use_eager("")
             return
         self.compiled = True
 
@@ -157,8 +157,7 @@ class FrameStep:
     @torch.no_grad()
     def warm(self, *, topk: int, temperature: float, frames: int = 3) -> float:
         """Compile (or load from the inductor cache) and, on CUDA, record the graphs: a few frames
-        of one-position steps on the real caches. Returns the seconds it took; the caller resets the
-        caches before the next utterance."""
+        of one-position steps on the real caches, which it leaves reset. Returns the seconds it took."""
         start = time.perf_counter()
         width = self.model.config.frame_width
         tokens = torch.zeros(1, 1, width, dtype=torch.long, device=self.device)
