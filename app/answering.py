@@ -176,6 +176,7 @@ class Answering:
                     self._active = (turn, Reply(self._c.engines.tts.sample_rate))
                     self._current = asyncio.create_task(self._answer(*self._active, Gate()))
                 await asyncio.wait({self._current})  # an interrupt cancels only this turn
+                self._ended_unstarted()
                 self._current, self._active = None, None
                 self._c.set_state(self._c.resting_state())
         finally:
@@ -183,6 +184,14 @@ class Answering:
             if self._current is not None:
                 self._current.cancel()
                 await asyncio.wait({self._current})  # its TurnEnd and metrics still count
+                self._ended_unstarted()
+
+    def _ended_unstarted(self) -> None:
+        """A task cancelled before its first step never runs its body, `finally` included: a turn
+        cut off that early still ends, here (_answer marks end_of_turn first thing)."""
+        if self._active is not None and "end_of_turn" not in self._active[1].marks:
+            turn, reply = self._active
+            self._finish(turn, turn.text, reply, "interrupted")
 
     async def _answer(self, turn: PendingTurn, reply: Reply, gate: Gate) -> None:
         c = self._c

@@ -250,3 +250,17 @@ def test_a_guess_the_user_talks_over_leaves_no_trace(engines, jfk_pcm, monkeypat
     assert (end.turn, end.reason) == (1, "completed") and end.reply == written.strip()
     states = [e.state for e in of(events, ev.StateChanged)]
     assert states.count("thinking") == 1
+
+
+def test_a_turn_cut_off_before_its_answer_ever_ran_still_ends(engines):
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.say("What is the capital of France?")
+        await asyncio.sleep(0)  # the queue hands the turn over: its answer's task exists, not yet run
+        assert conversation._answering.busy
+        conversation.interrupt(None)
+        await wait_for(events, turn_end(1))
+
+    events = run(engines, script)
+    (end,) = of(events, ev.TurnEnd)
+    assert (end.turn, end.reason, end.reply) == (1, "interrupted", "")
+    assert len(of(events, ev.TurnMetrics)) == 1
