@@ -21,11 +21,10 @@ import json
 from pathlib import Path
 
 import torch
+from bench_csm import TEXTS  # run as a script: benchmarks/ is on sys.path
 from safetensors.torch import save_file
 
 from app.tts.csm.model import CsmModel, CsmModelConfig
-
-from bench_csm import TEXTS  # run as a script: benchmarks/ is on sys.path
 from tests.support import build_tokenizer_json
 
 
