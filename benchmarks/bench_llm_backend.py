@@ -45,9 +45,13 @@ def one_turn(ws, kind: str, index: int, speech: list, silence: float) -> dict:
     if kind == "spoken":
         r = run_turn(ws, speech[index % len(speech)][1], silence)
         server = r.get("server", {})
+        heard, first_audio = server.get("transcript_ms"), server.get("first_audio_ms")
         return {"reason": r["reason"], "first_audio_ms": r["voice_to_voice_ms"],
-                "server_first_token_ms": server.get("first_token_ms"),
-                "server_first_audio_ms": server.get("first_audio_ms")}
+                "server_end_of_turn_ms": server.get("end_of_turn_ms"),
+                "server_first_token_ms": server.get("first_token_ms"), "server_first_audio_ms": first_audio,
+                # The backend's own share: the end of the turn is decided before the LLM is asked.
+                "server_transcript_to_audio_ms": None if heard is None or first_audio is None
+                else round(first_audio - heard, 1)}
     r = typed_turn(ws, QUESTIONS[index % len(QUESTIONS)])
     return {"reason": r["reason"], "first_audio_ms": r["first_audio_ms"]}
 
@@ -59,7 +63,9 @@ def median(results: list[dict], backend: str, kind: str, key: str) -> float | No
 
 def summarise(results: list[dict]) -> dict:
     summary: dict = {}
-    for kind, keys in (("spoken", ("first_audio_ms", "server_first_token_ms", "server_first_audio_ms")),
+    spoken = ("first_audio_ms", "server_end_of_turn_ms", "server_first_token_ms", "server_first_audio_ms",
+              "server_transcript_to_audio_ms")
+    for kind, keys in (("spoken", spoken),
                        ("typed", ("first_audio_ms",))):
         for key in keys:
             local, remote = (median(results, b, kind, key) for b in BACKENDS)
