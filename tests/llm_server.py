@@ -30,7 +30,9 @@ class LlamaServer:
         self.port = port or free_port()
         self.threads = threads or os.cpu_count() or 1  # as many as the in-process model takes
         self.gguf = models.resolve(LlmSettings().model, "llm")  # the cpu preset's own reference
-        self._log = Path(tempfile.mkstemp(prefix="llama-server-", suffix=".log")[1])
+        handle, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
+        os.close(handle)  # reopened for each start, appending
+        self._log = Path(name)
         self._process: subprocess.Popen | None = None
 
     @property
