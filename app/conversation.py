@@ -18,6 +18,7 @@ import itertools
 import logging
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 
 import numpy as np
 
@@ -186,15 +187,33 @@ class Conversation:
         self.emit(ev.SpeechStarted(self._speaking_turn))
         if self._answering.busy or self.memory.still_playing():
             self.interrupt(None, cause="speech")
+        elif self.engines.settings.turns.speculate:
+            self._in_background(self._prefill())
+
+    async def _prefill(self) -> None:
+        """While the user speaks, let the LLM evaluate the system prompt and the history that its
+        reply will start with (app/llm.py ChatModel.prefill), so that the turn waits only for its own
+        words. A model on a server keeps its own prefix cache."""
+        prefill = getattr(self.engines.llm, "prefill", None)
+        if prefill is None:
+            return
+        messages = self.engines.llm.build_messages(list(self.memory.history), "", self.options.system_prompt)
+        try:
+            await self.engines.llm_worker.run(prefill, messages)
+        except Exception:
+            log.warning("conversation %s: evaluating the prompt ahead failed", self.id, exc_info=True)
+
+    def _in_background(self, job: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(job)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def interim(self, audio: np.ndarray) -> None:
         turn_id = self._speaking_turn
         if turn_id is None or self._interim_busy:
             return  # one interim at a time: never let guesses queue up before the final
         self._interim_busy = True
-        task = asyncio.create_task(self._interim(turn_id, audio))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self._interim(turn_id, audio))
 
     async def _interim(self, turn_id: int, audio: np.ndarray) -> None:
         try:
@@ -215,7 +234,11 @@ class Conversation:
         if turn_id is None or self._carry is not None or not self.engines.settings.turns.speculate:
             listener.words_judged(audio, None)
             return
-        judged = functools.partial(listener.words_judged, audio)
+        judged: Callable[[float | None], None] | None = functools.partial(listener.words_judged, audio)
+        if not hasattr(self.engines.llm, "end_of_turn_probability"):
+            # A model on a server cannot read the words for us: the sound decides at once.
+            listener.words_judged(audio, None)
+            judged = None
         self._answering.speculate(PendingTurn(turn_id, t_speech_end, t_speech_end, audio=audio, on_words=judged))
 
     def resumed(self) -> None:

@@ -63,6 +63,7 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return "LlmSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
+PLACEHOLDER = "\u2063"  # stands for the user's words when only the prompt before them is wanted
 TEMPLATE_TOKENS = 64  # what the chat template adds around the messages, kept free in the context
 
 Message = dict[str, str]  # {"role": ..., "content": ...}, the shape llama.cpp's chat API takes
@@ -120,11 +121,14 @@ class ChatModel(ContextWindow):
     evaluated prefix, so a slice that follows its own previous one costs no prompt re-evaluation.
     """
 
-    def __init__(self, settings: LlmSettings, llama) -> None:  # llama: llama_cpp.Llama
+    def __init__(self, settings: LlmSettings, llama, judge=None) -> None:  # llama_cpp.Llama, both
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.settings = settings
         self._llama = llama
+        # A second context on the same weights for end_of_turn_probability, so that judging a turn's
+        # words does not evict the history that prefill() evaluated for its reply.
+        self._judge = judge
         template = llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise ValueError(f"llm model '{settings.model}' has no chat template in its GGUF metadata")
@@ -145,15 +149,14 @@ class ChatModel(ContextWindow):
 
         path = models.resolve(settings.model, "llm")
         t0 = time.perf_counter()
-        llama = Llama(
-            model_path=str(path),
-            n_ctx=settings.n_ctx,
-            n_threads=settings.n_threads or os.cpu_count() or 1,  # llama.cpp picks 1 here otherwise
-            n_gpu_layers=settings.n_gpu_layers,
-            verbose=False,
+        threads = settings.n_threads or os.cpu_count() or 1  # llama.cpp picks 1 here otherwise
+        llama, judge = (  # the file is mapped once: on the CPU the two share the weights' pages
+            Llama(model_path=str(path), n_ctx=settings.n_ctx, n_threads=n_threads,
+                  n_gpu_layers=settings.n_gpu_layers, verbose=False)
+            for n_threads in (threads, 1)  # the judge reads a few words: one thread, no contention
         )
         log.info("llm: loaded %s in %.1f s", settings.model, time.perf_counter() - t0)
-        return cls(settings, llama)
+        return cls(settings, llama, judge)
 
     def prompt(self, messages: list[Message]) -> Prompt:
         result = self._format(messages=messages)
@@ -222,20 +225,32 @@ class ChatModel(ContextWindow):
             break
 
     def end_of_turn_probability(self, messages: list[Message]) -> float:
-        """How likely the model thinks the last (user) message ends where it does: the probability
-        of the template's end-of-message token right after its text (LiveKit's turn detector asks
-        a small LM the same). Evaluates the prompt up to there, which is also the head of the
-        reply's prompt: llama.cpp keeps it, so the reply that follows re-evaluates none of it."""
-        text = self._format(messages=messages).prompt
-        cut = text.rfind(messages[-1]["content"]) + len(messages[-1]["content"])
-        head = self._llama.tokenize(text[:cut].encode(), add_bos=False, special=True)
-        end_token = self._llama.tokenize(text[cut:].encode(), add_bos=False, special=True)[0]
-        logits = self._next_token_logits(head)
+        """How likely the model thinks the user's message (messages[-1]) ends where it does: the
+        probability of the template's end-of-message token right after its text (LiveKit's turn
+        detector asks a small LM the same). Asked with the system prompt but without the history: after
+        a few exchanges a small model expects every user message to end, and a fragment such as "And so
+        my fellow Americans." scores 0.4-0.8 instead of 0.04 (SmolLM2-135M, measured)."""
+        llama = self._judge or self._llama
+        message = messages[-1]["content"]
+        text = self._format(messages=[messages[0], messages[-1]]).prompt
+        cut = text.rfind(message) + len(message)
+        head = llama.tokenize(text[:cut].encode(), add_bos=False, special=True)
+        end_token = llama.tokenize(text[cut:].encode(), add_bos=False, special=True)[0]
+        self._evaluate(llama, head)
+        logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)).astype(np.float64)
         probs = np.exp(logits - logits.max())
         return float(probs[end_token] / probs.sum())
 
-    def _next_token_logits(self, tokens: list[int]) -> np.ndarray:
-        llama = self._llama
+    def prefill(self, messages: list[Message]) -> None:
+        """Evaluate the head of the next reply's prompt, all that comes before the user's words (the
+        system prompt and the history, messages[:-1]), while the user is still speaking: then the
+        turn itself evaluates only its own words."""
+        text = self._format(messages=[*messages[:-1], {"role": "user", "content": PLACEHOLDER}]).prompt
+        head = text[: text.rfind(PLACEHOLDER)]
+        self._evaluate(self._llama, self._llama.tokenize(head.encode(), add_bos=False, special=True))
+
+    @staticmethod
+    def _evaluate(llama, tokens: list[int]) -> None:
         kept = 0  # the longest prefix llama.cpp already holds; at least the last token is evaluated
         for held, new in zip(llama.input_ids[: llama.n_tokens], tokens[:-1], strict=False):
             if held != new:
@@ -243,7 +258,7 @@ class ChatModel(ContextWindow):
             kept += 1
         llama.n_tokens = kept
         llama.eval(tokens[kept:])
-        return np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)).astype(np.float64)
+
 
 
 def system_prompt_budget(settings: LlmSettings, room: int) -> int:

@@ -250,7 +250,10 @@ def _open_turns(arrivals: list[tuple[float, dict | None]]) -> bool:
 def judge_pauses(engines, clips: list[tuple[str, np.ndarray]]) -> dict:
     """Feed each clip to a turn detector; at every 200 ms pause ask Smart Turn (sound) and the LLM
     (words, on Whisper's transcript of the candidate) whether the turn is finished. Only a clip's
-    last pause is the speaker's real end. Returns the confusion counts of each rule, and the rows."""
+    last pause is the speaker's real end. Returns the confusion counts of each rule (turns.decide_by),
+    and the rows."""
+    import msgspec
+
     from app.listening import finished
     from app.turns import WINDOW, Event, StreamingVad, TurnDetector
 
@@ -265,21 +268,17 @@ def judge_pauses(engines, clips: list[tuple[str, np.ndarray]]) -> dict:
         for n, audio in enumerate(found):
             text = engines.asr.transcribe(audio)
             words = engines.llm.end_of_turn_probability(engines.llm.build_messages([], text)) if text else None
-            sound = engines.smart_turn.probability(audio)
             rows.append({"clip": name, "at_s": round(len(audio) / ASR_RATE, 2), "finished": n == len(found) - 1,
-                         "text": text, "sound": round(sound, 4), "words": None if words is None else round(words, 4),
-                         "fused": finished(sound, words, settings)})
+                         "text": text, "sound": round(engines.smart_turn.probability(audio), 4),
+                         "words": None if words is None else round(words, 4)})
 
-    def confusion(says) -> dict:
-        return {k: sum(1 for r in rows if says(r) == want and r["finished"] == real)
-                for k, want, real in (("ended_finished", True, True), ("waited_finished", False, True),
-                                      ("cut_unfinished", True, False), ("waited_unfinished", False, False))}
-    return {
-        "sound": confusion(lambda r: r["sound"] >= settings.smart_turn_threshold),
-        "words": confusion(lambda r: r["words"] is not None and r["words"] >= settings.words_threshold),
-        "fused": confusion(lambda r: r["fused"]),
-        "pauses": rows,
-    }
+    def confusion(rule: str) -> dict:
+        ruled = msgspec.structs.replace(settings, decide_by=rule)
+        says = [(finished(r["sound"], r["words"], ruled), r["finished"]) for r in rows]
+        return {"ended_finished": says.count((True, True)), "waited_finished": says.count((False, True)),
+                "cut_unfinished": says.count((True, False)), "waited_unfinished": says.count((False, False))}
+
+    return {**{rule: confusion(rule) for rule in ("sound", "words", "both")}, "pauses": rows}
 
 
 # ------------------------------------------------------------ the run
@@ -358,7 +357,7 @@ def main() -> None:
         q, p = report["questions"][rule], report["paused_sentences"][rule]
         print(f"{rule} rule: median voice-to-voice {q['median_voice_to_voice_ms']} ms, stages {q['median_stages_ms']}; "
               f"paused sentences cut {p['cut']}/{p['of']}, added delay {p['median_added_delay_ms']} ms")
-    for rule in ("sound", "words", "fused"):
+    for rule in ("sound", "words", "both"):
         print(f"pauses judged by {rule}: {judged[rule]}")
     print(f"new/old median voice-to-voice: {report['new_over_old']}")
 

@@ -97,3 +97,32 @@ def test_warm_up_leaves_the_system_prompt_evaluated(engines):
     assert shareable > 20  # the system prompt
     evaluated = [int(t) for t in chat._llama._input_ids]  # what llama.cpp holds in its KV cache
     assert _common_prefix(evaluated, turn) >= shareable
+
+
+HISTORY = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello! How can I help you today?"}]
+
+
+def test_the_end_of_a_message_is_likelier_after_a_whole_question_than_a_fragment(engines):
+    llm = engines.llm
+    whole = llm.end_of_turn_probability(llm.build_messages(list(HISTORY), "What is the capital of France?"))
+    fragment = llm.end_of_turn_probability(llm.build_messages(list(HISTORY), "What is the capital of"))
+    threshold = engines.settings.turns.words_threshold
+    assert whole >= threshold > fragment
+    assert 0.0 <= fragment < whole <= 1.0
+    # Judged without the history: the same words score the same after any conversation.
+    assert whole == pytest.approx(llm.end_of_turn_probability(llm.build_messages([], "What is the capital of France?")),
+                                  rel=0.02)
+
+
+def test_prefill_evaluates_the_prompt_up_to_the_users_words(engines):
+    llm = engines.llm
+    messages = llm.build_messages(list(HISTORY), "What is the capital of France?")
+    llm.prefill(messages)
+    held = llm._llama.n_tokens
+    full = llm.prompt(messages).tokens
+    # Held: the head of the real prompt (system prompt and history), not the user's words.
+    assert list(llm._llama.input_ids[:held]) == full[:held]
+    assert llm.count_tokens(HISTORY[1]["content"]) < held < len(full) - llm.count_tokens("capital of France")
+    # Judging the words runs on a context of its own: the evaluated history stays for the reply.
+    llm.end_of_turn_probability(messages)
+    assert llm._llama.n_tokens == held
