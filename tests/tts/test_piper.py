@@ -10,18 +10,21 @@ from tests.support import resample, word_error_rate, words
 
 
 def test_piper_speech_is_understood_by_whisper(engines):
-    # Piper samples noise, so each run differs; this sentence was heard right in 8 runs of 8.
+    # Piper samples noise, so each rendition differs, and tiny.en once heard one as "open the window
+    # of the window": two of three renditions must be heard right.
     text = "Please open the window and turn on the light."
-    chunks = list(engines.tts.synthesize(text))
-    assert len(chunks) >= 2  # streamed in slices, not one block
-    assert all(c.dtype == np.int16 and c.ndim == 1 for c in chunks)
-    pcm = np.concatenate(chunks).astype(np.float32) / 32768
-    seconds = len(pcm) / engines.tts.sample_rate
-    assert 1.5 < seconds < 6
-    heard = engines.asr.transcribe(resample(pcm, engines.tts.sample_rate, 16_000))
-    # tiny.en is a small model: allow one slip in ten words, but the content words must be there.
-    assert word_error_rate(heard, text) <= 0.1, heard
-    assert {"open", "window", "turn", "light"} <= set(words(heard))
+    heard_right = 0
+    for _ in range(3):
+        chunks = list(engines.tts.synthesize(text))
+        assert len(chunks) >= 2  # streamed in slices, not one block
+        assert all(c.dtype == np.int16 and c.ndim == 1 for c in chunks)
+        pcm = np.concatenate(chunks).astype(np.float32) / 32768
+        assert 1.5 < len(pcm) / engines.tts.sample_rate < 6
+        heard = engines.asr.transcribe(resample(pcm, engines.tts.sample_rate, 16_000))
+        assert {"open", "window", "turn", "light"} <= set(words(heard)), heard  # the content words, always
+        # tiny.en is a small model: allow one slip in ten words.
+        heard_right += word_error_rate(heard, text) <= 0.1
+    assert heard_right >= 2
 
 
 def test_cancel_stops_synthesis(engines):
