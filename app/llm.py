@@ -223,6 +223,8 @@ class ChatModel(ContextWindow):
         # which starts with the same prompt, evaluates only its own words, like every later turn.
         for _ in self.stream_reply(self.build_messages([], "Hi")):
             break
+        # The judge's context too: it keeps the system prompt evaluated for the first turn's words.
+        self.end_of_turn_probability(self.build_messages([], "Hi"))
 
     def end_of_turn_probability(self, messages: list[Message]) -> float:
         """How likely the model thinks the user's message (messages[-1]) ends where it does: the

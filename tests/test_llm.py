@@ -97,6 +97,8 @@ def test_warm_up_leaves_the_system_prompt_evaluated(engines):
     assert shareable > 20  # the system prompt
     evaluated = [int(t) for t in chat._llama._input_ids]  # what llama.cpp holds in its KV cache
     assert _common_prefix(evaluated, turn) >= shareable
+    judged = [int(t) for t in chat._judge.input_ids[: chat._judge.n_tokens]]  # and the words' judge
+    assert _common_prefix(judged, turn) >= shareable
 
 
 HISTORY = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello! How can I help you today?"}]
