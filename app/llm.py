@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Literal
 
@@ -63,7 +64,7 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return "LlmSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
-PLACEHOLDER = "\u2063"  # stands for the user's words when only the prompt before them is wanted
+USER_WORDS_MARK = "\u2063"  # where the user's words go, when only the prompt before them is wanted
 TEMPLATE_TOKENS = 64  # what the chat template adds around the messages, kept free in the context
 
 Message = dict[str, str]  # {"role": ..., "content": ...}, the shape llama.cpp's chat API takes
@@ -76,14 +77,14 @@ class Prompt(msgspec.Struct, frozen=True):
     stop: list[str]
 
 
-class ContextWindow:
+class ContextWindow(ABC):
     """What both kinds of model share: the messages of a reply, with the history trimmed so that the
     prompt and the longest reply fit `n_ctx`. Subclasses count tokens their own way."""
 
     settings: LlmSettings
 
-    def count_tokens(self, text: str) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def count_tokens(self, text: str) -> int: ...
 
     def build_messages(
         self, history: list[Message], user_text: str, system_prompt: str | None = None
@@ -247,8 +248,8 @@ class ChatModel(ContextWindow):
         """Evaluate the head of the next reply's prompt, all that comes before the user's words (the
         system prompt and the history, messages[:-1]), while the user is still speaking: then the
         turn itself evaluates only its own words."""
-        text = self._format(messages=[*messages[:-1], {"role": "user", "content": PLACEHOLDER}]).prompt
-        head = text[: text.rfind(PLACEHOLDER)]
+        text = self._format(messages=[*messages[:-1], {"role": "user", "content": USER_WORDS_MARK}]).prompt
+        head = text[: text.rfind(USER_WORDS_MARK)]
         self._evaluate(self._llama, self._llama.tokenize(head.encode(), add_bos=False, special=True))
 
     @staticmethod

@@ -108,14 +108,20 @@ def listen_to_turn(ws) -> tuple[float | None, list[dict]]:
     return first_audio, events
 
 
-def run_turn(ws, speech: np.ndarray, trailing_silence: float) -> dict:
-    """Speak one turn in real time while listening; return client- and server-side timings."""
+def start_speaking(ws, speech: np.ndarray, trailing_silence: float) -> tuple[float, threading.Thread]:
+    """Begin sending `speech` and then silence in real time on a thread; returns (its start, the thread)."""
     audio = np.concatenate([speech, np.zeros(int(trailing_silence * ASR_RATE), np.float32)])
     pieces = encode_webm_opus(audio, ASR_RATE, piece_ms=100)
     ws.send(json.dumps({"type": "audio_start"}))
     t_start = time.perf_counter()
     sender = threading.Thread(target=send_in_real_time, args=(ws, pieces, t_start))
     sender.start()
+    return t_start, sender
+
+
+def run_turn(ws, speech: np.ndarray, trailing_silence: float) -> dict:
+    """Speak one turn in real time while listening; return client- and server-side timings."""
+    t_start, sender = start_speaking(ws, speech, trailing_silence)
     t_speech_end = t_start + speech_end_seconds(speech)
     first_audio, events = listen_to_turn(ws)
     result: dict = {}
@@ -211,12 +217,7 @@ def pause_cases() -> list[tuple[str, np.ndarray, list[float]]]:
 def run_paused_sentence(ws, speech: np.ndarray, resumes: list[float], trailing_silence: float) -> dict:
     """Speak a sentence with pauses in real time; it was cut if the server found more than one turn
     in it. Waits until every turn it found has ended."""
-    audio = np.concatenate([speech, np.zeros(int(trailing_silence * ASR_RATE), np.float32)])
-    pieces = encode_webm_opus(audio, ASR_RATE, piece_ms=100)
-    ws.send(json.dumps({"type": "audio_start"}))
-    t_start = time.perf_counter()
-    sender = threading.Thread(target=send_in_real_time, args=(ws, pieces, t_start))
-    sender.start()
+    t_start, sender = start_speaking(ws, speech, trailing_silence)
     arrivals: list[tuple[float, dict | None]] = []  # (perf_counter, event or None for audio)
     while sender.is_alive() or _open_turns(arrivals):
         try:
