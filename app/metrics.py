@@ -38,6 +38,10 @@ class Metrics:
         self.dropped_audio = Counter("voice_dropped_audio", "Replies whose audio was dropped: the client "
                                      "did not read it (limits.max_outgoing_bytes)", registry=self.registry)
 
+    def sessions_open(self) -> int:
+        """Sessions of every protocol open now (the gauge both adapters count in)."""
+        return int(self.registry.get_sample_value("voice_sessions_active") or 0)
+
     def observe_turn(self, metrics: ev.TurnMetrics, reason: str) -> None:
         self.turns.labels(reason).inc()
         for stage in STAGES:

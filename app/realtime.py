@@ -91,7 +91,7 @@ class RealtimeSession:
         """Run until the client goes away; whatever happens, stop all work for this connection.
         Past max_sessions, say `busy` and close (1013, try again later)."""
         self._send_text = send_text
-        if self._sessions_open() >= self.limits.max_sessions:
+        if self.conversation.metrics.sessions_open() >= self.limits.max_sessions:
             await self._refuse()
         self.conversation.start()  # counted open from here: no await before it lets another in
         self.conversation.configure(self._options(self.setup))
@@ -111,12 +111,9 @@ class RealtimeSession:
                 await writer
             log.info("realtime session %s closed", self.id)
 
-    def _sessions_open(self) -> int:
-        return int(self.conversation.metrics.registry.get_sample_value("voice_sessions_active") or 0)
-
     async def _refuse(self) -> None:
         log.warning("realtime session %s refused: %d sessions open (limits.max_sessions)", self.id,
-                    self._sessions_open())
+                    self.conversation.metrics.sessions_open())
         await self._send(error_event(ev.error("busy")))
         raise WebSocketException(detail="busy", code=1013)
 

@@ -46,7 +46,7 @@ class WsSession:
     ) -> None:
         """Run until the client goes away; whatever happens, stop all work for this connection.
         Past max_sessions, say `busy` and close (1013, try again later)."""
-        if self._sessions_open() >= self.limits.max_sessions:
+        if self.conversation.metrics.sessions_open() >= self.limits.max_sessions:
             await self._refuse(send_text)
         self.conversation.start()  # counted open from here: no await before it lets another in
         writer: asyncio.Task[None] | None = None
@@ -77,11 +77,9 @@ class WsSession:
                         self.id, waiting)
             raise WebSocketException(detail="slow_client", code=1008)
 
-    def _sessions_open(self) -> int:
-        return int(self.conversation.metrics.registry.get_sample_value("voice_sessions_active") or 0)
-
     async def _refuse(self, send_text: Callable[[str], Awaitable[None]]) -> None:
-        log.warning("session %s refused: %d sessions open (limits.max_sessions)", self.id, self._sessions_open())
+        log.warning("session %s refused: %d sessions open (limits.max_sessions)", self.id,
+                    self.conversation.metrics.sessions_open())
         await send_text(p.encode_event(ev.error("busy")))
         raise WebSocketException(detail="busy", code=1013)
 
