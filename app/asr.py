@@ -7,11 +7,13 @@ import importlib.metadata
 import logging
 import os
 import time
+import zlib
 
 import msgspec
 import numpy as np
 
 from . import models
+from .audio import ASR_RATE
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,10 @@ class AsrSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     cpu_threads: int = 2
     beam_size: int = 1
     language: str | None = "en"
+    # Encode only the turn plus this much silence instead of Whisper's whole 30 s window (0: the whole
+    # window, faster-whisper's own path). On tiny.en this cuts a 2 s turn from ~0.55 s to ~0.15 s on
+    # 2 cores with transcripts as good (benchmarks/bench_asr.py). Needs a known language.
+    fit_window_s: float = 0.5
 
 
 def load_cuda12_cublas() -> str | None:
@@ -42,12 +48,21 @@ def load_cuda12_cublas() -> str | None:
     return path
 
 
+HOP = 160  # samples per mel frame at 16 kHz
+WINDOW_FRAMES = 3000  # Whisper's 30 s window in 10 ms mel frames; the encoder halves it
+NO_SPEECH = 0.8  # Whisper invents text on pure noise; its own no-speech estimate above this drops it
+REPETITIVE = 2.4  # faster-whisper's compression-ratio limit: text this repetitive is a decoding loop
+
+
 class Transcriber:
     """One loaded Whisper model; transcribe() is blocking and runs on the ASR worker thread."""
 
     def __init__(self, settings: AsrSettings, model) -> None:  # model: WhisperModel
         self.settings = settings
         self._model = model
+        self._fitted: FittedWindow | None = None
+        if settings.fit_window_s > 0 and (settings.language or not model.model.is_multilingual):
+            self._fitted = FittedWindow(model, settings)
 
     @classmethod
     def load(cls, settings: AsrSettings) -> Transcriber:
@@ -68,17 +83,89 @@ class Transcriber:
         """Text of 16 kHz mono float32 audio; "" when nothing intelligible was said."""
         if audio.size == 0:
             return ""
+        audio = audio.astype(np.float32, copy=False)
+        if self._fitted is not None and (text := self._fitted.transcribe(audio)) is not None:
+            return text
+        return self._transcribe_whole_window(audio)
+
+    def _transcribe_whole_window(self, audio: np.ndarray) -> str:
         segments, _ = self._model.transcribe(
-            audio.astype(np.float32, copy=False),
+            audio,
             language=self.settings.language,
             beam_size=self.settings.beam_size,
             condition_on_previous_text=False,
             vad_filter=False,  # the turn detector already cut the speech out
             without_timestamps=True,
         )
-        # Whisper invents text on pure noise; its own no-speech estimate filters that out.
-        texts = [s.text.strip() for s in segments if s.no_speech_prob < 0.8]
+        texts = [s.text.strip() for s in segments if s.no_speech_prob < NO_SPEECH]
         return " ".join(t for t in texts if t).strip()
 
     def warm_up(self) -> None:
         self.transcribe(np.zeros(16_000, dtype=np.float32))
+
+
+class FittedWindow:
+    """Whisper over a window fitted to the turn. The encoder's cost grows with its input, and a turn
+    is a few seconds of a 30 s window, so only the turn plus a little silence is encoded. The decoder
+    still sees 30 s: the rest of the window is the encoder's output for the padding faster-whisper
+    itself would add, computed once. Without that tail, a decoder shown only the turn repeats it
+    until the length limit. Not bit-equal to a whole-window encoding (the encoder's
+    attention is global); benchmarks/bench_asr.py compares the two against the words really said.
+    """
+
+    def __init__(self, model, settings: AsrSettings) -> None:  # model: WhisperModel
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        self._model = model
+        self._pad = round(settings.fit_window_s * ASR_RATE)
+        self._beam_size = settings.beam_size
+        self._tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task="transcribe",
+                                    language=settings.language or "en")
+        self._prompt = [*self._tokenizer.sot_sequence, self._tokenizer.no_timestamps]
+        self._suppress = list(get_suppressed_tokens(self._tokenizer, [-1]))
+        # faster-whisper pads a turn's features to the window with zeros: the same tail here, so the
+        # decoder ends (and punctuates) a turn as the whole-window path does.
+        tail = np.zeros((1, model.model.n_mels, WINDOW_FRAMES), np.float32)
+        self._tail = np.asarray(model.model.encode(_storage(tail), to_cpu=True))
+
+    def transcribe(self, audio: np.ndarray) -> str | None:
+        """The text, or None where this window cannot be trusted with it (a turn too long to fit,
+        or a decoding loop): then the whole-window path answers."""
+        frames = (len(audio) + self._pad) // HOP // 2 * 2  # the encoder's stride is 2 frames
+        if frames >= WINDOW_FRAMES:
+            return None
+        turn = self._encode(audio, frames)
+        encoded = np.concatenate([turn, self._tail[:, turn.shape[1]:]], axis=1)
+        limit = 16 + round(10 * len(audio) / ASR_RATE)  # fast speech is ~6 tokens a second
+        result = self._model.model.generate(
+            _storage(encoded), [self._prompt], beam_size=self._beam_size, max_length=limit,
+            return_no_speech_prob=True, suppress_blank=True, suppress_tokens=self._suppress,
+        )[0]
+        tokens = result.sequences_ids[0]
+        if result.no_speech_prob >= NO_SPEECH:
+            return ""
+        text = self._tokenizer.decode(tokens).strip()
+        if len(tokens) >= limit - len(self._prompt) or _compression_ratio(text) > REPETITIVE:
+            log.debug("asr: the fitted window looped (%r); decoding the whole window", text[:80])
+            return None
+        return text
+
+    def _encode(self, audio: np.ndarray, frames: int) -> np.ndarray:
+        """The encoder's output for the first `frames` mel frames of `audio` followed by silence."""
+        padded = np.zeros(frames * HOP + HOP, np.float32)
+        padded[: min(len(audio), frames * HOP)] = audio[: frames * HOP]
+        features = self._model.feature_extractor(padded, padding=0)[:, :frames]
+        encoded = self._model.model.encode(_storage(features[None]), to_cpu=True)
+        return np.asarray(encoded)
+
+
+def _storage(array: np.ndarray):
+    import ctranslate2
+
+    return ctranslate2.StorageView.from_array(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _compression_ratio(text: str) -> float:
+    data = text.encode()
+    return len(data) / len(zlib.compress(data)) if data else 0.0

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -29,6 +30,42 @@ def test_a_turn_cut_mid_sentence_gives_only_its_own_words(engines, jfk_pcm):
     # What the end-of-turn detector hands over: the speech up to a pause (JFK's second, at 7.9 s).
     heard = engines.asr.transcribe(jfk_pcm[: int(7.9 * 16_000)])
     assert words(heard) == words("And so my fellow Americans, ask not what your country can do for you")
+
+
+def _whole_window(engines):
+    from app.asr import Transcriber
+
+    return Transcriber(msgspec.structs.replace(engines.asr.settings, fit_window_s=0.0), engines.asr._model)
+
+
+def test_the_fitted_window_hears_what_the_whole_window_hears(engines, jfk_pcm):
+    assert engines.asr._fitted is not None  # the cpu preset's path
+    whole = _whole_window(engines)
+    assert whole._fitted is None
+    for seconds in (11.0, 7.9):
+        turn = jfk_pcm[: int(seconds * 16_000)]
+        assert words(engines.asr.transcribe(turn)) == words(whole.transcribe(turn))
+
+
+def test_a_turn_longer_than_the_window_is_decoded_whole(engines, jfk_pcm):
+    long_turn = np.concatenate([jfk_pcm] * 3)  # 33 s
+    assert engines.asr._fitted.transcribe(long_turn) is None
+    heard = words(engines.asr.transcribe(long_turn))  # faster-whisper's own 30 s windows, in turn
+    assert len(heard) >= 2.5 * len(words(JFK_TEXT)) and heard[:5] == words("And so my fellow Americans")
+
+
+def test_a_decoding_loop_falls_back_to_the_whole_window(engines, jfk_pcm):
+    # Without the silent tail the decoder repeats "And so my fellow Americans" to its length limit:
+    # the fitted window must see that and give the turn to the whole-window path.
+    from app.asr import FittedWindow, Transcriber
+
+    turn = jfk_pcm[: int(3.3 * 16_000)]
+    asr = Transcriber(engines.asr.settings, engines.asr._model)
+    tailless = asr._fitted
+    assert isinstance(tailless, FittedWindow)
+    tailless._tail = tailless._tail[:, :1]
+    assert tailless.transcribe(turn) is None
+    assert words(asr.transcribe(turn)) in (words("And so my fellow Americans"), words("And so am I fellow Americans"))
 
 
 def _ctranslate2_library() -> bytes:
