@@ -240,18 +240,21 @@ class Answering:
         if judge is None:
             return None
         try:
-            return await self._c.engines.llm_worker.run(judge, messages)
+            return await self._c.engines.judge_worker.run(judge, messages)
         except Exception:
             log.warning("conversation %s: end-of-turn check by the LLM failed", self._c.id, exc_info=True)
             return None
+
+    async def _judge_words(self, turn: PendingTurn, messages: list[Message]) -> None:
+        turn.words_judged(await self._words_end_turn(messages))
 
     async def _reply(self, turn: PendingTurn, user_text: str, reply: Reply, gate: Gate) -> None:
         """The options are read once here: a change sent meanwhile applies from the next reply."""
         c, (options, voice) = self._c, self._c.reply_options()
         messages = c.engines.llm.build_messages(c.memory.history, user_text, options.system_prompt)
         sample_rate = c.engines.tts.sample_rate
-        if turn.on_words is not None:
-            turn.words_judged(await self._words_end_turn(messages))
+        # The words are judged beside the reply, not before it: the reply is the longer way.
+        judging = asyncio.ensure_future(self._judge_words(turn, messages)) if turn.on_words else None
 
         def sent(chunk: np.ndarray, first: bool) -> None:
             if first:
@@ -260,11 +263,17 @@ class Answering:
             c.emit(ev.ReplyAudio(turn.id, chunk, sample_rate))
             c.playback_end = reply.playback_end()
 
-        await make_reply(
-            c.engines, messages, reply, temperature=options.temperature, voice=voice,
-            on_text=lambda piece: gate.do(c.emit, ev.ReplyText(turn.id, piece)),
-            on_audio=lambda chunk, first: gate.do(sent, chunk, first), confirmed=gate.confirmed,
-        )
+        try:
+            await make_reply(
+                c.engines, messages, reply, temperature=options.temperature, voice=voice,
+                on_text=lambda piece: gate.do(c.emit, ev.ReplyText(turn.id, piece)),
+                on_audio=lambda chunk, first: gate.do(sent, chunk, first), confirmed=gate.confirmed,
+            )
+            if judging is not None:
+                await judging  # a short reply is written before its turn is confirmed
+        finally:
+            if judging is not None:
+                judging.cancel()
         if not reply.phrases:
             raise StageError("llm", RuntimeError("it returned an empty reply"))
 

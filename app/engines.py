@@ -32,6 +32,8 @@ class Engines:
         self.smart_turn = SmartTurn()  # end of turn, judged at pauses on the listeners' threads
         self.asr_worker = Worker("asr")
         self.llm_worker = Worker("llm")
+        # The LLM's second context judges whether a turn's words are finished beside the reply.
+        self.judge_worker = Worker("judge")
         self.tts_worker = Worker("tts")
 
     def describe(self) -> dict[str, str]:
@@ -45,5 +47,5 @@ class Engines:
         return self.llm.describe() if isinstance(self.llm, RemoteChatModel) else "llama_cpp in process"
 
     def close(self) -> None:
-        for worker in (self.asr_worker, self.llm_worker, self.tts_worker):
+        for worker in (self.asr_worker, self.llm_worker, self.judge_worker, self.tts_worker):
             worker.close()

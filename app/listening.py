@@ -1,8 +1,9 @@
 """Listening to one recording: its 16 kHz PCM goes through Silero VAD and the end-of-turn rules on a
 thread of its own, and what they find (speech started, an interim snapshot, a pause, speech after
 it, a finished turn, the end of the recording) is handed to the conversation on its event loop.
-At a pause, this thread decides whether the turn is finished, from the LLM's reading of the words
-(which the conversation sends back) and Smart Turn's hearing of the sound (run here).
+At the first short silence the conversation starts answering the turn on speculation; at a pause,
+this thread decides whether the turn is finished, from the LLM's reading of the words (which the
+conversation sends back) and Smart Turn's hearing of the sound (run here).
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class _End:
         self.error = error
 
 
+_UNREAD = object()  # the words of the candidate have not been judged yet
+
+
 class _Words:
     def __init__(self, audio: np.ndarray, probability: float | None) -> None:
         self.audio = audio
@@ -58,7 +62,8 @@ class Listener:
         self.detector = TurnDetector(settings, StreamingVad(vad_model))
         self._smart_turn = smart_turn if settings.end_of_turn == "smart" else None
         self._settings = settings
-        self._paused_audio: np.ndarray | None = None  # the candidate turn at the current pause
+        self._candidate: np.ndarray | None = None  # the turn as it stands since the current silence
+        self._words_verdict: float | None | object = _UNREAD  # the LLM's, for the candidate
         self.apply(options)
         self.turns_found = 0
         self._inbox: queue.SimpleQueue[np.ndarray | _Words | _End] = queue.SimpleQueue()
@@ -103,17 +108,17 @@ class Listener:
             self._post(self._conversation.speech_started)
         elif event is Event.INTERIM:
             self._post(self._conversation.interim, self.detector.snapshot())
-        elif event is Event.PAUSED:
+        elif event is Event.QUIET:
             audio, speech_end = self.detector.candidate()
+            self._candidate, self._words_verdict = audio, _UNREAD
             self._post(self._conversation.paused, self, audio, self._time_of(speech_end))
-            self._paused_audio = audio
-            if self._smart_turn is not None and self._settings.decide_by == "sound":
-                self._decide(audio, self._sound(audio), None)
+        elif event is Event.PAUSED:
+            self._judge_pause()
         elif event is Event.RESUMED:
-            self._paused_audio = None
+            self._candidate = None
             self._post(self._conversation.resumed)
         else:
-            self._paused_audio = None
+            self._candidate = None
             self.turns_found += 1
             audio, speech_end, ended_by = self.detector.take_turn()
             self._post(self._conversation.speech_turn, audio, self._time_of(speech_end), time.perf_counter(),
@@ -125,20 +130,24 @@ class Listener:
         return time.perf_counter() - (self.detector.position - position) / ASR_RATE
 
     def _words(self, words: _Words) -> None:
-        """The conversation's verdict on the words of the paused turn has come: decide."""
-        if self._smart_turn is None or self._settings.decide_by == "sound":
-            return  # decided at the pause already, or no smart rule at all
-        sound = None
-        if self._settings.decide_by == "both" or words.probability is None:
-            sound = self._sound(words.audio)
-        self._decide(words.audio, sound, words.probability)
+        """The conversation's verdict on the words of the candidate has come."""
+        if words.audio is self._candidate:  # else the user has talked over that silence
+            self._words_verdict = words.probability
+            self._judge_pause()
 
-    def _decide(self, audio: np.ndarray, sound: float | None, words: float | None) -> None:
-        if audio is not self._paused_audio or not self.detector.paused:
-            return  # a pause the user has already talked over
+    def _judge_pause(self) -> None:
+        """Decide once per pause, when it is long enough (PAUSED) and the words are judged (the
+        sound alone needs no wait)."""
+        by = self._settings.decide_by
+        if self._smart_turn is None or self._candidate is None or not self.detector.paused:
+            return
+        words = None if by == "sound" else self._words_verdict
+        if words is _UNREAD:
+            return  # the transcript and the LLM's verdict are still on their way
+        audio, self._candidate = self._candidate, None
+        sound = self._sound(audio) if by != "words" or words is None else None
         log.debug("end of turn at a pause: sound %s, words %s", sound, words)
-        if finished(sound, words, self._settings):
-            self._paused_audio = None
+        if finished(sound, words, self._settings):  # type: ignore[arg-type]
             self._report(self.detector.end_now())
 
     def _sound(self, audio: np.ndarray) -> float | None:

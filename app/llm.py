@@ -122,13 +122,14 @@ class ChatModel(ContextWindow):
     evaluated prefix, so a slice that follows its own previous one costs no prompt re-evaluation.
     """
 
-    def __init__(self, settings: LlmSettings, llama, judge=None) -> None:  # llama_cpp.Llama, both
+    def __init__(self, settings: LlmSettings, llama, judge) -> None:  # llama_cpp.Llama, both
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self.settings = settings
         self._llama = llama
         # A second context on the same weights for end_of_turn_probability, so that judging a turn's
-        # words does not evict the history that prefill() evaluated for its reply.
+        # words does not evict the history that prefill() evaluated for its reply, and can run on a
+        # thread of its own while the reply is being written.
         self._judge = judge
         template = llama.metadata.get("tokenizer.chat_template")
         if not template:
@@ -233,7 +234,7 @@ class ChatModel(ContextWindow):
         detector asks a small LM the same). Asked with the system prompt but without the history: after
         a few exchanges a small model expects every user message to end, and a fragment such as "And so
         my fellow Americans." scores 0.4-0.8 instead of 0.04 (SmolLM2-135M, measured)."""
-        llama = self._judge or self._llama
+        llama = self._judge
         message = messages[-1]["content"]
         text = self._format(messages=[messages[0], messages[-1]]).prompt
         cut = text.rfind(message) + len(message)

@@ -33,12 +33,16 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # How a hands-free turn ends. "smart": after pause_ms of silence Smart Turn judges from the audio
     # whether the sentence is finished and, if so, ends the turn there; "silence": only the rule below.
     end_of_turn: Literal["smart", "silence"] = "smart"
-    pause_ms: int = 200  # the short silence at which Smart Turn judges and speculation starts
+    pause_ms: int = 200  # the short silence after which a turn may end: Smart Turn judges here
+    # Speculation starts sooner, at this much silence: by pause_ms the transcript is under way. Shorter
+    # gaps inside a sentence (32-64 ms between words, measured on the repo's recordings) do not start it.
+    speculate_ms: int = 96
     smart_turn_threshold: float = 0.5  # Smart Turn's probability that counts as "finished"
     # With speculation, the LLM also reads the transcript: the probability it gives its end-of-message
     # token right after the user's words must reach this. On the cpu preset's SmolLM2-135M an unfinished
-    # clause scores ~0.000, a fragment Whisper ended with a period up to ~0.04, questions 0.2-0.8.
-    words_threshold: float = 0.05
+    # clause scores ~0.000, a fragment Whisper ended with a period up to 0.066 ("what you can do."), a
+    # finished statement 0.06-0.12 and questions 0.3-0.8: a statement below this waits for end_silence_ms.
+    words_threshold: float = 0.1
     # Which opinion decides at a pause: "words" (the LLM's, and Smart Turn's where the words cannot be
     # judged: no speculation, or a model on a server), "sound" (Smart Turn's alone) or "both" (both must
     # say finished). benchmarks/bench_latency.py measures the three; "words" cut no sentence and kept
@@ -48,7 +52,10 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # At the first pause, transcribe the turn and start the reply on the worker threads, held back
     # until the turn is confirmed (dropped if the person goes on): see app/answering.py.
     speculate: bool = True
-    pad_ms: int = 200  # audio kept before the first and after the last speech window
+    pad_ms: int = 200  # audio kept before the first speech window (Silero hears speech a little late)
+    # Silence kept after the last speech window: Silero's probability already falls 30-110 ms after the
+    # voice does, and a fitted Whisper window adds silence of its own (app/asr.py).
+    tail_ms: int = 96
     max_turn_s: float = 30.0  # endless speech is cut into turns of at most this length
     # While the assistant talks, its own voice may leak back through the microphone; only
     # confident, sustained speech counts as the user barging in.
@@ -63,9 +70,9 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("need speech_threshold <= barge_in_threshold < 1")
         if self.end_silence_ms < 100 or self.min_speech_ms < 0 or self.max_turn_s < 1:
             raise ValueError("end_silence_ms >= 100, min_speech_ms >= 0, max_turn_s >= 1")
-        if self.pause_ms < self.pad_ms:
-            # A candidate cut at the pause must hold the same audio as the turn that ends later.
-            raise ValueError("need pad_ms <= pause_ms")
+        if not self.tail_ms <= self.speculate_ms <= self.pause_ms:
+            # A candidate cut for speculation must hold the same audio as the turn that ends later.
+            raise ValueError("need tail_ms <= speculate_ms <= pause_ms")
         if not 0.0 < self.smart_turn_threshold < 1.0:
             raise ValueError("smart_turn_threshold must be between 0 and 1")
 
@@ -107,8 +114,9 @@ class StreamingVad:
 class Event(Enum):
     SPEECH_STARTED = "speech_started"
     INTERIM = "interim"  # enough new speech for another interim transcript: see snapshot()
-    PAUSED = "paused"  # pause_ms of silence: see candidate(); the turn may end now (end_now())
-    RESUMED = "resumed"  # speech again after PAUSED: the candidate is void
+    QUIET = "quiet"  # speculate_ms of silence: candidate() may be answered on speculation
+    PAUSED = "paused"  # pause_ms of silence: the turn may end now (end_now())
+    RESUMED = "resumed"  # speech again after QUIET: the candidate is void
     TURN_ENDED = "turn_ended"
 
 
@@ -116,8 +124,9 @@ class TurnDetector:
     """Turns a 16 kHz stream into user turns: speech start, then enough silence ends it.
 
     feed() returns the events that the new audio caused; after TURN_ENDED, `take_turn()` gives
-    the turn's audio and where in the stream its speech ended (for latency metrics). After PAUSED,
-    candidate() is what take_turn() would give if the turn ended now, and end_now() ends it.
+    the turn's audio and where in the stream its speech ended (for latency metrics). After QUIET,
+    candidate() is what take_turn() would give if the turn ended without more speech; after
+    PAUSED, end_now() ends it.
     """
 
     def __init__(self, settings: TurnSettings, vad: StreamingVad, *, push_to_talk: bool = False) -> None:
@@ -130,6 +139,7 @@ class TurnDetector:
         self._interim_every = settings.interim_every_ms * ms
         self.strict = False  # set while the assistant speaks: barge-in needs real speech
         self._pad = settings.pad_ms * ms
+        self._tail = settings.tail_ms * ms
         self._max_turn = int(settings.max_turn_s * ASR_RATE)
         self.reset()
 
@@ -141,8 +151,9 @@ class TurnDetector:
         ms = self.settings.end_silence_ms if end_silence_ms is None else end_silence_ms
         self._end_silence = NEVER if push_to_talk else ms * (ASR_RATE // 1000)
         # A pause only means something when silence can end the turn at all, and before it does.
-        pause = self.settings.pause_ms * (ASR_RATE // 1000)
+        pause, quiet = (ms * (ASR_RATE // 1000) for ms in (self.settings.pause_ms, self.settings.speculate_ms))
         self._pause = NEVER if push_to_talk or pause >= self._end_silence else pause
+        self._quiet = NEVER if push_to_talk or quiet >= self._end_silence else min(quiet, self._pause)
 
     def reset(self) -> None:
         self._vad.reset()
@@ -154,7 +165,8 @@ class TurnDetector:
         self._run_confidence = 0.0  # sum of their speech probabilities
         self._silence_run = 0
         self.in_speech = False
-        self.paused = False  # PAUSED was reported and no speech came since
+        self.quiet = False  # QUIET was reported and no speech came since
+        self.paused = False  # PAUSED too
         self._speech_end_at = 0
         self._next_interim = 0
         # Finished turns not yet taken, oldest first: one feed() of a long block can end several.
@@ -165,36 +177,38 @@ class TurnDetector:
         audio = np.concatenate([self._pending, pcm.astype(np.float32, copy=False)])
         n_windows = len(audio) // WINDOW
         for i in range(n_windows):
-            event = self._step(audio[i * WINDOW : (i + 1) * WINDOW])
-            if event is not None:
-                events.append(event)
+            events += self._step(audio[i * WINDOW : (i + 1) * WINDOW])
         self._pending = audio[n_windows * WINDOW :]
         return events
 
-    def _step(self, window: np.ndarray) -> Event | None:
+    def _step(self, window: np.ndarray) -> list[Event]:
         prob = self._vad(window)
         self.position += WINDOW
         if not self.in_speech:
-            return self._step_idle(window, prob)
+            return [event] if (event := self._step_idle(window, prob)) is not None else []
         self._turn.append(window)
         if prob >= self.settings.silence_threshold:
             self._silence_run = 0
             self._speech_end_at = self.position
-            if self.paused:
-                self.paused = False
-                return Event.RESUMED
+            if self.quiet:
+                self.quiet = self.paused = False
+                return [Event.RESUMED]
         else:
             self._silence_run += WINDOW
         turn_len = len(self._turn) * WINDOW
         if self._silence_run >= self._end_silence or turn_len >= self._max_turn:
-            return self._finish("silence" if self._silence_run >= self._end_silence else "length")
+            return [self._finish("silence" if self._silence_run >= self._end_silence else "length")]
+        events = []
+        if not self.quiet and self._silence_run >= self._quiet:
+            self.quiet = True
+            events.append(Event.QUIET)
         if not self.paused and self._silence_run >= self._pause:
             self.paused = True
-            return Event.PAUSED
+            events.append(Event.PAUSED)
         if self._interim_every and self._silence_run == 0 and turn_len >= self._next_interim:
             self._next_interim = turn_len + self._interim_every
-            return Event.INTERIM
-        return None
+            events.append(Event.INTERIM)
+        return events
 
     def _step_idle(self, window: np.ndarray, prob: float) -> Event | None:
         strict = self.strict
@@ -235,14 +249,14 @@ class TurnDetector:
         """(audio, speech end) of the turn in progress as if it ended now: the same samples
         take_turn() gives if it does end without more speech."""
         trailing_silence = self.position - self._speech_end_at
-        keep = len(self._turn) * WINDOW - max(0, trailing_silence - self._pad)
+        keep = len(self._turn) * WINDOW - max(0, trailing_silence - self._tail)
         audio = np.concatenate(self._turn)[:keep] if self._turn else np.zeros(0, np.float32)
         return audio, self._speech_end_at
 
     def _finish(self, ended_by: EndedBy) -> Event:
         self._finished.append((*self.candidate(), ended_by))
         self.in_speech = False
-        self.paused = False
+        self.quiet = self.paused = False
         self._turn = []
         self._speech_run, self._run_confidence = 0, 0.0
         self._silence_run = 0

@@ -6,13 +6,13 @@ import pytest
 from app.audio import ASR_RATE
 from app.turns import WINDOW, Event, StreamingVad, TurnDetector, TurnSettings
 
-PAUSES = (Event.PAUSED, Event.RESUMED)
+PAUSES = (Event.QUIET, Event.PAUSED, Event.RESUMED)
 
 
 def feed_stream(detector: TurnDetector, audio: np.ndarray, block: int = 1600, interim: bool = False,
                 pauses: bool = False):
-    """Feed 100 ms blocks; return [(event, stream position in samples)], INTERIM, PAUSED and
-    RESUMED only if asked."""
+    """Feed 100 ms blocks; return [(event, stream position in samples)], INTERIM, QUIET, PAUSED
+    and RESUMED only if asked."""
     out = []
     for i in range(0, len(audio), block):
         for event in detector.feed(audio[i : i + block]):
@@ -145,16 +145,21 @@ def test_settings_are_validated():
         TurnSettings(speech_threshold=0.3, silence_threshold=0.5)
     with pytest.raises(ValueError):
         TurnSettings(end_silence_ms=10)
+    with pytest.raises(ValueError):  # speculation must start no later than a turn may end
+        TurnSettings(speculate_ms=250, pause_ms=200)
+    with pytest.raises(ValueError):  # a candidate must already hold all of the turn's audio
+        TurnSettings(tail_ms=128, speculate_ms=96)
 
 
 def test_a_pause_is_reported_once_and_speech_after_it_voids_it(jfk_pcm):
     detector = TurnDetector(TurnSettings(pause_ms=200, end_silence_ms=1500), StreamingVad())
     events = [e for e, _ in feed_stream(detector, np.concatenate([jfk_pcm, silence(2)]), pauses=True)]
     assert events[0] is Event.SPEECH_STARTED and events[-1] is Event.TURN_ENDED
-    middle = events[1:-1]
-    # JFK pauses several times: each pause but the last is followed by speech, never two in a row.
-    assert middle.count(Event.PAUSED) >= 2
-    assert middle == [Event.PAUSED, Event.RESUMED] * (len(middle) // 2) + [Event.PAUSED]
+    # JFK pauses several times: each silence is QUIET first, PAUSED if it lasts, and every one but
+    # the last is followed by speech.
+    silences = [s.split() for s in " ".join(e.value for e in events[1:-1]).split("resumed")]
+    assert silences.count(["quiet", "paused"]) >= 2 and silences[-1] == ["quiet", "paused"]
+    assert all(s in (["quiet"], ["quiet", "paused"]) for s in silences)
 
 
 def test_a_candidate_is_exactly_the_turn_that_ends_without_more_speech(jfk_pcm):
@@ -163,12 +168,27 @@ def test_a_candidate_is_exactly_the_turn_that_ends_without_more_speech(jfk_pcm):
     for i in range(0, len(jfk_pcm) + 2 * ASR_RATE, WINDOW):
         block = np.concatenate([jfk_pcm, silence(2)])[i : i + WINDOW]
         for event in detector.feed(block):
-            if event is Event.PAUSED:
-                candidates.append(detector.candidate())
+            if event in (Event.QUIET, Event.PAUSED):
+                candidates.append((event, *detector.candidate()))
     audio, speech_end, _ = detector.take_turn()
-    last_audio, last_end = candidates[-1]
-    assert last_end == speech_end and np.array_equal(last_audio, audio)
-    assert all(len(a) < len(audio) for a, _ in candidates[:-1])  # earlier pauses: shorter, void
+    (quiet, quiet_audio, quiet_end), (paused, last_audio, last_end) = candidates[-2:]
+    assert (quiet, paused) == (Event.QUIET, Event.PAUSED)
+    # What speculation starts on at the first short silence is already exactly the finished turn.
+    assert quiet_end == last_end == speech_end and np.array_equal(quiet_audio, audio)
+    assert np.array_equal(last_audio, audio)
+    assert all(len(a) < len(audio) for _, a, _ in candidates[:-2])  # earlier silences: shorter, void
+
+
+def test_speculation_starts_at_a_shorter_silence_than_a_turn_may_end(jfk_pcm):
+    settings = TurnSettings(speculate_ms=96, pause_ms=200, end_silence_ms=1500)
+    detector = TurnDetector(settings, StreamingVad())
+    at = {}
+    for i in range(0, int(3.2 * ASR_RATE), WINDOW):  # "And so my fellow Americans", then its pause
+        for event in detector.feed(jfk_pcm[i : i + WINDOW]):
+            at.setdefault(event, detector.position)
+    _, speech_end = detector.candidate()
+    ms = {event: (position - speech_end) / 16 for event, position in at.items()}
+    assert 96 <= ms[Event.QUIET] < 96 + 32 and 200 <= ms[Event.PAUSED] < 200 + 32
 
 
 def test_end_now_ends_the_paused_turn_there(jfk_pcm):
@@ -189,7 +209,8 @@ def test_end_now_ends_the_paused_turn_there(jfk_pcm):
 def test_no_pause_is_reported_in_push_to_talk_or_past_the_end_silence(jfk_pcm):
     stream = np.concatenate([jfk_pcm, silence(2)])
     detector = TurnDetector(TurnSettings(), StreamingVad(), push_to_talk=True)
-    assert Event.PAUSED not in [e for e, _ in feed_stream(detector, stream, pauses=True)]
+    assert not {Event.QUIET, Event.PAUSED} & {e for e, _ in feed_stream(detector, stream, pauses=True)}
     detector = TurnDetector(TurnSettings(pause_ms=300), StreamingVad())
     detector.set_end(end_silence_ms=250)  # the silence rule ends the turn before any pause
-    assert Event.PAUSED not in [e for e, _ in feed_stream(detector, stream, pauses=True)]
+    events = [e for e, _ in feed_stream(detector, stream, pauses=True)]
+    assert Event.PAUSED not in events and Event.QUIET in events  # speculation still helps it
