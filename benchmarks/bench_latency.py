@@ -1,9 +1,9 @@
 """Voice-to-voice latency of whole spoken turns, measured like a browser would experience it, under two
 end-of-turn rules in one run: the old one (a fixed 500 ms of silence, nothing started before it) and
-the new one (Smart Turn and the LLM's reading of the words at a 200 ms pause, with the transcript
-and the reply started there on speculation).
+the new one (the LLM's reading of the words, or Smart Turn's of the sound, at a 200 ms pause, with the
+transcript and the reply started on speculation at the first 96 ms of silence).
 
-Streams spoken questions as WebM/Opus in real time (100 ms pieces) over the WebSocket, and times
+Streams spoken questions as WebM/Opus in real time (60 ms pieces, as the page sends them) over the WebSocket, and times
 end of the user's speech -> first reply PCM received (the page starts playing a chunk this long at
 once). Then sentences from a real recording with a 0.6-1.0 s pause in the middle: were they cut in
 two, and how much later does their answer come. Last, every pause of every clip judged offline (sound,
@@ -76,7 +76,9 @@ def start_both_rules(preset: str, stack: ExitStack):
     from app.engines import Engines
     from app.startup import load_and_warm
 
-    new = stack.enter_context(closing(load_and_warm(load_settings(preset))))
+    # Greedy replies: both rules then say the same words to the same transcript, so the comparison
+    # is of turn taking, not of sampling luck (SmolLM2-135M at 0.3 answers in French about half the time).
+    new = stack.enter_context(closing(load_and_warm(load_settings(preset, {"llm": {"temperature": 0.0}}))))
     turns = msgspec.structs.replace(new.settings.turns, **OLD_RULE)
     old = Engines(msgspec.structs.replace(new.settings, turns=turns), new.asr, new.llm, new.tts)
     stack.callback(old.close)
@@ -90,9 +92,12 @@ def speech_end_seconds(pcm: np.ndarray) -> float:
     return (loud[-1] + 1) * 160 / ASR_RATE if len(loud) else 0.0
 
 
+PIECE_MS = 60  # the page's MediaRecorder sends each 60 ms Opus frame as it is made (static/audio.js)
+
+
 def send_in_real_time(ws, pieces: list[bytes], t_start: float) -> None:
-    for i, piece in enumerate(pieces):  # piece i exists once (i+1) * 100 ms have been spoken
-        time.sleep(max(0.0, t_start + (i + 1) * 0.1 - time.perf_counter()))
+    for i, piece in enumerate(pieces):  # piece i exists once (i+1) * PIECE_MS have been spoken
+        time.sleep(max(0.0, t_start + (i + 1) * PIECE_MS / 1000 - time.perf_counter()))
         ws.send(piece)
 
 
@@ -111,7 +116,7 @@ def listen_to_turn(ws) -> tuple[float | None, list[dict]]:
 def start_speaking(ws, speech: np.ndarray, trailing_silence: float) -> tuple[float, threading.Thread]:
     """Begin sending `speech` and then silence in real time on a thread; returns (its start, the thread)."""
     audio = np.concatenate([speech, np.zeros(int(trailing_silence * ASR_RATE), np.float32)])
-    pieces = encode_webm_opus(audio, ASR_RATE, piece_ms=100)
+    pieces = encode_webm_opus(audio, ASR_RATE, piece_ms=PIECE_MS)
     ws.send(json.dumps({"type": "audio_start"}))
     t_start = time.perf_counter()
     sender = threading.Thread(target=send_in_real_time, args=(ws, pieces, t_start))

@@ -3,7 +3,10 @@
 
 // Chromium and Firefox record WebM/Opus or Ogg/Opus; Safari records MP4/AAC. The server probes any of them.
 const RECORDER_TYPES = ["audio/webm;codecs=opus", "audio/ogg;codecs=opus", "audio/mp4"];
-const TIMESLICE_MS = 100; // MediaRecorder chunk size: small enough for the server's end-of-turn VAD
+// MediaRecorder chunk size. Chromium encodes 60 ms Opus frames: with 40 each frame is sent as soon as
+// it exists (measured: 60 ms apart; with 100, two frames every 120 ms), so the end of speech reaches
+// the server ~30 ms sooner on average.
+const TIMESLICE_MS = 40;
 
 /** A 0..1 loudness from an AnalyserNode: RMS on a square-root scale (quiet speech still shows),
  * less a floor so that room noise keeps the animation still. */
