@@ -148,14 +148,19 @@ class GreedyLlm(SpyLlm):
         return super().stream_slice(prompt, so_far, **{**options, "temperature": 0.0})
 
 
+# Greedy SmolLM2-135M answers this one in English ("A spider has 8 legs."); the capital of France it
+# answers "Le Grand Paris…", French words in an English voice that Whisper tiny.en hears back badly.
+TYPED = "How many legs does a spider have?"
+
+
 def test_a_typed_turn_is_answered_in_24_khz_speech_and_remembered(cpu_settings, engines):
     llm, voice = GreedyLlm(engines.llm), SpyVoice(engines.tts)
     with served(own_engines(cpu_settings, engines, llm=llm, tts=voice)) as url, connect(url) as conn:
-        events = ask(conn, QUESTION)
+        events = ask(conn, TYPED)
         phrases = [text for text, _ in voice.spoken]
         events += ask(conn, "Say that again.")
     added = of(events, "conversation.item.added")[0]["item"]
-    assert added["role"] == "user" and added["content"][0] == {"type": "input_text", "text": QUESTION}
+    assert added["role"] == "user" and added["content"][0] == {"type": "input_text", "text": TYPED}
     first, second = (e["response"] for e in of(events, "response.done"))
     assert first["status"] == second["status"] == "completed"
     assert_well_ordered(events, first["id"])
@@ -167,7 +172,7 @@ def test_a_typed_turn_is_answered_in_24_khz_speech_and_remembered(cpu_settings, 
     heard = engines.asr.transcribe(resample(audio.astype(np.float32) / 32768, RATE, ASR_RATE))
     assert word_error_rate(heard, said) <= 0.35, (heard, said)
     # The second reply was written knowing the first exchange.
-    assert llm.turns[1][1:] == [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": said},
+    assert llm.turns[1][1:] == [{"role": "user", "content": TYPED}, {"role": "assistant", "content": said},
                                 {"role": "user", "content": "Say that again."}]
 
 
