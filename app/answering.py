@@ -253,8 +253,18 @@ class Answering:
         c, (options, voice) = self._c, self._c.reply_options()
         messages = c.engines.llm.build_messages(c.memory.history, user_text, options.system_prompt)
         sample_rate = c.engines.tts.sample_rate
-        # The words are judged beside the reply, not before it: the reply is the longer way.
-        judging = asyncio.ensure_future(self._judge_words(turn, messages)) if turn.on_words else None
+        judging: asyncio.Future[None] | None = None
+
+        def judge() -> None:
+            """The words are judged beside the reply, not before it (the reply is the longer way),
+            from its first token on: its prompt, evaluated on every core, is done by then."""
+            nonlocal judging
+            if judging is None and turn.on_words is not None:
+                judging = asyncio.ensure_future(self._judge_words(turn, messages))
+
+        def wrote(piece: str) -> None:
+            judge()
+            gate.do(c.emit, ev.ReplyText(turn.id, piece))
 
         def sent(chunk: np.ndarray, first: bool) -> None:
             if first:
@@ -266,9 +276,9 @@ class Answering:
         try:
             await make_reply(
                 c.engines, messages, reply, temperature=options.temperature, voice=voice,
-                on_text=lambda piece: gate.do(c.emit, ev.ReplyText(turn.id, piece)),
-                on_audio=lambda chunk, first: gate.do(sent, chunk, first), confirmed=gate.confirmed,
+                on_text=wrote, on_audio=lambda chunk, first: gate.do(sent, chunk, first), confirmed=gate.confirmed,
             )
+            judge()
             if judging is not None:
                 await judging  # a short reply is written before its turn is confirmed
         finally:

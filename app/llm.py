@@ -38,7 +38,11 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     api_key: str = ""  # openai: sent as a Bearer token; give it as VA_LLM__API_KEY; never logged
     timeout_s: float = 30.0  # openai: the longest wait to connect or for the server's next bytes
     n_ctx: int = 2048
-    n_threads: int = 0  # 0: all cores
+    # Tokens are made one at a time: one thread. With two on 2 cores, any other thread of the server
+    # (audio, Whisper, the words' judge, the voice) stalls both at every step: the first phrase took
+    # 34 ms a token in the server against 19 with one (SmolLM2-135M, measured). 0: all cores.
+    n_threads: int = 1
+    n_threads_batch: int = 0  # for the prompt, evaluated in batches; 0: all cores
     n_gpu_layers: int = 0  # -1: every layer on the GPU
     temperature: float = 0.3  # SmolLM2-135M drifts into French and nonsense when hotter
     top_p: float = 0.9
@@ -152,10 +156,11 @@ class ChatModel(ContextWindow):
         path = models.resolve(settings.model, "llm")
         t0 = time.perf_counter()
         threads = settings.n_threads or os.cpu_count() or 1  # llama.cpp picks 1 here otherwise
+        batch_threads = settings.n_threads_batch or os.cpu_count() or 1
         llama, judge = (  # the file is mapped once: on the CPU the two share the weights' pages
-            Llama(model_path=str(path), n_ctx=settings.n_ctx, n_threads=n_threads,
+            Llama(model_path=str(path), n_ctx=settings.n_ctx, n_threads=n_threads, n_threads_batch=n_batch,
                   n_gpu_layers=settings.n_gpu_layers, verbose=False)
-            for n_threads in (threads, 1)  # the judge reads a few words: one thread, no contention
+            for n_threads, n_batch in ((threads, batch_threads), (1, 1))  # the judge: one thread beside the reply
         )
         log.info("llm: loaded %s in %.1f s", settings.model, time.perf_counter() - t0)
         return cls(settings, llama, judge)
