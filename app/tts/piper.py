@@ -47,6 +47,7 @@ class PiperEngine:
         path = models.resolve(settings.model, "tts")
         t0 = time.perf_counter()
         voice = PiperVoice.load(path)
+        voice.session = _quiet_session(path)
         log.info("tts: loaded Piper voice %s in %.1f s", path.name, time.perf_counter() - t0)
         return cls(settings, voice)
 
@@ -67,3 +68,16 @@ class PiperEngine:
     def warm_up(self) -> None:
         for _ in self.synthesize("Ready."):
             pass
+
+
+def _quiet_session(path) -> object:
+    """Piper's network on every core, with onnxruntime's idle threads sleeping instead of spinning:
+    the first phrase is spoken while the LLM writes the next on another core, and spinning threads
+    took that core from it. Measured with a one-thread LLM generating beside it, "The capital of
+    France is Paris." took 294-379 ms with onnxruntime's defaults, 198-222 ms like this (142-155 ms
+    alone either way)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
