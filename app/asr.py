@@ -50,6 +50,7 @@ def load_cuda12_cublas() -> str | None:
 
 HOP = 160  # samples per mel frame at 16 kHz
 WINDOW_FRAMES = 3000  # Whisper's 30 s window in 10 ms mel frames; the encoder halves it
+DECODER_POSITIONS = 750  # 15 s: what the decoder of a fitted window is shown of a turn shorter than that
 NO_SPEECH = 0.8  # Whisper invents text on pure noise; its own no-speech estimate above this drops it
 REPETITIVE = 2.4  # faster-whisper's compression-ratio limit: text this repetitive is a decoding loop
 
@@ -136,7 +137,10 @@ class FittedWindow:
         if frames >= WINDOW_FRAMES:
             return None
         turn = self._encode(audio, frames)
-        encoded = np.concatenate([turn, self._tail[:, turn.shape[1]:]], axis=1)
+        # The decoder's cross-attention costs by the window too: 15 s is enough for a turn that fits
+        # (the same word error rate on benchmarks/bench_asr.py's turns, ~30 ms less than 30 s).
+        window = DECODER_POSITIONS if turn.shape[1] < DECODER_POSITIONS else WINDOW_FRAMES // 2
+        encoded = np.concatenate([turn, self._tail[:, turn.shape[1] : window]], axis=1)
         limit = 16 + round(10 * len(audio) / ASR_RATE)  # fast speech is ~6 tokens a second
         result = self._model.model.generate(
             _storage(encoded), [self._prompt], beam_size=self._beam_size, max_length=limit,
