@@ -108,9 +108,9 @@ class Transcriber:
 class FittedWindow:
     """Whisper over a window fitted to the turn. The encoder's cost grows with its input, and a turn
     is a few seconds of a 30 s window, so only the turn plus a little silence is encoded. The decoder
-    still sees 30 s: the rest of the window is the encoder's output for the padding faster-whisper
-    itself would add, computed once. Without that tail, a decoder shown only the turn repeats it
-    until the length limit. Not bit-equal to a whole-window encoding (the encoder's
+    is shown the turn followed by the encoder's output for the padding faster-whisper itself would
+    add (computed once), up to 15 s or the whole window. Without that tail, a decoder shown only the
+    turn repeats it until the length limit. Not bit-equal to a whole-window encoding (the encoder's
     attention is global); benchmarks/bench_asr.py compares the two against the words really said.
     """
 

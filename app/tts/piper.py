@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -42,12 +44,13 @@ class PiperEngine:
 
     @classmethod
     def load(cls, settings: PiperSettings) -> PiperEngine:
-        from piper import PiperVoice
+        from piper import PiperConfig, PiperVoice
 
         path = models.resolve(settings.model, "tts")
         t0 = time.perf_counter()
-        voice = PiperVoice.load(path)
-        voice.session = _quiet_session(path)
+        # PiperVoice.load with a session of our own (it takes no session options).
+        config = PiperConfig.from_dict(json.loads(Path(f"{path}.json").read_text(encoding="utf-8")))
+        voice = PiperVoice(session=_quiet_session(path), config=config)
         log.info("tts: loaded Piper voice %s in %.1f s", path.name, time.perf_counter() - t0)
         return cls(settings, voice)
 
@@ -70,7 +73,7 @@ class PiperEngine:
             pass
 
 
-def _quiet_session(path) -> object:
+def _quiet_session(path: Path) -> object:
     """Piper's network on every core, with onnxruntime's idle threads sleeping instead of spinning:
     the first phrase is spoken while the LLM writes the next on another core, and spinning threads
     took that core from it. Measured with a one-thread LLM generating beside it, "The capital of
