@@ -329,51 +329,38 @@ class Part(msgspec.Struct):
     transcript: str = ""
 
 
-class PartAdded(ServerEvent, tag="response.content_part.added"):
+class InContent(ServerEvent):
+    """An event about the content part of a response's output item (one item, one part here).
+    Its kind's own fields follow these defaults, so each kind is kw_only too."""
+
     response_id: str
     item_id: str
-    part: Part
     output_index: int = 0
     content_index: int = 0
 
 
-class PartDone(ServerEvent, tag="response.content_part.done"):
-    response_id: str
-    item_id: str
+class PartAdded(InContent, tag="response.content_part.added", kw_only=True):
     part: Part
-    output_index: int = 0
-    content_index: int = 0
 
 
-class AudioDelta(ServerEvent, tag="response.output_audio.delta"):
-    response_id: str
-    item_id: str
+class PartDone(InContent, tag="response.content_part.done", kw_only=True):
+    part: Part
+
+
+class AudioDelta(InContent, tag="response.output_audio.delta", kw_only=True):
     delta: str  # base64 PCM16 little-endian, mono, 24 kHz
-    output_index: int = 0
-    content_index: int = 0
 
 
-class AudioDone(ServerEvent, tag="response.output_audio.done"):
-    response_id: str
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
+class AudioDone(InContent, tag="response.output_audio.done", kw_only=True):
+    pass
 
 
-class TranscriptDelta(ServerEvent, tag="response.output_audio_transcript.delta"):
-    response_id: str
-    item_id: str
+class TranscriptDelta(InContent, tag="response.output_audio_transcript.delta", kw_only=True):
     delta: str
-    output_index: int = 0
-    content_index: int = 0
 
 
-class TranscriptDone(ServerEvent, tag="response.output_audio_transcript.done"):
-    response_id: str
-    item_id: str
+class TranscriptDone(InContent, tag="response.output_audio_transcript.done", kw_only=True):
     transcript: str
-    output_index: int = 0
-    content_index: int = 0
 
 
 class Error(ServerEvent, tag="error"):
