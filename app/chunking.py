@@ -14,8 +14,9 @@ ABBREVIATIONS = {
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "a.m", "p.m",
     "no", "fig", "approx", "dept", "inc", "ltd", "co", "u.s", "mt",
 }
-_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)")
-_CLAUSE_END = re.compile(r"[,;:—–](?=\s)")
+# A break is followed by a space, or ends the text so far (see _complete).
+_SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s|$)")
+_CLAUSE_END = re.compile(r"[,;:—–](?=\s|$)")
 _MARKUP = re.compile(r"[*#_`~<>\[\]{}|^]+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.!?;:])")
 
@@ -62,15 +63,22 @@ class PhraseChunker:
     def _next_cut(self) -> int | None:
         text = self._buffer
         for match in _SENTENCE_END.finditer(text):
-            if not _is_abbreviation(text, match.start()):
+            if _complete(text, match) and not _is_abbreviation(text, match.start()):
                 return match.end()
         if self._emitted == 0:
             for match in _CLAUSE_END.finditer(text):
-                if len(text[: match.end()].strip()) >= self.settings.first_min_chars:
+                if _complete(text, match) and len(text[: match.end()].strip()) >= self.settings.first_min_chars:
                     return match.end()
         if len(text) > self.settings.max_chars:
             return _split_long(text, self.settings.max_chars)
         return None
+
+
+def _complete(text: str, match: re.Match[str]) -> bool:
+    """A break at the very end of the text so far is cut at once when it follows a word: the voice
+    then starts without waiting for the next token (a whole token's time, and for a one-sentence
+    reply the end-of-reply token's). After a digit it waits for the space: "4." may become "4.5"."""
+    return match.end() < len(text) or text[match.start() - 1 : match.start()].isalpha()
 
 
 def _is_abbreviation(text: str, dot: int) -> bool:

@@ -18,8 +18,21 @@ def test_sentences_are_cut_at_their_ends():
 
 def test_a_phrase_is_emitted_as_soon_as_its_sentence_ends():
     chunker = PhraseChunker()
-    assert chunker.push("The capital of France is Paris.") == []  # "Paris." might still become "Paris.5"
-    assert chunker.push(" It") == ["The capital of France is Paris."]
+    # After a word the period ends the sentence at once: no waiting for the next token.
+    assert chunker.push("The capital of France") == []
+    assert chunker.push(" is Paris.") == ["The capital of France is Paris."]
+    assert chunker.push(" Is it?") == ["Is it?"]
+    # After a digit it may still become a decimal: the space decides.
+    assert chunker.push(" It costs 4.") == []
+    assert chunker.push("50 euros. And") == ["It costs 4.50 euros."]
+    assert chunker.flush() == ["And"]
+
+
+def test_a_first_clause_is_cut_at_its_comma_at_once_but_not_inside_a_number():
+    chunker = PhraseChunker()
+    assert chunker.push("It weighs 1,") == []
+    assert chunker.push("000 kilograms,") == ["It weighs 1,000 kilograms,"]
+    assert chunker.push(" more or less.") == ["more or less."]
 
 
 def test_abbreviations_numbers_and_initials_do_not_end_sentences():
