@@ -99,6 +99,73 @@ def encode_webm_opus(pcm: np.ndarray, rate: int, piece_ms: int = 100) -> list[by
     return [piece for piece in pieces if piece]
 
 
+def encode_ogg_opus(pcm: np.ndarray, rate: int, frame_ms: int = 20) -> list[bytes]:
+    """Encode mono float32 PCM as Ogg/Opus the way the page's WebCodecs recorder sends it
+    (static/audio.js): the two header pages with the first packet's page, then one page per
+    `frame_ms` packet, each as soon as its audio is in. b"".join() gives the whole file."""
+    codec = av.CodecContext.create("libopus", "w")
+    codec.sample_rate, codec.layout, codec.format = 48_000, "mono", "s16"
+    codec.bit_rate = 32_000
+    codec.options = {"frame_duration": str(frame_ms)}
+    pcm48 = float_to_int16(resample(pcm, rate, 48_000))
+    step = 48 * frame_ms
+    pcm48 = np.concatenate([pcm48, np.zeros(-len(pcm48) % step, np.int16)])
+    writer = _OggWriter()
+    headers = writer.page(_OPUS_HEAD, 0, 0x02) + writer.page(_OPUS_TAGS, 0, 0)  # 0x02: first page
+    pieces, granule = [], 0
+    for start in range(0, len(pcm48) + step, step):  # one more frame drains the encoder's lookahead
+        chunk = pcm48[start : start + step] if start < len(pcm48) else np.zeros(step, np.int16)
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate, frame.pts = 48_000, start
+        piece = b""
+        for packet in codec.encode(frame):
+            granule += step
+            piece += writer.page(bytes(packet), granule, 0)
+        pieces.append(piece)
+    pieces[0] = headers + pieces[0]
+    return pieces
+
+
+# Version 1, one channel, 312 samples of encoder delay to skip (libopus at 48 kHz), 48 kHz, no gain.
+_OPUS_HEAD = b"OpusHead" + struct.pack("<BBHIhB", 1, 1, 312, 48_000, 0, 0)
+_OPUS_TAGS = b"OpusTags" + struct.pack("<I", 4) + b"test" + struct.pack("<I", 0)  # vendor, no comments
+
+
+class _OggWriter:
+    """Ogg pages of one logical stream, one packet a page (what static/audio.js writes)."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+
+    def page(self, packet: bytes, granule: int, flags: int) -> bytes:
+        lacing = [255] * (len(packet) // 255) + [len(packet) % 255]
+        header = struct.pack("<4sBBqIII", b"OggS", 0, flags, granule, 0x5EED, self.sequence, 0)
+        self.sequence += 1
+        page = bytearray(header + bytes([len(lacing), *lacing]) + packet)
+        struct.pack_into("<I", page, 22, _ogg_crc(page))
+        return bytes(page)
+
+
+def _ogg_crc(data: bytes) -> int:
+    crc = 0
+    for byte in data:
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ _OGG_CRC_TABLE[((crc >> 24) ^ byte) & 0xFF]
+    return crc
+
+
+def _ogg_crc_table() -> list[int]:
+    table = []
+    for i in range(256):
+        r = i << 24
+        for _ in range(8):
+            r = ((r << 1) ^ 0x04C11DB7 if r & 0x80000000 else r << 1) & 0xFFFFFFFF
+        table.append(r)
+    return table
+
+
+_OGG_CRC_TABLE = _ogg_crc_table()
+
+
 def _take(sink: io.BytesIO) -> bytes:
     data = sink.getvalue()
     sink.seek(0)
