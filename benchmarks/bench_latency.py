@@ -3,7 +3,8 @@ end-of-turn rules in one run: the old one (a fixed 500 ms of silence, nothing st
 the new one (the LLM's reading of the words, or Smart Turn's of the sound, at a 200 ms pause, with the
 transcript and the reply started on speculation at the first 96 ms of silence).
 
-Streams spoken questions as WebM/Opus in real time (60 ms pieces, as the page sends them) over the WebSocket, and times
+Streams spoken questions in real time over the WebSocket as the page sends them (--transport: Ogg/Opus, a page
+per 20 ms packet, as Chromium's page does with WebCodecs; or MediaRecorder's WebM in 60 ms frames), and times
 end of the user's speech -> first reply PCM received (the page starts playing a chunk this long at
 once). Then sentences from a real recording with a 0.6-1.0 s pause in the middle: were they cut in
 two, and how much later does their answer come. Last, every pause of every clip judged offline (sound,
@@ -17,17 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, closing
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from websockets.sync.client import connect
 
 from app.audio import ASR_RATE
-from tests.support import encode_webm_opus, recording, serving, speak
+from tests.support import encode_ogg_opus, encode_webm_opus, recording, serving, speak
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -92,12 +97,25 @@ def speech_end_seconds(pcm: np.ndarray) -> float:
     return (loud[-1] + 1) * 160 / ASR_RATE if len(loud) else 0.0
 
 
-PIECE_MS = 60  # the page's MediaRecorder sends each 60 ms Opus frame as it is made (static/audio.js)
+class Transport(NamedTuple):
+    """How the page sends the microphone (static/audio.js)."""
+
+    piece_ms: int
+    mime_type: str
+    encode: Callable[[np.ndarray, int], list[bytes]]
 
 
-def send_in_real_time(ws, pieces: list[bytes], t_start: float) -> None:
-    for i, piece in enumerate(pieces):  # piece i exists once (i+1) * PIECE_MS have been spoken
-        time.sleep(max(0.0, t_start + (i + 1) * PIECE_MS / 1000 - time.perf_counter()))
+# Where WebCodecs is (Chromium), the page writes each 20 ms Opus packet as an Ogg page and sends it at once;
+# elsewhere MediaRecorder sends WebM, each 60 ms Opus frame as it is made (Chromium's frame size).
+TRANSPORTS = {
+    "ogg": Transport(20, "audio/ogg;codecs=opus", lambda pcm, ms: encode_ogg_opus(pcm, ASR_RATE, frame_ms=ms)),
+    "webm": Transport(60, "audio/webm;codecs=opus", lambda pcm, ms: encode_webm_opus(pcm, ASR_RATE, piece_ms=ms)),
+}
+
+
+def send_in_real_time(ws, pieces: list[bytes], piece_ms: int, t_start: float) -> None:
+    for i, piece in enumerate(pieces):  # piece i exists once (i+1) * piece_ms have been spoken
+        time.sleep(max(0.0, t_start + (i + 1) * piece_ms / 1000 - time.perf_counter()))
         ws.send(piece)
 
 
@@ -113,20 +131,22 @@ def listen_to_turn(ws) -> tuple[float | None, list[dict]]:
     return first_audio, events
 
 
-def start_speaking(ws, speech: np.ndarray, trailing_silence: float) -> tuple[float, threading.Thread]:
+def start_speaking(
+    ws, speech: np.ndarray, trailing_silence: float, transport: Transport = TRANSPORTS["ogg"]
+) -> tuple[float, threading.Thread]:
     """Begin sending `speech` and then silence in real time on a thread; returns (its start, the thread)."""
     audio = np.concatenate([speech, np.zeros(int(trailing_silence * ASR_RATE), np.float32)])
-    pieces = encode_webm_opus(audio, ASR_RATE, piece_ms=PIECE_MS)
-    ws.send(json.dumps({"type": "audio_start"}))
+    pieces = transport.encode(audio, transport.piece_ms)
+    ws.send(json.dumps({"type": "audio_start", "mime_type": transport.mime_type}))
     t_start = time.perf_counter()
-    sender = threading.Thread(target=send_in_real_time, args=(ws, pieces, t_start))
+    sender = threading.Thread(target=send_in_real_time, args=(ws, pieces, transport.piece_ms, t_start))
     sender.start()
     return t_start, sender
 
 
-def run_turn(ws, speech: np.ndarray, trailing_silence: float) -> dict:
+def run_turn(ws, speech: np.ndarray, trailing_silence: float, transport: Transport = TRANSPORTS["ogg"]) -> dict:
     """Speak one turn in real time while listening; return client- and server-side timings."""
-    t_start, sender = start_speaking(ws, speech, trailing_silence)
+    t_start, sender = start_speaking(ws, speech, trailing_silence, transport)
     t_speech_end = t_start + speech_end_seconds(speech)
     first_audio, events = listen_to_turn(ws)
     result: dict = {}
@@ -219,10 +239,12 @@ def pause_cases() -> list[tuple[str, np.ndarray, list[float]]]:
     return cases
 
 
-def run_paused_sentence(ws, speech: np.ndarray, resumes: list[float], trailing_silence: float) -> dict:
+def run_paused_sentence(
+    ws, speech: np.ndarray, resumes: list[float], trailing_silence: float, transport: Transport
+) -> dict:
     """Speak a sentence with pauses in real time; it was cut if the server found more than one turn
     in it. Waits until every turn it found has ended."""
-    t_start, sender = start_speaking(ws, speech, trailing_silence)
+    t_start, sender = start_speaking(ws, speech, trailing_silence, transport)
     arrivals: list[tuple[float, dict | None]] = []  # (perf_counter, event or None for audio)
     while sender.is_alive() or _open_turns(arrivals):
         try:
@@ -304,39 +326,54 @@ def median(values: list[float | None]) -> float | None:
     return statistics.median(kept) if kept else None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--silence", type=float, default=2.5, help="seconds sent after speech")
-    parser.add_argument("--out", default="bench-results/latency.json")
-    args = parser.parse_args()
-
-    questions = spoken_questions(args.turns)
-    cases = pause_cases()
-    report: dict = {"questions": {}, "paused_sentences": {}}
+def talk(urls: dict[str, str], questions, cases, silence: float, transport_name: str):
+    """Speak every question, then every paused sentence, to each rule's server in turn (so both see the
+    same machine); returns ({rule: question results}, {rule: paused-sentence results})."""
+    transport = TRANSPORTS[transport_name]
     with ExitStack() as stack:
-        engines, urls = start_both_rules(args.preset, stack)
         socks = {rule: stack.enter_context(connect(url, max_size=None)) for rule, url in urls.items()}
         for ws in socks.values():
             ws.recv(timeout=30)  # ready
-        results: dict[str, list[dict]] = {"old": [], "new": []}
-        for text, speech in questions:  # the two rules take turns, so both see the same machine
+        results: dict[str, list[dict]] = {rule: [] for rule in socks}
+        for text, speech in questions:
             for rule, ws in socks.items():
-                r = run_turn(ws, speech, args.silence)
+                r = run_turn(ws, speech, silence, transport)
                 r["question"] = text
                 results[rule].append(r)
                 s = r.get("server", {})
                 print(f"{rule}: {r['voice_to_voice_ms']!s:>8} ms | eot {s.get('end_of_turn_ms')} asr "
                       f"{s.get('transcript_ms')} token {s.get('first_token_ms')} phrase {s.get('first_phrase_ms')} "
-                      f"audio {s.get('first_audio_ms')} | {r.get('transcript', '')!r}")
-        paused: dict[str, list[dict]] = {"old": [], "new": []}
+                      f"audio {s.get('first_audio_ms')} | {r.get('transcript', '')!r}", flush=True)
+        paused: dict[str, list[dict]] = {rule: [] for rule in socks}
         for words, speech, resumes in cases:
             for rule, ws in socks.items():
-                r = run_paused_sentence(ws, speech, resumes, args.silence)
+                r = run_paused_sentence(ws, speech, resumes, silence, transport)
                 r["sentence"] = words
                 paused[rule].append(r)
-                print(f"{rule}: {'CUT' if r['cut'] else 'whole'} {r['voice_to_voice_ms']!s:>8} ms | {words}")
+                verdict = "CUT" if r["cut"] else "whole"
+                print(f"{rule}: {verdict} {r['voice_to_voice_ms']!s:>8} ms | {words}", flush=True)
+    return results, paused
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--silence", type=float, default=2.5, help="seconds sent after speech")
+    parser.add_argument("--transport", choices=sorted(TRANSPORTS), default="ogg",
+                        help="the page's WebCodecs Ogg pages (Chromium) or MediaRecorder's WebM (other browsers)")
+    parser.add_argument("--out", default="bench-results/latency.json")
+    args = parser.parse_args()
+
+    questions = spoken_questions(args.turns)
+    cases = pause_cases()
+    report: dict = {"transport": args.transport, "questions": {}, "paused_sentences": {}}
+    with ExitStack() as stack:
+        engines, urls = start_both_rules(args.preset, stack)
+        # The talking client runs in a process of its own, as the page runs in the browser's: in this one
+        # it would wait for the server's threads at every send and receive (one Python lock for all).
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+            results, paused = client.submit(talk, urls, questions, cases, args.silence, args.transport).result()
         judged = judge_pauses(engines, [(t, s) for t, s in questions] + [(w, s) for w, s, _ in cases])
 
     for rule in ("old", "new"):
