@@ -190,16 +190,20 @@ class Conversation:
         elif self.engines.settings.turns.speculate:
             self._in_background(self._prefill())
 
-    async def _prefill(self) -> None:
-        """While the user speaks, let the LLM evaluate the system prompt and the history that its
-        reply will start with (app/llm.py ChatModel.prefill), so that the turn waits only for its own
-        words. A model on a server keeps its own prefix cache."""
-        prefill = getattr(self.engines.llm, "prefill", None)
-        if prefill is None:
+    async def _prefill(self, words: str = "") -> None:
+        """While the user speaks, let the LLM evaluate the system prompt, the history and the words
+        heard so far (an interim transcript) that its reply will start with (app/llm.py
+        ChatModel.prefill), so that the turn waits only for the words after them; the words' judge
+        reads them ahead too. A model on a server keeps its own prefix cache."""
+        llm, turns = self.engines.llm, self.engines.settings.turns
+        if not hasattr(llm, "prefill"):
             return
-        messages = self.engines.llm.build_messages(list(self.memory.history), "", self.options.system_prompt)
+        messages = llm.build_messages(list(self.memory.history), words, self.options.system_prompt)
+        jobs = [self.engines.llm_worker.run(llm.prefill, messages)]
+        if words and turns.end_of_turn == "smart" and turns.decide_by != "sound":
+            jobs.append(self.engines.judge_worker.run(llm.end_of_turn_probability, messages))
         try:
-            await self.engines.llm_worker.run(prefill, messages)
+            await asyncio.gather(*jobs)
         except Exception:
             log.warning("conversation %s: evaluating the prompt ahead failed", self.id, exc_info=True)
 
@@ -225,6 +229,8 @@ class Conversation:
             self._interim_busy = False
         if text and self._speaking_turn == turn_id:  # the final transcript has not overtaken it
             self.emit(ev.Transcript(turn_id, text, final=False))
+            if self.engines.settings.turns.speculate:
+                await self._prefill(text)
 
     def paused(self, listener: Listener, audio: np.ndarray, t_speech_end: float) -> None:
         """The user paused: if the turn ends here, `audio` is all of it. Transcribe it and start the

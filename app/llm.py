@@ -251,10 +251,11 @@ class ChatModel(ContextWindow):
         return float(probs[end_token] / probs.sum())
 
     def prefill(self, messages: list[Message]) -> None:
-        """Evaluate the head of the next reply's prompt, all that comes before the user's words (the
-        system prompt and the history, messages[:-1]), while the user is still speaking: then the
-        turn itself evaluates only its own words."""
-        text = self._format(messages=[*messages[:-1], {"role": "user", "content": USER_WORDS_MARK}]).prompt
+        """Evaluate the head of the next reply's prompt while the user is still speaking: the system
+        prompt, the history and the user's words heard so far (messages[-1], "" at the start of a turn,
+        an interim transcript later). Then the turn itself evaluates only the words that came after."""
+        so_far = {"role": "user", "content": messages[-1]["content"] + USER_WORDS_MARK}
+        text = self._format(messages=[*messages[:-1], so_far]).prompt
         head = text[: text.rfind(USER_WORDS_MARK)]
         self._evaluate(self._llama, self._llama.tokenize(head.encode(), add_bos=False, special=True))
 

@@ -262,3 +262,22 @@ def test_a_turn_cut_off_before_its_answer_ever_ran_still_ends(engines):
     (end,) = of(events, ev.TurnEnd)
     assert (end.turn, end.reason, end.reply) == (1, "interrupted", "")
     assert len(of(events, ev.TurnMetrics)) == 1
+
+
+def test_an_interim_transcript_is_read_ahead_by_the_reply_and_the_judge(engines, jfk_pcm):
+    """While the user speaks on, both LLM contexts evaluate the words heard so far: at the end of the
+    turn the reply's prompt and the words' judge then evaluate only what came after them."""
+    llm = engines.llm
+
+    def holds(llama, words: str) -> bool:
+        held = llama.detokenize(list(llama.input_ids[: llama.n_tokens])).decode(errors="ignore")
+        return held.rstrip().endswith(words)
+
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.speech_started()
+        conversation.interim(jfk_pcm[: int(2.45 * ASR_RATE)])  # "And so my fellow Americans"
+        interim = await wait_for(events, lambda e: isinstance(e, ev.Transcript) and not e.final)
+        assert "fellow" in interim.text
+        await until(lambda: holds(llm._llama, interim.text) and holds(llm._judge, interim.text))
+
+    run(engines, script)

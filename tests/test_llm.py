@@ -118,13 +118,23 @@ def test_the_end_of_a_message_is_likelier_after_a_whole_question_than_a_fragment
 
 def test_prefill_evaluates_the_prompt_up_to_the_users_words(engines):
     llm = engines.llm
-    messages = llm.build_messages(list(HISTORY), "What is the capital of France?")
-    llm.prefill(messages)
+    question = "What is the capital of France?"
+    llm.prefill(llm.build_messages(list(HISTORY), ""))  # the turn has just started
     held = llm._llama.n_tokens
-    full = llm.prompt(messages).tokens
+    full = llm.prompt(llm.build_messages(list(HISTORY), question)).tokens
     # Held: the head of the real prompt (system prompt and history), not the user's words.
     assert list(llm._llama.input_ids[:held]) == full[:held]
-    assert llm.count_tokens(HISTORY[1]["content"]) < held < len(full) - llm.count_tokens("capital of France")
+    assert llm.count_tokens(HISTORY[1]["content"]) < held < len(full) - llm.count_tokens(question)
     # Judging the words runs on a context of its own: the evaluated history stays for the reply.
-    llm.end_of_turn_probability(messages)
+    llm.end_of_turn_probability(llm.build_messages(list(HISTORY), question))
     assert llm._llama.n_tokens == held
+
+
+def test_prefill_with_the_words_heard_so_far_leaves_only_the_rest_to_evaluate(engines):
+    llm = engines.llm
+    llm.prefill(llm.build_messages(list(HISTORY), "What is the capital"))  # an interim transcript
+    full = llm.prompt(llm.build_messages(list(HISTORY), "What is the capital of France?")).tokens
+    held = _common_prefix([int(t) for t in llm._llama.input_ids[: llm._llama.n_tokens]], full)
+    rest = len(full) - held
+    # What is left: " of France?" and the template's end of the message and start of the reply.
+    assert llm.count_tokens(" of France?") <= rest <= llm.count_tokens(" of France?") + 8
