@@ -69,6 +69,7 @@ def preset_values(preset: Preset) -> dict[str, Any]:
             "n_gpu_layers": -1,
             "temperature": 0.7,
             "repeat_penalty": 1.1,
+            "example": (),  # Llama-3.2-1B keeps to English without one
         },
         "tts": {"engine": "csm"},
     }

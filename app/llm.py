@@ -49,6 +49,11 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     repeat_penalty: float = 1.2  # small models loop without it
     max_tokens: int = 120
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # A made-up first exchange (user, assistant) put before the history, in the voice wanted. Told only
+    # to "answer in English", SmolLM2-135M answered "What is the capital of France?" with "Le Grand Paris
+    # is the capital of France." and went on in French; after this exchange, "The capital of France is
+    # Paris." (greedy and at 0.3). () for none.
+    example: tuple[str, ...] = ("What is the tallest mountain?", "Mount Everest, at 8,849 meters.")
     history_turns: int = 6  # user+assistant exchanges kept as context
     slice_tokens: int = 16  # tokens per worker job: other sessions' replies interleave between
 
@@ -61,6 +66,8 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("llm base_url must be the server's http:// or https:// address with backend openai")
         if self.timeout_s <= 0:
             raise ValueError("llm timeout_s must be > 0")
+        if len(self.example) not in (0, 2):
+            raise ValueError("llm example must be a user message and the assistant's answer, or empty")
 
     def __repr__(self) -> str:  # the api_key must never reach a log line or a traceback
         shown = {name: getattr(self, name) for name in self.__struct_fields__}
@@ -93,13 +100,15 @@ class ContextWindow(ABC):
     def build_messages(
         self, history: list[Message], user_text: str, system_prompt: str | None = None
     ) -> list[Message]:
-        """System prompt + the history + the new user message, trimming `history` in place so
-        that the prompt and the longest reply fit the context."""
+        """System prompt + the example exchange + the history + the new user message, trimming
+        `history` in place so that the prompt and the longest reply fit the context."""
         system = {"role": "system", "content": system_prompt or self.settings.system_prompt}
+        roles = ("user", "assistant")
+        example = [{"role": role, "content": text} for role, text in zip(roles, self.settings.example, strict=False)]
         user = {"role": "user", "content": user_text}
-        reserved = self._count_tokens([system, user]) + self.settings.max_tokens + TEMPLATE_TOKENS
+        reserved = self._count_tokens([system, *example, user]) + self.settings.max_tokens + TEMPLATE_TOKENS
         self.trim_history(history, budget=self.settings.n_ctx - reserved)
-        return [system, *history, user]
+        return [system, *example, *history, user]
 
     def trim_history(self, history: list[Message], budget: int) -> None:
         """Keep the history within `budget` tokens and history_turns exchanges, oldest out first.

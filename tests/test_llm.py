@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from app.llm import LlmSettings
+from tests.support import words
 
 
 def test_reply_streams_in_pieces(engines):
@@ -30,9 +31,24 @@ def test_messages_hold_system_history_and_user(engines):
     history = [{"role": "user", "content": "My name is Ada."},
                {"role": "assistant", "content": "Nice to meet you, Ada."}]
     messages = engines.llm.build_messages(history, "What is my name?", "Be brief.")
-    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert messages[0]["content"] == "Be brief."
+    assert tuple(m["content"] for m in messages[1:3]) == engines.llm.settings.example  # before the history
+    assert messages[3:5] == history
     assert messages[-1]["content"] == "What is my name?"
+
+
+FRENCH = {"le", "la", "les", "un", "une", "est", "de", "du", "des"}
+
+
+def test_the_example_exchange_keeps_the_small_model_in_english(engines):
+    # Without it, greedy SmolLM2-135M answered the first question "Le Grand Paris is the capital of
+    # France." and the rest in French too.
+    llm, history = engines.llm, []
+    for question in ["What is the capital of France?", "How many legs does a spider have?", "Why is the sky blue?"]:
+        reply = "".join(llm.stream_reply(llm.build_messages(history, question), temperature=0.0))
+        assert reply.strip() and not FRENCH & set(words(reply)), reply
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
 
 
 def test_old_turns_are_dropped_to_fit_the_context(engines):
@@ -42,7 +58,7 @@ def test_old_turns_are_dropped_to_fit_the_context(engines):
         history += [{"role": "user", "content": f"{i} {long_turn}"},
                     {"role": "assistant", "content": f"answer {i}"}]
     messages = engines.llm.build_messages(history, "latest?")
-    kept = [m["content"] for m in messages if m["role"] == "assistant"]
+    kept = [m["content"] for m in messages[3:] if m["role"] == "assistant"]  # after the example
     assert 0 < len(kept) < 6
     assert kept[-1] == "answer 5"  # the newest exchange survives, the oldest go first
     assert len(history) == 2 * len(kept)  # the session's history itself was trimmed
@@ -97,8 +113,9 @@ def test_warm_up_leaves_the_system_prompt_evaluated(engines):
     assert shareable > 20  # the system prompt
     evaluated = [int(t) for t in chat._llama._input_ids]  # what llama.cpp holds in its KV cache
     assert _common_prefix(evaluated, turn) >= shareable
-    judged = [int(t) for t in chat._judge.input_ids[: chat._judge.n_tokens]]  # and the words' judge
-    assert _common_prefix(judged, turn) >= shareable
+    # And the words' judge, which reads them after the system prompt alone (no example, no history).
+    judged = [int(t) for t in chat._judge.input_ids[: chat._judge.n_tokens]]
+    assert _common_prefix(judged, turn) > chat.count_tokens(chat.settings.system_prompt)
 
 
 HISTORY = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello! How can I help you today?"}]
