@@ -20,6 +20,7 @@ import av
 import numpy as np
 
 from app.audio import ASR_RATE, float_to_int16, read_audio_file
+from app.llm import LlmSettings
 from app.loading import LoadState, LoadStatus
 
 DATA = Path(__file__).resolve().parent / "data"  # recordings, with their sources in data/README.md
@@ -51,6 +52,12 @@ def word_error_rate(heard: str, truth: str) -> float:
         for j, wb in enumerate(b, 1):
             prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (wa != wb))
     return row[len(b)] / max(1, len(b))
+
+
+def said_so_far(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The messages an LLM was given, less the system prompt and the example exchange (app/llm.py):
+    the conversation itself."""
+    return messages[1 + len(LlmSettings().example) :]
 
 
 def resample(pcm: np.ndarray, src: int, dst: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from app.audio import ASR_RATE, float_to_int16
 from app.config import Settings
 from app.engines import Engines
 from app.realtime_protocol import RATE
-from tests.support import JFK_TEXT, recording, resample, speak, word_error_rate, words
+from tests.support import JFK_TEXT, recording, resample, said_so_far, speak, word_error_rate, words
 from tests.test_ws import QUESTION, STORY, TIMEOUT, SpyLlm, SpyVoice, own_engines, played_share, served
 
 STRICT = TypeAdapter(RealtimeServerEvent)
@@ -172,7 +172,7 @@ def test_a_typed_turn_is_answered_in_24_khz_speech_and_remembered(cpu_settings, 
     heard = engines.asr.transcribe(resample(audio.astype(np.float32) / 32768, RATE, ASR_RATE))
     assert word_error_rate(heard, said) <= 0.35, (heard, said)
     # The second reply was written knowing the first exchange.
-    assert llm.turns[1][1:] == [{"role": "user", "content": TYPED}, {"role": "assistant", "content": said},
+    assert said_so_far(llm.turns[1]) == [{"role": "user", "content": TYPED}, {"role": "assistant", "content": said},
                                 {"role": "user", "content": "Say that again."}]
 
 
@@ -235,7 +235,7 @@ def test_a_cancel_mid_reply_ends_it_cancelled_and_keeps_at_most_what_was_sent(cp
     first_phrase = voice.spoken[0][0]  # all that was sent: the second phrase was never made
     assert words(first_phrase)[: len(words(kept))] == words(kept), (kept, first_phrase)
     assert all(e["response_id"] != done["response"]["id"] for e in of(after, "response.output_audio.delta"))
-    remembered = [m for m in llm.turns[1] if m["role"] == "assistant"]
+    remembered = [m for m in said_so_far(llm.turns[1]) if m["role"] == "assistant"]
     assert remembered == ([{"role": "assistant", "content": kept}] if kept else [])
 
 
@@ -266,7 +266,8 @@ def test_a_truncate_keeps_exactly_the_words_the_client_played(cpu_settings, engi
         (truncated,) = until(conn, "conversation.item.truncated")
         ask(conn, "And then?")
     assert truncated["item_id"] == item_id and truncated["audio_end_ms"] == audio_end_ms
-    assert llm.turns[1][1:3] == [{"role": "user", "content": STORY}, {"role": "assistant", "content": heard}]
+    story = [{"role": "user", "content": STORY}, {"role": "assistant", "content": heard}]
+    assert said_so_far(llm.turns[1])[:2] == story
 
 
 def test_a_late_truncate_of_the_previous_reply_never_stops_the_next_one(cpu_settings, engines):

@@ -27,7 +27,7 @@ from app.server import create_app
 from app.tts.base import TtsEngine
 from app.workers import Worker
 from app.ws import MAX_AUDIO_FRAME
-from tests.support import JFK_TEXT, encode_webm_opus, serving, speak, word_error_rate, words
+from tests.support import JFK_TEXT, encode_webm_opus, said_so_far, serving, speak, word_error_rate, words
 from tests.test_server import next_event, of_type, send_recording, session
 
 # ---------------------------------------------------------------- over the real /ws, with spies
@@ -277,8 +277,8 @@ def test_reset_ends_queued_turns_stops_the_reply_and_forgets_the_history(cpu_set
     assert not [e for e in after if e.get("turn") in (spoken_turn, spoken_turn + 1)]  # nothing more of them
     assert turn_ends(after, spoken_turn + 2) == ["completed"]
     assert len(llm.turns) == 3  # the first question, the story, "Hi.": the queued turn never ran
-    assert [m["role"] for m in llm.turns[1]] == ["system", "user", "assistant", "user"]  # it had a past
-    assert [m["role"] for m in llm.turns[2]] == ["system", "user"]  # and then none
+    assert [m["role"] for m in said_so_far(llm.turns[1])] == ["user", "assistant", "user"]  # it had a past
+    assert [m["role"] for m in said_so_far(llm.turns[2])] == ["user"]  # and then none
 
 
 def test_an_audio_frame_over_the_limit_is_refused_and_nothing_else_is_lost(
@@ -332,7 +332,7 @@ def test_an_interrupt_mid_reply_keeps_exactly_the_words_played(cpu_settings, eng
     (end,) = of_type(events, "turn_end")
     assert end == {"type": "turn_end", "turn": 1, "reason": "interrupted", "reply": heard}
     assert_a_prefix(heard, reply_of(events, 1))
-    assert llm.turns[1][1:] == [
+    assert said_so_far(llm.turns[1]) == [
         {"role": "user", "content": STORY},
         {"role": "assistant", "content": heard},
         {"role": "user", "content": "And then?"},
@@ -352,7 +352,8 @@ def test_an_interrupt_after_the_reply_keeps_exactly_the_words_played(cpu_setting
         send(ws, "text", text="And then?")
         events_until(ws, 2)
     assert_a_prefix(heard, of_type(events, "turn_end")[0]["reply"])
-    assert llm.turns[1][1:3] == [{"role": "user", "content": STORY}, {"role": "assistant", "content": heard}]
+    story = [{"role": "user", "content": STORY}, {"role": "assistant", "content": heard}]
+    assert said_so_far(llm.turns[1])[:2] == story
 
 
 def assert_a_prefix(heard: str, reply: str) -> None:
