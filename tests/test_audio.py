@@ -7,7 +7,7 @@ import threading
 import numpy as np
 
 from app.audio import ASR_RATE, StreamDecoder, float_to_int16, read_audio_file
-from tests.support import DATA, encode_webm_opus
+from tests.support import DATA, encode_ogg_opus, encode_webm_opus
 
 WAIT_S = 30  # generous: the decoder thread shares 2 cores with the rest of the suite
 
@@ -77,6 +77,27 @@ def test_decoding_starts_before_the_stream_ends(jfk_pcm):
     assert not decoded.ended.is_set()
     decoded.decoder.close()
     assert decoded.ended.wait(WAIT_S) and decoded.error is None
+
+
+def test_ogg_opus_sent_a_page_at_a_time_decodes_each_page_before_the_next_comes(jfk_pcm):
+    """The page's WebCodecs recorder sends one 20 ms Opus packet per Ogg page (static/audio.js): once
+    the stream's start is read, each page's audio must come out without waiting for the next page."""
+    pieces = encode_ogg_opus(jfk_pcm[: 3 * ASR_RATE], ASR_RATE, frame_ms=20)
+    assert len(pieces) == 3 * 50 + 1  # one per 20 ms, and one that drains the encoder
+    per_page, behind = ASR_RATE // 50, ASR_RATE // 100  # a page's samples; the encoder's and resampler's delay
+    decoded = Decoded()
+    for piece in pieces[:50]:
+        decoded.decoder.feed(piece)
+    for k in range(50, 60):
+        decoded.decoder.feed(pieces[k])
+        assert decoded.wait_for((k + 1) * per_page - behind), f"page {k} waited for the next one"
+    for piece in pieces[60:]:
+        decoded.decoder.feed(piece)
+    decoded.decoder.close()
+    assert decoded.ended.wait(WAIT_S) and decoded.error is None
+    pcm = decoded.pcm()
+    assert abs(len(pcm) - 3 * ASR_RATE) <= per_page  # the same duration, within one packet
+    assert np.corrcoef(pcm[: 3 * ASR_RATE - per_page], jfk_pcm[: 3 * ASR_RATE - per_page])[0, 1] > 0.8
 
 
 def test_garbage_reports_an_error_and_ends():

@@ -91,6 +91,8 @@ def test_spoken_turn_then_barge_in(live_server: str, browser) -> None:
         assert in_order(["idle", "listening", "thinking", "speaking"], seen["states"]), seen
         assert "error" not in seen["states"], seen
         assert any(re.search("capital", t, re.I) for t in seen["transcripts"]), seen
+        # Chromium has WebCodecs: the page wrote the recording's Ogg/Opus itself (not MediaRecorder's WebM).
+        assert [m["mime_type"] for m in frames.sent if m["type"] == "audio_start"][:1] == ["audio/ogg;codecs=opus"]
         assert seen["outputLevelMax"] > 0.2 and seen["micLevelMax"] > 0.05, seen  # levels drove the orb
         # The reply text ran ahead of its voice on the wire, yet the page held it back until spoken...
         assert any(0 < shown < received for shown, received in reveal), reveal
