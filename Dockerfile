@@ -22,7 +22,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=uv /uv /usr/local/bin/uv
 
-# pyproject.toml's extra-build-variables gives llama-cpp-python CMAKE_ARGS="-DGGML_NATIVE=OFF", and uv
+# pyproject.toml's extra-build-variables gives llama-cpp-python CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF", and uv
 # lets that win over this environment's CMAKE_ARGS: so the CUDA switch goes through scikit-build-core's
 # own SKBUILD_CMAKE_DEFINE, which is added to it. GGML_NATIVE=OFF: the build machine's CPU is not the
 # user's (nor, without --gpus at build time, its GPU).
@@ -62,7 +62,8 @@ FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION}
 # torch and llama.cpp use CUDA 13 (torch from its wheels, llama.cpp from this image). faster-whisper's
 # CTranslate2 wheels are built for CUDA 12 and load libcublas.so.12 (and no cuDNN): that comes from
 # the nvidia-cublas-cu12 wheel in uv.lock, which app/asr.py loads; the same >= 580 driver runs both.
-# libgomp1: llama.cpp's CPU threads. Distribution packages are not pinned (see above).
+# libgomp1: OpenMP for native code that links the system's (llama.cpp is built without it; CTranslate2 and
+# torch bring their own). Distribution packages are not pinned (see above).
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.12 libgomp1 ca-certificates \

@@ -1,7 +1,8 @@
 """LLM text -> speakable phrases: cut the token stream where a voice would pause.
 
-The first phrase is cut early (at a clause break) so that speech starts sooner; later ones are
-whole sentences, and an over-long sentence is split at a comma, never inside a word or number.
+The first phrase is cut early (at a clause break, or before a word that opens a clause) so that
+speech starts sooner; later ones are whole sentences, and an over-long sentence is split at a comma,
+never inside a word or number.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ ABBREVIATIONS = {
 # A break is followed by a space, or ends the text so far (see _complete).
 _SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s|$)")
 _CLAUSE_END = re.compile(r"[,;:—–](?=\s|$)")
+# Words that open a clause, where a speaker may pause: a long first sentence is cut before one, so that
+# the voice starts on its first words (Piper takes ~50 ms plus ~65 ms a second of speech, all before
+# the first sample). "and", "or", "so" and "that" are left out: they join or qualify words as often as
+# they open clauses.
+_CLAUSE_OPENER = re.compile(
+    r"\s(?=(?:because|but|which|who|while|when|where|whereas|although|though|since|unless|until|if)\s)",
+    re.IGNORECASE,
+)
 _MARKUP = re.compile(r"[*#_`~<>\[\]{}|^]+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.!?;:])")
 
@@ -69,6 +78,9 @@ class PhraseChunker:
             for match in _CLAUSE_END.finditer(text):
                 if _complete(text, match) and len(text[: match.end()].strip()) >= self.settings.first_min_chars:
                     return match.end()
+            for match in _CLAUSE_OPENER.finditer(text):
+                if len(text[: match.start()].strip()) >= self.settings.first_min_chars:
+                    return match.start()
         if len(text) > self.settings.max_chars:
             return _split_long(text, self.settings.max_chars)
         return None

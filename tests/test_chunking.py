@@ -65,3 +65,15 @@ def test_markup_and_empty_phrases_are_dropped():
     assert chunk("**Hello** there. ... ") == ["Hello there."]
     assert chunk("  ") == []
     assert speakable("# Title\n* item one") == "Title item one"
+
+
+def test_a_long_first_sentence_is_cut_before_a_word_that_opens_a_clause():
+    text = "The sky is blue because of a process called Rayleigh scattering. It is so because light scatters."
+    assert chunk(text) == ["The sky is blue", "because of a process called Rayleigh scattering.",
+                           "It is so because light scatters."]  # only the first phrase is cut so
+    chunker = PhraseChunker()
+    assert chunker.push("The sky is blue because") == []  # "because" may still be "becauses..."
+    assert chunker.push(" of") == ["The sky is blue"]
+    # Too short to stand alone, or words that join words as often as clauses: no cut.
+    assert chunk("So because of rain, we stay.") == ["So because of rain,", "we stay."]
+    assert chunk("Paris is big and it is old.") == ["Paris is big and it is old."]
