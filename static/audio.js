@@ -286,7 +286,7 @@ class OggOpusRecorder extends EventTarget {
         chunk.copyTo(packet);
         granule += Math.round((chunk.duration || OPUS_FRAME_US) * 0.048);
         // The stream's two header pages go out with its first packet, as MediaRecorder's header does.
-        const pages = ogg.sequence === 0 ? opusHeaderPages(ogg, config.numberOfChannels) : [];
+        const pages = ogg.sequence === 0 ? opusHeaderPages(ogg, config) : [];
         pages.push(ogg.page(packet, granule));
         this.emit(pages);
       },
@@ -362,14 +362,14 @@ class OggWriter {
 }
 
 /** OpusHead (the first page: flag 0x02) and OpusTags. */
-function opusHeaderPages(ogg, channels) {
+function opusHeaderPages(ogg, { numberOfChannels, sampleRate }) {
   const head = new Uint8Array(19);
   const view = new DataView(head.buffer);
   head.set(new TextEncoder().encode("OpusHead"));
   view.setUint8(8, 1); // version
-  view.setUint8(9, channels);
+  view.setUint8(9, numberOfChannels);
   view.setUint16(10, 312, true); // pre-skip: libopus's delay at 48 kHz
-  view.setUint32(12, 48_000, true); // the rate it was recorded at, for information
+  view.setUint32(12, sampleRate, true); // the microphone's rate, for information (Opus itself runs at 48 kHz)
   const vendor = new TextEncoder().encode("voice-assistant");
   const tags = new Uint8Array(8 + 4 + vendor.length + 4);
   tags.set(new TextEncoder().encode("OpusTags"));
