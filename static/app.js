@@ -344,6 +344,13 @@ async function micOn() {
     if (!talk.want) return; // let go before the microphone was ready
     const rec = mic.record((r, blob) => enqueue(() => sendBlob(r, blob)));
     rec.ws = conn.ws;
+    // A recording that fails (its encoder, the device) is said in words, and the microphone goes off:
+    // the page must not go on showing "Listening" with nothing sent.
+    rec.recorder.addEventListener("error", (event) => {
+      const why = (event.error && event.error.message) || event.message || "the recording failed";
+      showError(`The microphone stopped: ${why}`);
+      if (mic.recording === rec) micOff({ close: true });
+    });
   } catch (err) {
     talk.want = false;
     showError(micErrorText(err));

@@ -238,8 +238,8 @@ export class Mic {
 }
 
 /** The microphone's frames -> WebCodecs Opus -> one Ogg page per packet, handed on at once. It has
- * the part of MediaRecorder's surface the page uses: mimeType, state, ondataavailable, start(), stop()
- * and a "stop" event after the last piece. */
+ * the part of MediaRecorder's surface the page uses: mimeType, state, ondataavailable, start(), stop(),
+ * an "error" event if it fails and a "stop" event after the last piece. */
 class OggOpusRecorder extends EventTarget {
   static async usable(stream) {
     if (typeof MediaStreamTrackProcessor !== "function" || typeof AudioEncoder !== "function") return false;
@@ -264,7 +264,10 @@ class OggOpusRecorder extends EventTarget {
   start() {
     this.state = "recording";
     this.run()
-      .catch((err) => console.warn("voice assistant: recording failed", err))
+      .catch((err) => {
+        console.warn("voice assistant: recording failed", err);
+        this.dispatchEvent(new ErrorEvent("error", { error: err, message: String((err && err.message) || err) }));
+      })
       .finally(() => {
         this.state = "inactive";
         this.dispatchEvent(new Event("stop"));

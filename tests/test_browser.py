@@ -112,6 +112,26 @@ def test_spoken_turn_then_barge_in(live_server: str, browser) -> None:
         page.close()
 
 
+def test_a_recording_that_fails_is_said_in_words_and_the_microphone_goes_off(live_server: str, browser) -> None:
+    """The page's own Opus encoder breaks (here on purpose): the page says so and stops listening, instead
+    of showing "Listening" while nothing reaches the server."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.add_init_script("AudioEncoder.prototype.encode = function () { throw new Error('the encoder broke'); };")
+    errors, frames = watch_errors(page), Frames(page)
+    try:
+        page.goto(f"{live_server}/")
+        page.get_by_role("button", name="Start talking").click(timeout=60_000)
+        alert = page.get_by_role("alert")
+        alert.wait_for(state="visible", timeout=30_000)
+        assert "The microphone stopped: the encoder broke" in alert.text_content()
+        page.get_by_role("button", name="Start talking").wait_for(timeout=30_000)  # the microphone is off
+        assert page.evaluate("() => window.voiceAssistant.state") != "listening"
+        assert "audio_start" not in [m["type"] for m in frames.sent]  # nothing was recorded, nothing sent
+        assert not errors, f"console errors: {errors}"
+    finally:
+        page.close()
+
+
 def test_pairing_a_phone_by_the_link_from_the_log(paired_server, browser) -> None:
     """`--lan`: an unpaired phone is told how to pair; the link from the log pairs it with an HttpOnly,
     Secure, SameSite=Strict cookie and moves on to the clean address, where the page connects and its
