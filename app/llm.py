@@ -39,8 +39,8 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     timeout_s: float = 30.0  # openai: the longest wait to connect or for the server's next bytes
     n_ctx: int = 2048
     # Tokens are made one at a time: one thread. With two on 2 cores, any other thread of the server
-    # (audio, Whisper, the words' judge, the voice) stalls both at every step: the first phrase took
-    # 34 ms a token in the server against 19 with one (SmolLM2-135M, measured). 0: all cores.
+    # (audio, Whisper, the words' judge, the voice) stalls both at every step (SmolLM2-135M, measured
+    # with llama.cpp's own thread pool: a median turn of 859 ms against 720 with one). 0: all cores.
     n_threads: int = 1
     n_threads_batch: int = 0  # for the prompt, evaluated in batches; 0: all cores
     n_gpu_layers: int = 0  # -1: every layer on the GPU
