@@ -3,7 +3,6 @@ backend `openai`, a model on an OpenAI-compatible server: llm_remote.py), with t
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import os
@@ -292,16 +291,13 @@ async def write_reply(
     worker: Worker,
     prompt: Prompt | ChatRequest,
     temperature: float | None = None,
-    may_write: asyncio.Event | None = None,
 ) -> AsyncIterator[str]:
     """The reply to `prompt`, piece by piece as the model writes it.
 
     A model on a server (llm_remote.RemoteChatModel) streams it itself: its server schedules the
     replies of every session at once, and reading the stream is network I/O that suits the event
     loop, so it needs no worker. In-process, one worker job per slice of `slice_tokens` tokens, so
-    that other sessions' jobs interleave with a long reply's. When the consumer clears `may_write`
-    (the first phrase is written and its voice is being made), the slice ends after the piece in
-    hand and the next one waits until it is set again: the core goes to the voice meanwhile.
+    that other sessions' jobs interleave with a long reply's.
     """
     own = getattr(llm, "write", None)
     if own is not None:
@@ -310,21 +306,16 @@ async def write_reply(
         return
     text, used, finished = "", 0, False
     while not finished and used < llm.settings.max_tokens:
-        if may_write is not None:
-            await may_write.wait()
         size = min(llm.settings.slice_tokens, llm.settings.max_tokens - used)
         make = functools.partial(_slice_job, llm, prompt, text, size, temperature)
-        got, stepped_aside = 0, False
+        got = 0
         async for piece, stop in worker.stream(make):
             got, finished = got + 1, finished or stop
             if piece:
                 text += piece
                 yield piece
-            if may_write is not None and not may_write.is_set() and not finished:
-                stepped_aside = True
-                break
         used += got
-        finished = finished or (got < size and not stepped_aside)  # a stop string or a full context ends it too
+        finished = finished or got < size  # a stop string or a full context ends it too
 
 
 def _slice_job(llm, prompt, so_far, size, temperature, cancel):  # runs on the LLM worker thread

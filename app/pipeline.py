@@ -43,13 +43,9 @@ async def make_reply(
     certain (app/answering.py) speaks its first phrase, then awaits `confirmed()` before the next.
     Raises StageError."""
     phrases: asyncio.Queue[str | None] = asyncio.Queue()
-    # Cleared while the first phrase's voice is made: on a CPU it gets the core the LLM would take
-    # writing the next phrase, which is not needed until the first has been heard.
-    may_write = asyncio.Event()
-    may_write.set()
-    writer = asyncio.create_task(_write(engines, messages, temperature, phrases, reply, on_text, may_write))
+    writer = asyncio.create_task(_write(engines, messages, temperature, phrases, reply, on_text))
     try:
-        await _speak(engines, phrases, voice, reply, on_audio, confirmed, may_write)
+        await _speak(engines, phrases, voice, reply, on_audio, confirmed)
         await writer  # raises what the LLM raised
     finally:
         writer.cancel()
@@ -62,18 +58,15 @@ async def _write(
     phrases: asyncio.Queue[str | None],
     reply: Reply,
     on_text: Callable[[str], None],
-    may_write: asyncio.Event,
 ) -> None:
     chunker = PhraseChunker(engines.settings.chunking)
     try:
         prompt = await engines.llm_worker.run(engines.llm.prompt, messages)
-        async for piece in write_reply(engines.llm, engines.llm_worker, prompt, temperature, may_write):
+        async for piece in write_reply(engines.llm, engines.llm_worker, prompt, temperature):
             reply.mark("first_token")
             reply.text += piece
             on_text(piece)
             for phrase in chunker.push(piece):
-                if "first_phrase" not in reply.marks:
-                    may_write.clear()  # _speak sets it when the phrase has its voice
                 reply.mark("first_phrase")
                 phrases.put_nowait(phrase)
         for phrase in chunker.flush():
@@ -92,7 +85,6 @@ async def _speak(
     reply: Reply,
     on_audio: Callable[[np.ndarray, bool], None],
     confirmed: Callable[[], Awaitable[bool]] | None,
-    may_write: asyncio.Event,
 ) -> None:
     while (phrase := await phrases.get()) is not None:
         if reply.phrases and confirmed is not None and not await confirmed():
@@ -103,11 +95,8 @@ async def _speak(
                 first = not reply.samples
                 reply.add_audio(len(chunk))
                 on_audio(chunk, first)
-                may_write.set()
         except Exception as exc:
             raise StageError("tts", exc) from exc
-        finally:
-            may_write.set()
         reply.end_phrase(phrase)
 
 

@@ -1,12 +1,11 @@
 """The real SmolLM2-135M GGUF through llama-cpp-python."""
 
-import asyncio
 import os
 import threading
 
 import pytest
 
-from app.llm import LlmSettings, write_reply
+from app.llm import LlmSettings
 from tests.support import words
 
 
@@ -99,35 +98,6 @@ def test_a_reply_continues_across_slices(engines):
         slices += 1
     assert slices >= 2 and finished  # several jobs, and the model ended the reply itself
     assert "paris" in text.lower()
-
-
-def test_write_reply_steps_aside_while_may_write_is_clear(engines):
-    # The pipeline clears may_write while the first phrase's voice is made: the reply stops after
-    # the piece in hand, leaves the worker free, and goes on where it stopped once it is set again.
-    llm, worker = engines.llm, engines.llm_worker
-    prompt = llm.prompt(llm.build_messages([], "What is the capital of France?"))
-
-    async def main() -> tuple[str, int, bool]:
-        may_write = asyncio.Event()
-        may_write.set()
-        reply = write_reply(llm, worker, prompt, 0.0, may_write)
-        text = await anext(reply)
-        may_write.clear()
-        following = asyncio.ensure_future(anext(reply))
-        # The next job on the worker sees how far the reply's slice went: it ended, not 16 tokens on.
-        evaluated = await worker.run(lambda: llm._llama.n_tokens) - len(prompt.tokens)
-        await asyncio.sleep(0.3)  # a token takes ~20 ms here: one would have come
-        waited = not following.done()
-        may_write.set()
-        text += await following
-        async for piece in reply:
-            text += piece
-        return text, evaluated, waited
-
-    text, evaluated, waited = asyncio.run(main())
-    assert evaluated <= 3 and waited
-    assert "paris" in text.lower()
-    assert text == "".join(llm.stream_reply(llm.build_messages([], "What is the capital of France?"), temperature=0.0))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
