@@ -49,16 +49,17 @@ def typed_turn(ws, text: str) -> dict:
     return {"reason": events[-1]["reason"], "first_audio_ms": ms, "errors": errors}
 
 
-def well_behaved(url: str, turns: int, speech: list, results: list) -> None:
+def well_behaved(url: str, session: int, turns: int, speech: list, results: list) -> None:
     with connect(url, max_size=None) as ws:
         ws.recv(timeout=30)  # ready
         for i in range(turns):
             if i % 2:
                 r = run_turn(ws, speech[i % len(speech)][1], 1.0)
                 r = {"kind": "spoken", "reason": r["reason"], "first_audio_ms": r["voice_to_voice_ms"],
-                     "errors": []}
+                     "errors": [], "server": r.get("server")}
             else:
                 r = {"kind": "typed", **typed_turn(ws, QUESTIONS[i % len(QUESTIONS)])}
+            r["session"], r["turn"] = session, i
             results.append(r)
 
 
@@ -137,8 +138,8 @@ def main() -> None:
             a.start()
         results: list[dict] = []
         t0 = time.perf_counter()
-        clients = [threading.Thread(target=well_behaved, args=(url, args.turns, speech, results))
-                   for _ in range(args.sessions)]
+        clients = [threading.Thread(target=well_behaved, args=(url, n, args.turns, speech, results))
+                   for n in range(args.sessions)]
         for c in clients:
             c.start()
         for c in clients:
@@ -164,6 +165,7 @@ def main() -> None:
         "dropped_audio_replies": sum(float(line.split()[1]) for line in metrics.splitlines()
                                      if line.startswith("voice_dropped_audio_total")),
         "rss_mb_before": rss_before, "rss_mb_after": rss_after, "llm_server_rss_mb_after": llm_rss,
+        "turns": sorted(results, key=lambda r: (r["session"], r["turn"])),
     }
     print(json.dumps(report, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
