@@ -23,7 +23,7 @@ class Parts(NamedTuple):
     context: int  # frames either side of a chunk that every output sample of it can depend on
 
 
-def split(path: Path) -> Parts | None:
+def split(path: str | Path) -> Parts | None:
     """Cut the voice at its decoder's input; None if the network is not a single-speaker VITS whose
     decoder reads the latent frames alone (a multi-speaker decoder also reads the speaker)."""
     import onnx
