@@ -61,7 +61,7 @@ FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu${UBUNTU_VERSION}
 
 # torch and llama.cpp use CUDA 13 (torch from its wheels, llama.cpp from this image). faster-whisper's
 # CTranslate2 wheels are built for CUDA 12 and load libcublas.so.12 (and no cuDNN): that comes from
-# the nvidia-cublas-cu12 wheel in uv.lock, which app/asr.py loads; the same >= 580 driver runs both.
+# the nvidia-cublas-cu12 wheel in uv.lock, which app/engines/asr.py loads; the same >= 580 driver runs both.
 # libgomp1: OpenMP for native code that links the system's (llama.cpp is built without it; CTranslate2 and
 # torch bring their own). Distribution packages are not pinned (see above).
 # hadolint ignore=DL3008

@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, Settings, load_settings
-from .lan import ALL_INTERFACES, TlsFiles, announce, fingerprint, pairing_token, tls_files, uvicorn_tls
+from app.config import ConfigError, Settings, load_settings
+from app.web.lan import ALL_INTERFACES, TlsFiles, announce, fingerprint, pairing_token, tls_files, uvicorn_tls
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,7 +73,7 @@ def serve(settings: Settings, *, fallback: bool = False, tls: TlsFiles | None = 
     With a pairing `token`, every browser and program must carry it (access.py)."""
     import uvicorn
 
-    from .server import create_app
+    from app.web.server import create_app
 
     def stop(_reason: str) -> None:
         server.should_exit = True  # `server` exists: the lifespan that can fail runs inside server.run()

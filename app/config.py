@@ -8,14 +8,14 @@ from typing import Any, Literal
 
 import msgspec
 
-from .access import AccessSettings
-from .asr import AsrSettings
-from .chunking import ChunkSettings
-from .limits import LimitSettings
-from .llm import LlmSettings
-from .tts.csm.engine import CsmSettings
-from .tts.piper import PiperSettings
-from .turns import TurnSettings
+from app.web.access import AccessSettings
+from app.engines.asr import AsrSettings
+from app.core.chunking import ChunkSettings
+from app.core.limits import LimitSettings
+from app.engines.llm import LlmSettings
+from app.engines.tts.csm.engine import CsmSettings
+from app.engines.tts.piper import PiperSettings
+from app.core.turns import TurnSettings
 
 log = logging.getLogger(__name__)
 

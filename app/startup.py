@@ -17,17 +17,17 @@ from typing import Any
 
 import msgspec
 
-from .asr import Transcriber
-from .config import ConfigError, Settings, load_settings
-from .engines import Engines
-from .fetching import LocalModels, fetch_models
-from .gpu_memory import GpuMemory, measured
-from .llm import ChatModel
-from .llm_remote import LlmServerError, RemoteChatModel
-from .loading import LoadStatus, Phase
-from .models import ModelError, ModelMismatchError
-from .tts.base import TtsEngine
-from .tts.piper import PiperEngine
+from app.engines.asr import Transcriber
+from app.config import ConfigError, Settings, load_settings
+from app.engines.loaded import Engines
+from app.engines.fetching import LocalModels, fetch_models
+from app.engines.gpu_memory import GpuMemory, measured
+from app.engines.llm import ChatModel
+from app.engines.llm_remote import LlmServerError, RemoteChatModel
+from app.engines.loading import LoadStatus, Phase
+from app.engines.models import ModelError, ModelMismatchError
+from app.engines.tts.base import TtsEngine
+from app.engines.tts.piper import PiperEngine
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def load_and_warm(settings: Settings, status: LoadStatus | None = None) -> Engin
 def load_tts(local: LocalModels) -> TtsEngine:
     settings = local.settings.tts
     if settings.engine == "csm":
-        from .tts.csm.engine import load_csm_engine  # its loading imports torch: only when CSM is wanted
+        from app.engines.tts.csm.engine import load_csm_engine  # its loading imports torch: only when CSM is wanted
 
         return load_csm_engine(settings.csm, local.csm)
     return PiperEngine.load(settings.piper)

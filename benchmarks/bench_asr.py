@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from app.asr import AsrSettings, Transcriber
+from app.engines.asr import AsrSettings, Transcriber
 from app.audio import ASR_RATE, read_audio_file
 from tests.support import speak, word_error_rate
 
@@ -43,7 +43,7 @@ JFK_CUTS = [
 
 
 def turns(renditions: int) -> list[tuple[str, np.ndarray]]:
-    from app.tts.piper import PiperEngine, PiperSettings
+    from app.engines.tts.piper import PiperEngine, PiperSettings
 
     voice = PiperEngine.load(PiperSettings())
     spoken = [(text, speak(voice, text, ASR_RATE)) for text in SPOKEN for _ in range(renditions)]

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from app.tts.csm.generator import SAMPLES_PER_FRAME, CsmGenerator, GenerationConfig
-from app.tts.csm.loader import load_text_tokenizer
-from app.tts.csm.model import CsmModel, CsmModelConfig
-from app.tts.csm.step import compile_mode
+from app.engines.tts.csm.generator import SAMPLES_PER_FRAME, CsmGenerator, GenerationConfig
+from app.engines.tts.csm.loader import load_text_tokenizer
+from app.engines.tts.csm.model import CsmModel, CsmModelConfig
+from app.engines.tts.csm.step import compile_mode
 from tests.support import build_tokenizer_json
 
 TEXTS = [

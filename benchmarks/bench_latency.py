@@ -45,7 +45,7 @@ QUESTIONS = [
 
 def spoken_questions(n: int) -> list[tuple[str, np.ndarray]]:
     """The questions spoken by Piper's joe voice, at 16 kHz."""
-    from app.tts.piper import PiperEngine, PiperSettings
+    from app.engines.tts.piper import PiperEngine, PiperSettings
 
     voice = PiperEngine.load(PiperSettings())
     return [(text, speak(voice, text, ASR_RATE)) for text in (QUESTIONS * n)[:n]]
@@ -63,7 +63,7 @@ def start_local_server(preset: str, stack: ExitStack) -> str:
 
 def serve(engines, stack: ExitStack) -> str:
     """Serve `engines` in this process until `stack` closes; returns its /ws URL."""
-    from app.server import create_app
+    from app.web.server import create_app
 
     base = stack.enter_context(serving(create_app(engines.settings, engines)))
     return base.replace("http", "ws", 1) + "/ws"
@@ -78,7 +78,7 @@ def start_both_rules(preset: str, stack: ExitStack):
     import msgspec
 
     from app.config import load_settings
-    from app.engines import Engines
+    from app.engines.loaded import Engines
     from app.startup import load_and_warm
 
     # Greedy replies: both rules then say the same words to the same transcript, so the comparison
@@ -282,8 +282,8 @@ def judge_pauses(engines, clips: list[tuple[str, np.ndarray]]) -> dict:
     and the rows."""
     import msgspec
 
-    from app.listening import finished
-    from app.turns import WINDOW, Event, StreamingVad, TurnDetector
+    from app.core.listening import finished
+    from app.core.turns import WINDOW, Event, StreamingVad, TurnDetector
 
     settings, rows = engines.settings.turns, []
     for name, pcm in clips:

@@ -32,7 +32,7 @@ BACKENDS = ("llama_cpp", "openai")
 def start_assistant(environ: dict[str, str], stack: ExitStack) -> str:
     """The cpu preset with these VA_* settings, loaded, warmed and served until `stack` closes; its /ws URL."""
     from app.config import load_settings
-    from app.server import create_app
+    from app.web.server import create_app
     from app.startup import load_and_warm
 
     settings = load_settings("cpu", environ=environ)

@@ -24,7 +24,7 @@ import torch
 from bench_csm import TEXTS  # run as a script: benchmarks/ is on sys.path
 from safetensors.torch import save_file
 
-from app.tts.csm.model import CsmModel, CsmModelConfig
+from app.engines.tts.csm.model import CsmModel, CsmModelConfig
 from tests.support import build_tokenizer_json
 
 

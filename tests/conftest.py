@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from app.config import Settings, load_settings
-from app.engines import Engines
+from app.engines.loaded import Engines
 from app.startup import load_and_warm
-from app.tts.piper import PiperEngine
+from app.engines.tts.piper import PiperEngine
 from tests.support import recording, serving
 
 pytest_plugins = ["tests.skips", "pytester"]
@@ -50,7 +50,7 @@ def steady_voice(cpu_settings: Settings) -> PiperEngine:
 @pytest.fixture(scope="session")
 def live_server(cpu_settings: Settings, engines: Engines) -> Iterator[str]:
     """The real app on the cpu preset, served on a free local port; yields its base URL."""
-    from app.server import create_app
+    from app.web.server import create_app
 
     with serving(create_app(cpu_settings, engines)) as url:
         yield url
@@ -69,8 +69,8 @@ def paired_server(tmp_path_factory, cpu_settings: Settings, engines: Engines) ->
     only, so the test opens nothing to the network."""
     import msgspec
 
-    from app import lan
-    from app.server import create_app
+    from app.web import lan
+    from app.web.server import create_app
 
     folder = tmp_path_factory.mktemp("paired")
     tls, token = lan.ensure_certificate(folder), lan.pairing_token(folder)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 
-from app import models
-from app.llm import LlmSettings
+from app.engines import models
+from app.engines.llm import LlmSettings
 from tests.support import free_port
 
 

@@ -20,8 +20,8 @@ import av
 import numpy as np
 
 from app.audio import ASR_RATE, float_to_int16, read_audio_file
-from app.llm import LlmSettings
-from app.loading import LoadState, LoadStatus
+from app.engines.llm import LlmSettings
+from app.engines.loading import LoadState, LoadStatus
 
 DATA = Path(__file__).resolve().parent / "data"  # recordings, with their sources in data/README.md
 JFK_TEXT = (
@@ -62,7 +62,7 @@ def word_error_rate(heard: str, truth: str) -> float:
 
 
 def said_so_far(messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    """The messages an LLM was given, less the system prompt and the example exchange (app/llm.py):
+    """The messages an LLM was given, less the system prompt and the example exchange (app/engines/llm.py):
     the conversation itself."""
     return messages[1 + len(LlmSettings().example) :]
 

@@ -170,7 +170,7 @@ def test_the_architecture_argument_reaches_the_llama_cpp_build(steps):
 
 
 def test_ctranslate2s_cuda_12_cublas_comes_from_the_lock(steps):
-    # The image's cuBLAS 12 for faster-whisper is a locked wheel (app/asr.py loads it), not an apt package.
+    # The image's cuBLAS 12 for faster-whisper is a locked wheel (app/engines/asr.py loads it), not an apt package.
     project = lock_package("voice-assistant")
     (cublas,) = [d for d in project["dependencies"] if d["name"] == "nvidia-cublas-cu12"]
     assert "linux" in cublas.get("marker", "") and "x86_64" in cublas.get("marker", "")
@@ -204,7 +204,7 @@ def test_the_image_builds(tmp_path):
         pytest.skip("set VA_TEST_DOCKER_BUILD=1 to build the image (20+ minutes: torch and a CUDA llama.cpp)")
     tag = "voice-assistant:test"
     subprocess.run(["docker", "build", "-t", tag, str(ROOT)], check=True, timeout=7200)
-    probe = "import torch, faster_whisper, app.server; print(torch.version.cuda)"
+    probe = "import torch, faster_whisper, app.web.server; print(torch.version.cuda)"
     done = subprocess.run(["docker", "run", "--rm", tag, "python", "-c", probe],
                           capture_output=True, text=True, check=True, timeout=600)
     assert done.stdout.strip().startswith("13.")

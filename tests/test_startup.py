@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 
 from app import startup
 from app.config import Settings, load_settings
-from app.engines import Engines
-from app.loading import LoadStatus
-from app.models import ModelError, ModelMismatchError
+from app.engines.loaded import Engines
+from app.engines.loading import LoadStatus
+from app.engines.models import ModelError, ModelMismatchError
 from app.startup import BackgroundLoad, load_engines, one_line
 from tests.support import RecordingStatus
 
@@ -66,7 +66,7 @@ def _non_csm_checkpoint(tmp_path) -> ModelMismatchError:
     """What the CSM loader says of a checkpoint that is not CSM's."""
     import torch
 
-    from app.tts.csm import loader
+    from app.engines.tts.csm import loader
 
     path = tmp_path / "model.safetensors"
     save_file({"encoder.weight": torch.zeros(2, 2)}, str(path))
@@ -77,7 +77,7 @@ def _non_csm_checkpoint(tmp_path) -> ModelMismatchError:
 
 def _unsupported_config(tmp_path) -> ModelMismatchError:
     """What the CSM loader says of a config.json that asks for arithmetic the network lacks."""
-    from app.tts.csm import config_json
+    from app.engines.tts.csm import config_json
 
     with pytest.raises(config_json.UnsupportedConfigError) as error:
         config_json.arithmetic({"rope_theta": -1})

@@ -1,0 +1,324 @@
+"""The conversation's turn queue: turns are answered one at a time, in order. Answering one means
+transcribing it (if spoken), building the messages from the history, and running the reply pipeline
+(app/core/pipeline.py); whatever happens, the turn ends with exactly one TurnEnd, its metrics, and the
+history updated with what was heard.
+
+A turn may also be answered on speculation, from the first pause in the user's speech: it runs as
+usual, but behind a closed Gate, so nothing of it is sent, shown or remembered. If the turn then
+ends with exactly that audio, the queue adopts the running answer and opens its gate; if the user
+goes on speaking, it is cancelled (its worker jobs with it) and leaves no trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from app.core import events as ev
+from app.engines.llm import Message
+from app.core.pipeline import StageError, make_reply
+from app.core.reply import Reply
+
+if TYPE_CHECKING:
+    from app.core.conversation import Conversation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PendingTurn:
+    id: int
+    t_speech_end: float  # perf_counter() when the user stopped speaking (or sent text)
+    t_decided: float  # when the end of the turn was decided
+    audio: np.ndarray | None = None
+    text: str | None = None
+    # A guess reports here how likely its words end the turn (None: no words, or no way to judge).
+    on_words: Callable[[float | None], None] | None = None
+
+    def words_judged(self, probability: float | None) -> None:
+        """Report once: a guess that fails or stops early reports None from its `finally`."""
+        if self.on_words is not None:
+            report, self.on_words = self.on_words, None
+            report(probability)
+
+
+class Gate:
+    """A turn's way out to the conversation (events, state, playback clock): open, or closed while
+    the turn is a guess, holding what it would have done until open() or discard()."""
+
+    def __init__(self, *, closed: bool = False) -> None:
+        self._held: list[Callable[[], None]] | None = [] if closed else None
+        self._verdict: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if not closed:
+            self._verdict.set_result(True)
+
+    def do(self, fn: Callable[..., object], *args: object) -> None:
+        if self._held is None:
+            fn(*args)
+        elif not self._verdict.done():
+            self._held.append(functools.partial(fn, *args))
+
+    def open(self) -> None:
+        held, self._held = self._held or [], None
+        self._verdict.set_result(True)
+        for action in held:
+            action()
+
+    def discard(self) -> None:
+        self._held = []
+        if not self._verdict.done():
+            self._verdict.set_result(False)
+
+    async def confirmed(self) -> bool:
+        """True once open (at once if it never was closed); False if the guess was discarded."""
+        return await asyncio.shield(self._verdict)
+
+
+@dataclass
+class Guess:
+    """A turn answered on speculation: its task runs behind its closed gate."""
+
+    turn: PendingTurn
+    reply: Reply
+    gate: Gate
+    task: asyncio.Task[None]
+
+
+class Answering:
+    def __init__(self, conversation: Conversation) -> None:
+        self._c = conversation
+        self._queue: asyncio.Queue[PendingTurn] = asyncio.Queue()
+        self._current: asyncio.Task[None] | None = None
+        self._active: tuple[PendingTurn, Reply] | None = None  # the turn being answered
+        self._cut: tuple[str, int | None] | None = None  # why the running turn was cancelled
+        self._guess: Guess | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None
+
+    def add(self, turn: PendingTurn) -> None:
+        """Queue `turn`; with max_queued_turns already waiting, the oldest of them is dropped
+        (the newest message is the one the user means now)."""
+        if self._queue.qsize() >= self._c.engines.settings.limits.max_queued_turns:
+            dropped = self._queue.get_nowait()
+            log.info("conversation %s: turn %d dropped, too many waiting", self._c.id, dropped.id)
+            self._c.emit(ev.error("turn_dropped", dropped.id))
+            self._c.emit(ev.TurnEnd(dropped.id, "interrupted"))
+        self._queue.put_nowait(turn)
+
+    def speculate(self, turn: PendingTurn) -> None:
+        """Start answering `turn`, the user's speech up to a pause, before the turn is certain to be
+        over; only when nothing else is being answered or waiting (its answer would wait anyway)."""
+        self.drop_guess()
+        if self.busy or not self._queue.empty():
+            turn.words_judged(None)
+            return
+        gate, reply = Gate(closed=True), Reply(self._c.engines.tts.sample_rate)
+        task = asyncio.create_task(self._answer(turn, reply, gate))
+        self._guess = Guess(turn, reply, gate, task)
+
+    def drop_guess(self) -> None:
+        """The user went on speaking: the guess was wrong."""
+        if (guess := self._guess) is not None:
+            self._guess = None
+            guess.gate.discard()
+            guess.task.cancel()
+            self._c.metrics.speculations.labels("dropped").inc()
+
+    def _adopt_guess(self, turn: PendingTurn) -> Guess | None:
+        """The running guess, if it answers exactly this turn's audio (else it is dropped)."""
+        guess = self._guess
+        if (guess is None or guess.task.done() or guess.turn.id != turn.id or turn.audio is None
+                or guess.turn.audio is None or not np.array_equal(guess.turn.audio, turn.audio)):
+            self.drop_guess()
+            return None
+        self._guess = None
+        self._c.metrics.speculations.labels("used").inc()
+        guess.turn.t_speech_end, guess.turn.t_decided = turn.t_speech_end, turn.t_decided
+        guess.reply.marks["end_of_turn"] = turn.t_decided
+        if "first_audio" in guess.reply.marks:  # made while held: the page gets it from now on
+            guess.reply.marks["first_audio"] = time.perf_counter()
+        return guess
+
+    def drop_queued(self) -> list[int]:
+        """Take every turn still waiting out of the queue; returns their ids."""
+        dropped = []
+        while not self._queue.empty():
+            dropped.append(self._queue.get_nowait().id)
+        return dropped
+
+    def cut_off(self, cause: str, played: int | None) -> tuple[PendingTurn, Reply] | None:
+        """Cancel the turn being answered, if any (its TurnEnd follows); returns it and its reply."""
+        if self._current is None or self._current.done() or self._active is None:
+            return None
+        self._cut = (cause, played)
+        self._current.cancel()
+        return self._active
+
+    async def run(self) -> None:
+        """Answer queued turns until cancelled."""
+        try:
+            while True:
+                turn = await self._queue.get()
+                self._cut = None
+                if (guess := self._adopt_guess(turn)) is not None:
+                    self._active, self._current = (guess.turn, guess.reply), guess.task
+                    guess.gate.open()
+                else:
+                    self._active = (turn, Reply(self._c.engines.tts.sample_rate))
+                    self._current = asyncio.create_task(self._answer(*self._active, Gate()))
+                await asyncio.wait({self._current})  # an interrupt cancels only this turn
+                self._ended_unstarted()
+                self._current, self._active = None, None
+                self._c.set_state(self._c.resting_state())
+        finally:
+            self.drop_guess()
+            if self._current is not None:
+                self._current.cancel()
+                await asyncio.wait({self._current})  # its TurnEnd and metrics still count
+                self._ended_unstarted()
+
+    def _ended_unstarted(self) -> None:
+        """A task cancelled before its first step never runs its body, `finally` included: a turn
+        cut off that early still ends, here (_answer marks end_of_turn first thing)."""
+        if self._active is not None and "end_of_turn" not in self._active[1].marks:
+            turn, reply = self._active
+            self._finish(turn, turn.text, reply, "interrupted")
+
+    async def _answer(self, turn: PendingTurn, reply: Reply, gate: Gate) -> None:
+        c = self._c
+        reply.marks["end_of_turn"] = turn.t_decided
+        reason, user_text = "completed", turn.text
+        try:
+            gate.do(c.set_state, "thinking")
+            if user_text is None:
+                user_text = await self._transcribe(turn.audio)
+                reply.mark("transcript")
+            if not user_text:
+                reason = "no_speech"
+                return
+            gate.do(c.emit, ev.Transcript(turn.id, user_text))
+            await self._reply(turn, user_text, reply, gate)
+        except asyncio.CancelledError:
+            reason = "interrupted"
+        except StageError as exc:
+            reason = "error"
+            log.error("conversation %s turn %d: %s failed: %s", c.id, turn.id, exc.stage, exc,
+                      exc_info=exc.__cause__)
+            gate.do(c.emit, ev.error(f"{exc.stage}_failed", turn.id))
+        except Exception:
+            reason = "error"
+            log.exception("conversation %s turn %d failed", c.id, turn.id)
+            gate.do(c.emit, ev.error("internal_error", turn.id))
+        finally:
+            turn.words_judged(None)  # the listener must not wait for words that will not come
+            # A guess ends only once it is confirmed; a discarded one leaves no trace (its task is
+            # cancelled while it waits here).
+            if await gate.confirmed():
+                self._finish(turn, user_text, reply, reason)
+
+    async def _transcribe(self, audio: np.ndarray | None) -> str:
+        engines = self._c.engines
+        try:
+            return await engines.asr_worker.run(engines.asr.transcribe, audio)
+        except Exception as exc:
+            raise StageError("asr", exc) from exc
+
+    async def _words_end_turn(self, messages: list[Message]) -> float | None:
+        """The language model's probability that the user's message is complete (None if it cannot
+        say: a model on a server, or a failure; then the sound alone decides)."""
+        llm = self._c.engines.llm
+        judge = getattr(llm, "end_of_turn_probability", None)
+        if judge is None:
+            return None
+        try:
+            return await self._c.engines.judge_worker.run(judge, messages)
+        except Exception:
+            log.warning("conversation %s: end-of-turn check by the LLM failed", self._c.id, exc_info=True)
+            return None
+
+    async def _judge_words(self, turn: PendingTurn, messages: list[Message]) -> None:
+        turn.words_judged(await self._words_end_turn(messages))
+
+    async def _reply(self, turn: PendingTurn, user_text: str, reply: Reply, gate: Gate) -> None:
+        """The options are read once here: a change sent meanwhile applies from the next reply."""
+        c, (options, voice) = self._c, self._c.reply_options()
+        messages = c.engines.llm.build_messages(c.memory.history, user_text, options.system_prompt)
+        sample_rate = c.engines.tts.sample_rate
+        judging: asyncio.Future[None] | None = None
+
+        def judge() -> None:
+            """The words are judged beside the reply, not before it (the reply is the longer way),
+            from its first token on: its prompt, evaluated on every core, is done by then."""
+            nonlocal judging
+            if judging is None and turn.on_words is not None:
+                judging = asyncio.ensure_future(self._judge_words(turn, messages))
+
+        def wrote(piece: str) -> None:
+            judge()
+            gate.do(c.emit, ev.ReplyText(turn.id, piece))
+
+        def sent(chunk: np.ndarray, first: bool) -> None:
+            if first:
+                c.emit(ev.ReplyAudioStart(turn.id, sample_rate))
+                c.set_state("speaking")
+            c.emit(ev.ReplyAudio(turn.id, chunk, sample_rate))
+            c.playback_end = reply.playback_end()
+
+        try:
+            await make_reply(
+                c.engines, messages, reply, temperature=options.temperature, voice=voice,
+                on_text=wrote, on_audio=lambda chunk, first: gate.do(sent, chunk, first), confirmed=gate.confirmed,
+            )
+            judge()
+            if judging is not None:
+                await judging  # a short reply is written before its turn is confirmed
+        finally:
+            if judging is not None:
+                judging.cancel()
+        if not reply.phrases:
+            raise StageError("llm", RuntimeError("it returned an empty reply"))
+
+    def _finish(self, turn: PendingTurn, user_text: str | None, reply: Reply, reason: str) -> None:
+        c = self._c
+        if reply.samples:
+            c.emit(ev.ReplyAudioEnd(turn.id, reply.samples))
+        said = reply.spoken
+        if reason == "interrupted":
+            played = self._cut[1] if self._cut and self._cut[1] is not None else reply.played_estimate()
+            said = reply.heard(played)
+            c.metrics.barge_ins.inc()
+        # A reset cut this turn off: it belongs to the conversation that was just forgotten.
+        forgotten = self._cut is not None and self._cut[0] == "reset"
+        c.memory.turn_ended(None if forgotten else user_text, said, reply, interrupted=reason == "interrupted")
+        reply.mark("done")
+        metrics = _metrics(turn, reply)
+        c.metrics.observe_turn(metrics, reason)
+        c.emit(metrics)
+        c.emit(ev.TurnEnd(turn.id, reason, said))  # type: ignore[arg-type]
+        log.info("conversation %s turn %d %s: voice-to-voice %s ms, total %s ms", c.id, turn.id,
+                 reason, metrics.first_audio_ms, metrics.total_ms)
+
+
+def _metrics(turn: PendingTurn, reply: Reply) -> ev.TurnMetrics:
+    def ms(name: str) -> float | None:
+        t = reply.marks.get(name)
+        return None if t is None else round((t - turn.t_speech_end) * 1000, 1)
+
+    return ev.TurnMetrics(
+        turn.id,
+        end_of_turn_ms=ms("end_of_turn"),
+        transcript_ms=ms("transcript"),
+        first_token_ms=ms("first_token"),
+        first_phrase_ms=ms("first_phrase"),
+        first_audio_ms=ms("first_audio"),
+        total_ms=ms("done"),
+    )

@@ -1,0 +1,179 @@
+"""Listening to one recording: its 16 kHz PCM goes through Silero VAD and the end-of-turn rules on a
+thread of its own, and what they find (speech started, an interim snapshot, a pause, speech after
+it, a finished turn, the end of the recording) is handed to the conversation on its event loop.
+At the first short silence the conversation starts answering the turn on speculation; at a pause,
+this thread decides whether the turn is finished, from the LLM's reading of the words (which the
+conversation sends back) and Smart Turn's hearing of the sound (run here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from app.audio import ASR_RATE
+from app.core.events import Options
+from app.core.turns import WINDOW, Event, StreamingVad, TurnDetector, TurnSettings
+
+if TYPE_CHECKING:
+    import onnxruntime
+
+    from app.core.conversation import Conversation
+    from app.engines.smart_turn import SmartTurn
+
+log = logging.getLogger(__name__)
+
+
+class _End:
+    def __init__(self, error: str | None) -> None:
+        self.error = error
+
+
+_UNREAD = object()  # the words of the candidate have not been judged yet
+
+
+class _Words:
+    def __init__(self, audio: np.ndarray, probability: float | None) -> None:
+        self.audio = audio
+        self.probability = probability
+
+
+class Listener:
+    """One microphone stream. feed() and end() may be called from any thread."""
+
+    def __init__(
+        self,
+        conversation: Conversation,
+        vad_model: onnxruntime.InferenceSession,
+        settings: TurnSettings,
+        options: Options,
+        smart_turn: SmartTurn | None = None,
+    ) -> None:
+        self._conversation = conversation
+        self._loop = asyncio.get_running_loop()
+        # A VAD state of its own: the previous recording's thread may still be draining.
+        self.detector = TurnDetector(settings, StreamingVad(vad_model))
+        self._smart_turn = smart_turn if settings.end_of_turn == "smart" else None
+        self._settings = settings
+        self._candidate: np.ndarray | None = None  # the turn as it stands since the current silence
+        self._words_verdict: float | None | object = _UNREAD  # the LLM's, for the candidate
+        self.apply(options)
+        self.turns_found = 0
+        self._inbox: queue.SimpleQueue[np.ndarray | _Words | _End] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="listener", daemon=True).start()
+
+    def apply(self, options: Options) -> None:
+        """Hands-free or push-to-talk, and the pause that ends a turn; also for the turn being
+        spoken (the detector reads them on its thread at its next 32 ms window)."""
+        push_to_talk = options.mode == "push_to_talk"
+        self.detector.set_end(end_silence_ms=options.end_silence_ms, push_to_talk=push_to_talk)
+
+    def feed(self, pcm: np.ndarray) -> None:
+        """More of the recording: mono float32 at 16 kHz."""
+        self._inbox.put(pcm)
+
+    def words_judged(self, audio: np.ndarray, probability: float | None) -> None:
+        """The language model's probability that the words of the candidate `audio` end the turn
+        (None: it has no opinion); from the conversation, on its event loop."""
+        self._inbox.put(_Words(audio, probability))
+
+    def end(self, error: str | None = None) -> None:
+        """The recording is over (with why, if it could not be read); speech in progress ends its turn."""
+        self._inbox.put(_End(error))
+
+    def _run(self) -> None:
+        while not isinstance(item := self._inbox.get(), _End):
+            if isinstance(item, _Words):
+                self._words(item)
+                continue
+            # While the assistant speaks, only confident speech counts (its own voice may leak in).
+            self.detector.strict = time.perf_counter() < self._conversation.playback_end
+            # One VAD window at a time, so a pause is judged before the audio after it is heard.
+            for start in range(0, len(item), WINDOW):
+                for event in self.detector.feed(item[start : start + WINDOW]):
+                    self._report(event)
+        if (event := self.detector.flush()) is not None:
+            self._report(event)
+        self._post(self._conversation.recording_ended, self, item.error)
+
+    def _report(self, event: Event) -> None:
+        if event is Event.SPEECH_STARTED:
+            self._post(self._conversation.speech_started)
+        elif event is Event.INTERIM:
+            self._post(self._conversation.interim, self.detector.snapshot())
+        elif event is Event.QUIET:
+            audio, speech_end = self.detector.candidate()
+            self._candidate, self._words_verdict = audio, _UNREAD
+            self._post(self._conversation.paused, self, audio, self._time_of(speech_end))
+        elif event is Event.PAUSED:
+            self._judge_pause()
+        elif event is Event.RESUMED:
+            self._candidate = None
+            self._post(self._conversation.resumed)
+        else:
+            self._candidate = None
+            self.turns_found += 1
+            audio, speech_end, ended_by = self.detector.take_turn()
+            self._post(self._conversation.speech_turn, audio, self._time_of(speech_end), time.perf_counter(),
+                       ended_by)
+
+    def _time_of(self, position: int) -> float:
+        """perf_counter() of a stream position: the stream runs in real time, so it was as long
+        ago as the audio heard after it."""
+        return time.perf_counter() - (self.detector.position - position) / ASR_RATE
+
+    def _words(self, words: _Words) -> None:
+        """The conversation's verdict on the words of the candidate has come."""
+        if words.audio is self._candidate:  # else the user has talked over that silence
+            self._words_verdict = words.probability
+            self._judge_pause()
+
+    def _judge_pause(self) -> None:
+        """Decide once per pause, when it is long enough (PAUSED) and the words are judged (the
+        sound alone needs no wait)."""
+        by = self._settings.decide_by
+        if self._smart_turn is None or self._candidate is None or not self.detector.paused:
+            return
+        words = None if by == "sound" else self._words_verdict
+        if words is _UNREAD:
+            return  # the transcript and the LLM's verdict are still on their way
+        audio, self._candidate = self._candidate, None
+        sound = self._sound(audio) if by != "words" or words is None else None
+        log.debug("end of turn at a pause: sound %s, words %s", sound, words)
+        if finished(sound, words, self._settings):  # type: ignore[arg-type]
+            self._report(self.detector.end_now())
+
+    def _sound(self, audio: np.ndarray) -> float | None:
+        """Smart Turn's probability that the paused turn is finished (None if it failed: then only
+        the longer silence ends the turn)."""
+        try:
+            return self._smart_turn.probability(audio)  # type: ignore[union-attr]
+        except Exception:
+            log.warning("Smart Turn failed; the turn ends after the longer silence", exc_info=True)
+            return None
+
+    def _post(self, fn: Callable[..., object], *args: object) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is gone: the conversation has ended
+            pass
+
+
+def finished(sound: float | None, words: float | None, settings: TurnSettings) -> bool:
+    """The end-of-turn rule at a pause (turns.decide_by), from Smart Turn's probability for the
+    sound and the LLM's for the words (None: that one has no opinion). Anything short of finished
+    waits for the longer silence."""
+    heard = sound is not None and sound >= settings.smart_turn_threshold
+    read = words is not None and words >= settings.words_threshold
+    if settings.decide_by == "sound":
+        return heard
+    if settings.decide_by == "words":
+        return read if words is not None else heard
+    return heard and (read or words is None)

@@ -1,0 +1,51 @@
+"""What the assistant remembers of a conversation: the exchanges, each reply as far as it was heard.
+
+A reply leaves the server faster than it is played; when the listener cuts it off, or stops it
+after it was all sent, the history keeps only the words played by then (app/core/reply.py says which).
+"""
+
+from __future__ import annotations
+
+from app.engines.llm import Message
+from app.core.metrics import Metrics
+from app.core.reply import Reply
+
+
+class Memory:
+    def __init__(self, metrics: Metrics) -> None:
+        self.history: list[Message] = []  # trimmed in place to fit the context (ChatModel.build_messages)
+        self._metrics = metrics
+        self._last_reply: Reply | None = None  # the latest reply that had audio, while it may still play
+
+    def turn_ended(self, user_text: str | None, said: str, reply: Reply, *, interrupted: bool) -> None:
+        """Remember the exchange (none without user_text) and which reply may still be playing."""
+        if user_text and said:
+            self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": said}]
+            reply.history_index = len(self.history) - 1
+        if reply.samples:
+            # An interrupted reply stopped playing with it: nothing of it can be cut off later.
+            self._last_reply = None if interrupted else reply
+
+    def still_playing(self) -> bool:
+        return self._last_reply is not None and self._last_reply.still_playing()
+
+    def cut_last(self, played: int | None) -> None:
+        """The finished reply was stopped after `played` samples (None: by the playback clock, and
+        only if it is still playing): keep only what was heard of it."""
+        reply = self._last_reply
+        if reply is None or (played is None and not reply.still_playing()):
+            return
+        index = reply.history_index
+        if index is None or index != len(self.history) - 1:
+            return  # a newer exchange followed; this one is no longer the last word
+        heard = reply.heard(reply.played_estimate() if played is None else played)
+        if heard:
+            self.history[index]["content"] = heard
+        else:
+            del self.history[index - 1 :]  # nothing heard: the exchange never happened
+        reply.history_index = None
+        self._metrics.barge_ins.inc()
+
+    def forget(self) -> None:
+        self.history.clear()
+        self._last_reply = None

@@ -1,0 +1,41 @@
+"""A conversation's outgoing events, in order, with the bytes they hold counted, so that a client
+that stops reading cannot make the server buffer without bound (LimitSettings.max_outgoing_bytes)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from app.core import events as ev
+
+EVENT_BYTES = 96  # a JSON event's fields besides its text: a fair guess, it is never encoded here
+
+
+def size_of(event: ev.Event | None) -> int:
+    if isinstance(event, ev.ReplyAudio):
+        return event.pcm.nbytes
+    if event is None:
+        return 0
+    text = getattr(event, "text", None) or getattr(event, "delta", None) or getattr(event, "reply", "")
+    return EVENT_BYTES + len(text)
+
+
+class Outbox:
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap_bytes = cap_bytes
+        self.bytes = 0  # what the events waiting here hold
+        self._queue: asyncio.Queue[ev.Event | None] = asyncio.Queue()
+
+    def put(self, event: ev.Event | None) -> bool:
+        """Queue `event`; reply audio that would take the outbox past its cap is refused (False),
+        unless the outbox is empty: one chunk always goes (its size is the TTS engine's)."""
+        size = size_of(event)
+        if isinstance(event, ev.ReplyAudio) and self.bytes and self.bytes + size > self.cap_bytes:
+            return False
+        self.bytes += size
+        self._queue.put_nowait(event)
+        return True
+
+    async def get(self) -> ev.Event | None:
+        event = await self._queue.get()
+        self.bytes -= size_of(event)
+        return event

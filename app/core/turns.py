@@ -1,0 +1,273 @@
+"""Voice activity and end of turn: Silero VAD (the copy faster-whisper ships) run as a stream.
+
+A turn starts with sustained speech. It ends after `end_silence_ms` of silence, or, with the
+"smart" rule, sooner: at the first `pause_ms` of silence the detector reports a PAUSED candidate
+turn, which Smart Turn (app/engines/smart_turn.py, run by the listener) may judge finished (end_now()).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from enum import Enum
+from typing import Literal
+
+import msgspec
+import numpy as np
+import onnxruntime
+from faster_whisper.utils import get_assets_path
+
+from app.audio import ASR_RATE
+
+WINDOW = 512  # samples per VAD step at 16 kHz (32 ms), fixed by the model
+CONTEXT = 64  # samples of the previous window the model sees before each step
+# What ended a turn: Smart Turn at a pause, the longest silence, the length cap, or the recording's end.
+EndedBy = Literal["smart", "silence", "length", "released"]
+NEVER = 1 << 62  # an end-of-silence no stream reaches: push-to-talk turns end at flush() only
+
+
+class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    speech_threshold: float = 0.5  # probability that counts as speech
+    silence_threshold: float = 0.35  # below this counts as silence (hysteresis)
+    min_speech_ms: int = 250  # shorter bursts (clicks, coughs) never start a turn
+    # How a hands-free turn ends. "smart": after pause_ms of silence Smart Turn judges from the audio
+    # whether the sentence is finished and, if so, ends the turn there; "silence": only the rule below.
+    end_of_turn: Literal["smart", "silence"] = "smart"
+    pause_ms: int = 200  # the short silence after which a turn may end: Smart Turn judges here
+    # Speculation starts sooner, at this much silence: by pause_ms the transcript is under way. Shorter
+    # gaps inside a sentence (32-64 ms between words, measured on the repo's recordings) do not start it.
+    speculate_ms: int = 96
+    smart_turn_threshold: float = 0.5  # Smart Turn's probability that counts as "finished"
+    # With speculation, the LLM also reads the transcript: the probability it gives its end-of-message
+    # token right after the user's words must reach this. On the cpu preset's SmolLM2-135M an unfinished
+    # clause scores ~0.000, a fragment Whisper ended with a period up to 0.066 ("what you can do."), a
+    # finished statement 0.06-0.12 and questions 0.3-0.8: a statement below this waits for end_silence_ms.
+    words_threshold: float = 0.1
+    # Which opinion decides at a pause: "words" (the LLM's, and Smart Turn's where the words cannot be
+    # judged: no speculation, or a model on a server), "sound" (Smart Turn's alone) or "both" (both must
+    # say finished). benchmarks/bench_latency.py measures the three; "words" cut no sentence and kept
+    # none waiting there, Smart Turn alone cut 7 of 21 unfinished pauses (README, Latency).
+    decide_by: Literal["words", "sound", "both"] = "words"
+    end_silence_ms: int = 1600  # this much silence always ends the turn (with "silence", the only rule)
+    # At the first pause, transcribe the turn and start the reply on the worker threads, held back
+    # until the turn is confirmed (dropped if the person goes on): see app/core/answering.py.
+    speculate: bool = True
+    pad_ms: int = 200  # audio kept before the first speech window (Silero hears speech a little late)
+    # Silence kept after the last speech window: Silero's probability already falls 30-110 ms after the
+    # voice does, and a fitted Whisper window adds silence of its own (app/engines/asr.py).
+    tail_ms: int = 96
+    max_turn_s: float = 30.0  # endless speech is cut into turns of at most this length
+    # While the assistant talks, its own voice may leak back through the microphone; only
+    # confident, sustained speech counts as the user barging in.
+    barge_in_threshold: float = 0.7  # mean speech probability over the run
+    barge_in_min_speech_ms: int = 400
+    interim_every_ms: int = 1000  # re-transcribe the growing turn this often (0: never)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.silence_threshold <= self.speech_threshold < 1.0:
+            raise ValueError("need 0 < silence_threshold <= speech_threshold < 1")
+        if not self.speech_threshold <= self.barge_in_threshold < 1.0:
+            raise ValueError("need speech_threshold <= barge_in_threshold < 1")
+        if self.end_silence_ms < 100 or self.min_speech_ms < 0 or self.max_turn_s < 1:
+            raise ValueError("end_silence_ms >= 100, min_speech_ms >= 0, max_turn_s >= 1")
+        if not self.tail_ms <= self.speculate_ms <= self.pause_ms:
+            # A candidate cut for speculation must hold the same audio as the turn that ends later.
+            raise ValueError("need tail_ms <= speculate_ms <= pause_ms")
+        if not 0.0 < self.smart_turn_threshold < 1.0:
+            raise ValueError("smart_turn_threshold must be between 0 and 1")
+
+
+def load_vad_model() -> onnxruntime.InferenceSession:
+    """The Silero VAD v6 network; one per server, shared (run() is thread-safe)."""
+    opts = onnxruntime.SessionOptions()
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 4
+    path = os.path.join(get_assets_path(), "silero_vad_v6.onnx")
+    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"], sess_options=opts)
+
+
+class StreamingVad:
+    """Silero VAD fed one 32 ms window at a time, carrying its recurrent state between calls.
+
+    The state lives here, not in the model, so each recording has its own StreamingVad.
+    """
+
+    def __init__(self, model: onnxruntime.InferenceSession | None = None) -> None:
+        self._model = model if model is not None else load_vad_model()
+        self.reset()
+
+    def reset(self) -> None:
+        self._h = np.zeros((1, 1, 128), dtype=np.float32)
+        self._c = np.zeros((1, 1, 128), dtype=np.float32)
+        self._context = np.zeros(CONTEXT, dtype=np.float32)
+
+    def __call__(self, window: np.ndarray) -> float:
+        """Speech probability of one window of WINDOW float32 samples."""
+        assert window.shape == (WINDOW,), window.shape
+        x = np.concatenate([self._context, window])[None, :]
+        prob, self._h, self._c = self._model.run(None, {"input": x, "h": self._h, "c": self._c})
+        self._context = window[-CONTEXT:]
+        return float(np.asarray(prob).reshape(-1)[0])
+
+
+class Event(Enum):
+    SPEECH_STARTED = "speech_started"
+    INTERIM = "interim"  # enough new speech for another interim transcript: see snapshot()
+    QUIET = "quiet"  # speculate_ms of silence: candidate() may be answered on speculation
+    PAUSED = "paused"  # pause_ms of silence: the turn may end now (end_now())
+    RESUMED = "resumed"  # speech again after QUIET: the candidate is void
+    TURN_ENDED = "turn_ended"
+
+
+class TurnDetector:
+    """Turns a 16 kHz stream into user turns: speech start, then enough silence ends it.
+
+    feed() returns the events that the new audio caused; after TURN_ENDED, `take_turn()` gives
+    the turn's audio and where in the stream its speech ended (for latency metrics). After QUIET,
+    candidate() is what take_turn() would give if the turn ended without more speech; after
+    PAUSED, end_now() ends it.
+    """
+
+    def __init__(self, settings: TurnSettings, vad: StreamingVad, *, push_to_talk: bool = False) -> None:
+        self.settings = settings
+        self._vad = vad
+        ms = ASR_RATE // 1000
+        self._min_speech = settings.min_speech_ms * ms
+        self._barge_in_speech = settings.barge_in_min_speech_ms * ms
+        self.set_end(push_to_talk=push_to_talk)
+        self._interim_every = settings.interim_every_ms * ms
+        self.strict = False  # set while the assistant speaks: barge-in needs real speech
+        self._pad = settings.pad_ms * ms
+        self._tail = settings.tail_ms * ms
+        self._max_turn = int(settings.max_turn_s * ASR_RATE)
+        self.reset()
+
+    def set_end(self, *, end_silence_ms: int | None = None, push_to_talk: bool = False) -> None:
+        """How a turn ends: after `end_silence_ms` of silence (None: the settings' value), or with
+        push_to_talk only when the button is released (flush). Takes effect at the next window,
+        also in the middle of a turn; safe from another thread than feed()'s, as it is a single
+        attribute write that _step() reads once per window."""
+        ms = self.settings.end_silence_ms if end_silence_ms is None else end_silence_ms
+        self._end_silence = NEVER if push_to_talk else ms * (ASR_RATE // 1000)
+        # A pause only means something when silence can end the turn at all, and before it does.
+        pause, quiet = (ms * (ASR_RATE // 1000) for ms in (self.settings.pause_ms, self.settings.speculate_ms))
+        self._pause = NEVER if push_to_talk or pause >= self._end_silence else pause
+        self._quiet = NEVER if push_to_talk or quiet >= self._end_silence else min(quiet, self._pause)
+
+    def reset(self) -> None:
+        self._vad.reset()
+        self._pending = np.zeros(0, dtype=np.float32)  # < one window, not yet scored
+        self._recent: list[np.ndarray] = []  # pre-roll while nobody speaks
+        self._turn: list[np.ndarray] = []  # audio of the turn in progress
+        self.position = 0  # samples scored since reset
+        self._speech_run = 0  # consecutive-ish speech samples before the turn is confirmed
+        self._run_confidence = 0.0  # sum of their speech probabilities
+        self._silence_run = 0
+        self.in_speech = False
+        self.quiet = False  # QUIET was reported and no speech came since
+        self.paused = False  # PAUSED too
+        self._speech_end_at = 0
+        self._next_interim = 0
+        # Finished turns not yet taken, oldest first: one feed() of a long block can end several.
+        self._finished: deque[tuple[np.ndarray, int, EndedBy]] = deque()
+
+    def feed(self, pcm: np.ndarray) -> list[Event]:
+        events: list[Event] = []
+        audio = np.concatenate([self._pending, pcm.astype(np.float32, copy=False)])
+        n_windows = len(audio) // WINDOW
+        for i in range(n_windows):
+            events += self._step(audio[i * WINDOW : (i + 1) * WINDOW])
+        self._pending = audio[n_windows * WINDOW :]
+        return events
+
+    def _step(self, window: np.ndarray) -> list[Event]:
+        prob = self._vad(window)
+        self.position += WINDOW
+        if not self.in_speech:
+            return [event] if (event := self._step_idle(window, prob)) is not None else []
+        self._turn.append(window)
+        if prob >= self.settings.silence_threshold:
+            self._silence_run = 0
+            self._speech_end_at = self.position
+            if self.quiet:
+                self.quiet = self.paused = False
+                return [Event.RESUMED]
+        else:
+            self._silence_run += WINDOW
+        turn_len = len(self._turn) * WINDOW
+        if self._silence_run >= self._end_silence or turn_len >= self._max_turn:
+            return [self._finish("silence" if self._silence_run >= self._end_silence else "length")]
+        events = []
+        if not self.quiet and self._silence_run >= self._quiet:
+            self.quiet = True
+            events.append(Event.QUIET)
+        if not self.paused and self._silence_run >= self._pause:
+            self.paused = True
+            events.append(Event.PAUSED)
+        if self._interim_every and self._silence_run == 0 and turn_len >= self._next_interim:
+            self._next_interim = turn_len + self._interim_every
+            events.append(Event.INTERIM)
+        return events
+
+    def _step_idle(self, window: np.ndarray, prob: float) -> Event | None:
+        strict = self.strict
+        needed = max(self._barge_in_speech if strict else self._min_speech, WINDOW)
+        self._recent.append(window)
+        # Keep pre-roll for the pad plus the speech that is not yet confirmed.
+        del self._recent[: -((self._pad + needed) // WINDOW + 1)]
+        if prob >= self.settings.speech_threshold:
+            self._speech_run += WINDOW
+            self._run_confidence += prob
+        elif prob < self.settings.silence_threshold:
+            self._speech_run, self._run_confidence = 0, 0.0
+        if self._speech_run < needed:
+            return None
+        mean = self._run_confidence * WINDOW / self._speech_run
+        if strict and mean < self.settings.barge_in_threshold:
+            return None
+        self.in_speech = True
+        self._next_interim = self._interim_every
+        self._turn = list(self._recent)
+        self._recent = []
+        self._silence_run = 0
+        self._speech_end_at = self.position
+        return Event.SPEECH_STARTED
+
+    def flush(self) -> Event | None:
+        """The stream ended (push-to-talk released): a turn in progress ends now."""
+        if self.in_speech:
+            return self._finish("released")
+        return None
+
+    def end_now(self) -> Event:
+        """End the turn in progress here (Smart Turn judged the paused candidate finished)."""
+        assert self.in_speech, "end_now() without a turn in progress"
+        return self._finish("smart")
+
+    def candidate(self) -> tuple[np.ndarray, int]:
+        """(audio, speech end) of the turn in progress as if it ended now: the same samples
+        take_turn() gives if it does end without more speech."""
+        trailing_silence = self.position - self._speech_end_at
+        keep = len(self._turn) * WINDOW - max(0, trailing_silence - self._tail)
+        audio = np.concatenate(self._turn)[:keep] if self._turn else np.zeros(0, np.float32)
+        return audio, self._speech_end_at
+
+    def _finish(self, ended_by: EndedBy) -> Event:
+        self._finished.append((*self.candidate(), ended_by))
+        self.in_speech = False
+        self.quiet = self.paused = False
+        self._turn = []
+        self._speech_run, self._run_confidence = 0, 0.0
+        self._silence_run = 0
+        return Event.TURN_ENDED
+
+    def snapshot(self) -> np.ndarray:
+        """The audio of the turn in progress so far (for an interim transcript)."""
+        return np.concatenate(self._turn) if self._turn else np.zeros(0, np.float32)
+
+    def take_turn(self) -> tuple[np.ndarray, int, EndedBy]:
+        """(audio of the finished turn, stream position in samples where its speech ended, and
+        what ended it)."""
+        assert self._finished, "take_turn() without a TURN_ENDED event"
+        return self._finished.popleft()

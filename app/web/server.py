@@ -1,0 +1,230 @@
+"""The Litestar app: page, health, status fragment, static files and the conversation WebSocket.
+
+`create_app` only wires them: routes, state, the access checks (access.py: Host, same-origin /ws, the
+`--lan` pairing token) and a lifespan that loads the models on a thread (startup.py) while the port is
+already open. A WebSocket on /ws goes next to ws.py's WsSession, the adapter in front of the
+conversation core (conversation.py); one on /v1/realtime to realtime.py's RealtimeSession, the OpenAI
+Realtime protocol over the same core.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, get, websocket
+from litestar.connection import WebSocket
+from litestar.datastructures import Cookie, State
+from litestar.middleware import DefineMiddleware
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.response import Redirect, Template
+from litestar.static_files import create_static_files_router
+from litestar.template.config import TemplateConfig
+
+from app.web import access
+from app.core import events as ev
+from app.web import ws_protocol as p
+from app.config import Settings
+from app.engines.loaded import Engines
+from app.web.lan import LOOPBACK_NAMES, phone_url, qr_svg, token_link
+from app.engines.loading import LoadState, LoadStatus
+from app.core.metrics import Metrics
+from app.web.realtime.session import RealtimeSession
+from app.web.realtime.protocol import encode as encode_realtime
+from app.web.realtime.replies import error_event
+from app.startup import BackgroundLoad
+from app.web.ws import WsSession
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+TITLE = "Voice assistant"
+
+
+@get("/", include_in_schema=False)
+async def index(request: Request, state: State) -> Template | Redirect:
+    """The page; with `--lan`, first the pairing: the link with the token leaves a cookie and goes on to
+    the clean address (no token in the address bar or the history); without either, a page that says how."""
+    given = request.query_params.get("token")
+    if state.token is not None and given is not None and access.same_secret(given, state.token):
+        cookie = Cookie(key=access.COOKIE, value=state.token, max_age=access.COOKIE_DAYS * 86400, path="/",
+                        httponly=True, secure=True, samesite="strict")
+        return Redirect("/", cookies=[cookie], status_code=303)
+    if not access.paired(request):
+        return Template("pairing.html", context={"title": TITLE, "fingerprint": state.fingerprint},
+                        status_code=401)
+    bind = state.settings.host
+    context = {"title": TITLE, "ws_path": "/ws", "phone_url": _phone_link(request, state),
+               "on_lan": bind not in LOOPBACK_NAMES, "fingerprint": state.fingerprint}
+    return Template("index.html", context=context)
+
+
+@get("/qr.svg", media_type="image/svg+xml", include_in_schema=False, guards=[access.require_pairing])
+async def qr_code(request: Request, state: State) -> str:
+    """The page's address for a phone as a QR code (the LAN IP when this page was opened as localhost),
+    with the pairing token: only a paired browser gets this far."""
+    return qr_svg(_phone_link(request, state))
+
+
+def _phone_link(request: Request, state: State) -> str:
+    return token_link(phone_url(str(request.base_url), state.settings.host), state.token)
+
+
+@get("/health")
+async def health(state: State) -> Response[dict[str, object]]:
+    """200 "ok" once every model is loaded and warm; 503 "loading" before that, with the progress;
+    500 "failed" with the one-line reason when the models cannot load."""
+    now: LoadState = state.loading.state
+    if now.phase == "ready":
+        engines: Engines = state.engines
+        return Response({"status": "ok", "preset": engines.settings.preset, **engines.describe(),
+                         "llm_backend": engines.llm_backend()})
+    if now.phase == "failed":
+        return Response({"status": "failed", "error": now.message}, status_code=500)
+    body = {"status": "loading", "preset": state.settings.preset, **msgspec.structs.asdict(now)}
+    return Response(body, status_code=503)
+
+
+@get("/status", media_type=MediaType.HTML, include_in_schema=False, guards=[access.require_pairing])
+async def status(state: State) -> str:
+    """A fragment that the page polls with htmx; while loading it asks again every second by itself."""
+    now: LoadState = state.loading.state
+    if now.phase == "failed":
+        return f'<span class="error">Could not start</span> · {html.escape(now.message)}'
+    if now.phase != "ready":
+        # Replaces itself a second later (outerHTML), so progress moves faster than the page's
+        # own 10 s poll; the ready fragment carries no trigger, which ends the fast polling.
+        return (
+            '<span hx-get="/status" hx-trigger="load delay:1s" hx-swap="outerHTML">'
+            f'<span class="loading">Starting</span> · {html.escape(now.message)}</span>'
+        )
+    engines: Engines = state.engines
+    d = engines.describe()
+    return (
+        f'<span class="ok">Ready</span> · preset <b>{engines.settings.preset}</b> · '
+        f"speech-to-text {_short(d['asr'])} · language model {_short(d['llm'])} · "
+        f"voice {_short(d['tts'])}"
+    )
+
+
+def _short(ref: str) -> str:
+    """A model reference as a person would name it: the package, file or repo, HTML-escaped."""
+    if ref.startswith("pkg:"):
+        name = ref[4:].split("/", 1)[0]
+    else:
+        name = ref.rstrip("/").rsplit("/", 1)[-1]
+    return html.escape(name)
+
+
+@get("/metrics", media_type="text/plain; version=0.0.4", include_in_schema=False, guards=[access.require_pairing])
+async def metrics(state: State) -> bytes:
+    """Prometheus text format: per-stage latency histograms, turn, error and session counts."""
+    return state.metrics.render()
+
+
+# Both checks run before the handshake completes: a refused socket gets HTTP 403 and never a byte.
+@websocket("/ws", guards=[access.same_origin, access.require_pairing])
+async def conversation(socket: WebSocket, state: State) -> None:
+    await socket.accept()
+    if state.loading.state.phase != "ready":
+        await _not_yet(socket, state.loading.state)
+        return
+    session = WsSession(state.engines, state.metrics)
+    log.info("session %s opened from %s", session.id, socket.client)
+    await session.serve(socket.receive, socket.send_text, socket.send_bytes)
+
+
+# The OpenAI Realtime protocol (realtime.py), for the SDKs and clients that speak it: the same
+# checks (programs send the pairing token as `Authorization: Bearer`) and the same conversation core.
+@websocket("/v1/realtime", guards=[access.same_origin, access.require_pairing])
+async def realtime(socket: WebSocket, state: State) -> None:
+    offered = socket.scope.get("subprotocols") or []
+    await socket.accept(subprotocols="realtime" if "realtime" in offered else None)  # browsers offer it
+    if state.loading.state.phase != "ready":
+        await _not_yet(socket, state.loading.state, encode=lambda e: encode_realtime(error_event(e)))
+        return
+    session = RealtimeSession(state.engines, state.metrics)
+    log.info("realtime session %s opened from %s", session.id, socket.client)
+    await session.serve(socket.receive, socket.send_text)
+
+
+async def _not_yet(socket: WebSocket, now: LoadState, encode: Callable[[ev.Error], str] = p.encode_event) -> None:
+    """No conversation before the models are ready: say why in words and close politely
+    (1013: try again later); the page reconnects with backoff."""
+    if now.phase == "failed":
+        event = ev.error("load_failed")  # the reason names paths and models: the log and /health keep it
+    else:
+        event = ev.Error(code="loading", message=f"The assistant is still starting ({now.message}). "
+                                                "It will connect by itself when it is ready.")
+    await socket.send_text(encode(event))
+    await socket.close(code=1013, reason=event.code)
+
+
+def create_app(
+    settings: Settings,
+    engines: Engines | None = None,
+    *,
+    fallback: bool = False,
+    on_failure: Callable[[str], None] | None = None,
+    token: str | None = None,
+    fingerprint: str | None = None,
+) -> Litestar:
+    """Wire the app. Unless `engines` is given (loaded already), the lifespan starts a thread that
+    fetches, loads and warms up the models, so the port opens at once and /health says "loading"
+    until they are ready; `fallback` allows the cpu preset when auto-picked gpu models cannot be had;
+    `on_failure` gets the one-line reason when they cannot load at all. A `token` (`--lan`) must pair
+    every browser and program; `fingerprint` is the TLS certificate's, shown on the page."""
+    loading = LoadStatus(LoadState("ready", "ready") if engines is not None else None)
+    models = _models_lifespan(settings, engines, loading, fallback=fallback, on_failure=on_failure)
+    hosts = access.served_hosts(settings.host, settings.access)
+    state = {"settings": settings, "metrics": Metrics(), "loading": loading, "engines": engines,
+             "token": token, "fingerprint": fingerprint, "refused_origins": set()}
+    return Litestar(
+        route_handlers=[*ROUTES, create_static_files_router(path="/static", directories=[ROOT / "static"])],
+        lifespan=[models],
+        middleware=[DefineMiddleware(access.HostCheck, hosts=hosts)],
+        template_config=TemplateConfig(directory=ROOT / "templates", engine=JinjaTemplateEngine),
+        state=State(state),
+    )
+
+
+ROUTES = [index, health, status, qr_code, metrics, conversation, realtime]
+
+
+def _models_lifespan(
+    settings: Settings,
+    engines: Engines | None,
+    loading: LoadStatus,
+    *,
+    fallback: bool,
+    on_failure: Callable[[str], None] | None,
+) -> Callable[[Litestar], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: hand `engines` over at once, or load them on a thread while the port is open."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if engines is not None:
+            _hand_over(app, settings, engines)
+            yield
+            return
+        loader = BackgroundLoad(settings, loading, fallback=fallback, on_failure=on_failure,
+                                on_ready=functools.partial(_hand_over, app))
+        loader.start()
+        try:
+            yield
+        finally:
+            loader.close()
+
+    return lifespan
+
+
+def _hand_over(app: Litestar, settings: Settings, engines: Engines) -> None:
+    """The loaded models (and their settings: the cpu preset's after a fallback) become the app's."""
+    app.state.settings = settings
+    app.state.engines = engines
+    log.info("ready: preset %s, listening on %s:%d", settings.preset, settings.host, settings.port)

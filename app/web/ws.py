@@ -1,0 +1,162 @@
+"""The page's `/ws` protocol, as a thin adapter over the conversation core.
+
+Text frames are JSON control messages (app/web/ws_protocol.py) that become calls on the Conversation;
+binary frames are the browser's recording (WebM/Opus or whatever it records), decoded here to
+16 kHz PCM for the conversation's Listener. The conversation's events go back out in order: JSON
+events as text frames, reply audio as raw s16le binary frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from litestar.exceptions import WebSocketException
+
+from app.core import events as ev
+from app.web import ws_protocol as p
+from app.audio import StreamDecoder
+from app.core.conversation import Conversation
+from app.engines.loaded import Engines
+from app.engines.llm import system_prompt_budget
+from app.core.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+MAX_AUDIO_FRAME = 512 * 1024  # bytes; MediaRecorder sends ~2 KB every 100 ms
+
+
+class WsSession:
+    """One /ws connection: socket and dispatch only; the conversation does the rest."""
+
+    def __init__(self, engines: Engines, metrics: Metrics | None = None) -> None:
+        self.engines = engines
+        self.conversation = Conversation(engines, metrics)
+        self.id = self.conversation.id
+        self.limits = engines.settings.limits
+        self._decoder: StreamDecoder | None = None  # the recording being received
+
+    async def serve(
+        self,
+        receive: Callable[[], Awaitable[dict]],
+        send_text: Callable[[str], Awaitable[None]],
+        send_bytes: Callable[[bytes], Awaitable[None]],
+    ) -> None:
+        """Run until the client goes away; whatever happens, stop all work for this connection.
+        Past max_sessions, say `busy` and close (1013, try again later)."""
+        if self.conversation.metrics.sessions_open() >= self.limits.max_sessions:
+            await self._refuse(send_text)
+        self.conversation.start()  # counted open from here: no await before it lets another in
+        writer: asyncio.Task[None] | None = None
+        try:
+            described = self.engines.describe()
+            sample_rate, preset = self.engines.tts.sample_rate, self.engines.settings.preset
+            await send_text(p.encode_event(p.Ready(self.id, sample_rate, preset, **described)))
+            writer = asyncio.create_task(self._write(send_text, send_bytes))
+            while (message := await receive())["type"] != "websocket.disconnect":
+                if message.get("bytes") is not None:
+                    self.on_audio(message["bytes"])
+                elif message.get("text") is not None:
+                    self.on_control(message["text"])
+                self._check_backlog()
+        finally:
+            self._stop_recording()
+            await self.conversation.close()
+            if writer is not None:
+                await writer
+            log.info("session %s closed", self.id)
+
+    def _check_backlog(self) -> None:
+        """Reply audio past the cap is dropped, but every message a client sends may be answered: one
+        that keeps sending and never reads would pile up those answers. Past twice the cap, close it."""
+        waiting = self.conversation.backlog_bytes
+        if waiting > 2 * self.limits.max_outgoing_bytes:
+            log.warning("session %s closed: the client sends but does not read (%d bytes wait to go out)",
+                        self.id, waiting)
+            raise WebSocketException(detail="slow_client", code=1008)
+
+    async def _refuse(self, send_text: Callable[[str], Awaitable[None]]) -> None:
+        log.warning("session %s refused: %d sessions open (limits.max_sessions)", self.id,
+                    self.conversation.metrics.sessions_open())
+        await send_text(p.encode_event(ev.error("busy")))
+        raise WebSocketException(detail="busy", code=1013)
+
+    async def _write(
+        self, send_text: Callable[[str], Awaitable[None]], send_bytes: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        while (event := await self.conversation.next_event()) is not None:
+            try:
+                if isinstance(event, ev.ReplyAudio):
+                    await send_bytes(event.pcm.astype("<i2").tobytes())
+                else:
+                    await send_text(p.encode_event(event))
+            except Exception:  # the client vanished; the receive loop notices and cleans up
+                log.info("session %s: send failed, client gone", self.id)
+                return
+
+    def on_control(self, data: str) -> None:
+        try:
+            message = p.decode_client(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.info("session %s: skipped a malformed message: %s", self.id, exc)
+            self.conversation.emit(ev.error("bad_message"))
+            return
+        match message:
+            case p.Hello():
+                if self._prompt_fits(message.system_prompt):
+                    self.conversation.configure(message)
+            case p.AudioStart():
+                self._start_recording()
+            case p.AudioStop():
+                self._stop_recording()
+            case p.UserText():
+                if self._text_fits(message.text):
+                    self.conversation.say(message.text)
+            case p.Interrupt():
+                self.conversation.interrupt(message.played_samples)
+            case p.Reset():
+                self.conversation.reset()
+
+    def _prompt_fits(self, prompt: str | None) -> bool:
+        """A system prompt that leaves no room in the context is refused here, once, rather than
+        failing every turn; the options stay as they were."""
+        if prompt is None:
+            return True
+        budget = system_prompt_budget(self.engines.llm.settings, self.limits.prompt_room_tokens)
+        if (tokens := self.engines.llm.count_tokens(prompt)) <= budget:
+            return True
+        log.info("session %s: refused a system prompt of %d tokens (at most %d)", self.id, tokens, budget)
+        self.conversation.emit(ev.error("too_long"))
+        return False
+
+    def _text_fits(self, text: str) -> bool:
+        if len(text) <= self.limits.max_text_chars:
+            return True
+        log.info("session %s: refused a text of %d characters (at most %d)", self.id, len(text),
+                 self.limits.max_text_chars)
+        self.conversation.emit(ev.error("too_long"))
+        return False
+
+    def on_audio(self, data: bytes) -> None:
+        if len(data) > MAX_AUDIO_FRAME:
+            log.info("session %s: skipped an audio frame of %d bytes (at most %d)", self.id, len(data),
+                     MAX_AUDIO_FRAME)
+            self.conversation.emit(ev.error("bad_audio"))
+            return
+        if self._decoder is None:  # audio without audio_start: let the decoder probe it
+            self._start_recording()
+        assert self._decoder is not None
+        self._decoder.feed(data)
+
+    def _start_recording(self) -> None:
+        self._stop_recording()
+        listener = self.conversation.listen()
+        self._decoder = StreamDecoder(listener.feed, listener.end)
+
+    def _stop_recording(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()  # the listener's end() follows from the decoder's thread
+            self._decoder = None
+            self.conversation.stop_listening()

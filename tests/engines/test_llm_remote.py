@@ -1,0 +1,238 @@
+"""The language model on an OpenAI-compatible server (backend openai): llama-cpp-python's own server on the
+cpu preset's GGUF, started here, behind the real start-up, conversation and /ws: streamed replies,
+barge-in closing the stream, a server that is not there, one that dies mid-reply, and the token estimate."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import httpx
+import msgspec
+import pytest
+
+from app.config import Settings, load_settings
+from app.engines.loaded import Engines
+from app.engines.llm import DEFAULT_SYSTEM_PROMPT, LlmSettings
+from app.engines.llm_remote import LlmServerError, RemoteChatModel, estimate_tokens
+from app.web.server import create_app
+from app.startup import BackgroundLoad, cpu_fallback, load_and_warm
+from tests.llm_server import LlamaServer
+from tests.support import JFK_TEXT, RecordingStatus, free_port, serving
+from tests.test_server import events_until_turn_end, of_type, session
+
+QUESTION = "What is the capital of France?"
+STORY = "Tell me a long story about a brave little dragon and all of its friends."
+
+
+@pytest.fixture(scope="module")
+def llm_server() -> Iterator[LlamaServer]:
+    # A small context and short replies keep each test to seconds on two shared cores.
+    with LlamaServer(api_key=secrets.token_hex(16), n_ctx=512) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def remote_settings(llm_server: LlamaServer) -> Settings:
+    # VA_LLM__BACKEND, __BASE_URL, __MODEL, __API_KEY and __N_CTX, as a deployment sets them
+    return load_settings("cpu", environ={**llm_server.env(), "VA_LLM__MAX_TOKENS": "48"})
+
+
+@pytest.fixture(scope="module")
+def remote_engines(remote_settings: Settings) -> Iterator[Engines]:
+    """The real start-up with backend openai; any attempt to load a GGUF here fails it."""
+    import llama_cpp
+
+    def no_local_model(*args, **kwargs):
+        raise AssertionError("a local GGUF was loaded with backend openai")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llama_cpp, "Llama", no_local_model)
+        engines = load_and_warm(remote_settings)
+    yield engines
+    engines.close()
+
+
+@pytest.fixture(scope="module")
+def remote_app(remote_settings: Settings, remote_engines: Engines) -> Iterator[str]:
+    with serving(create_app(remote_settings, remote_engines)) as url:
+        yield url
+
+
+def _tokens(server: LlamaServer, text: str) -> int:
+    """What the server's own tokenizer makes of `text` (llama-cpp-python's /extras/tokenize/count)."""
+    response = httpx.post(f"http://127.0.0.1:{server.port}/extras/tokenize/count", json={"input": text},
+                          headers={"Authorization": f"Bearer {server.api_key}"}, timeout=10)
+    return response.json()["count"]
+
+
+def _wait_for(condition, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+# ---------------------------------------------------------------- settings and start-up
+
+
+def test_the_environment_picks_the_backend_and_the_key_never_shows(remote_settings, llm_server):
+    llm = remote_settings.llm
+    assert (llm.backend, llm.base_url, llm.model) == ("openai", llm_server.base_url, llm_server.alias)
+    assert llm.api_key == llm_server.api_key
+    assert llm_server.api_key not in repr(remote_settings) and "api_key='***'" in repr(llm)
+    with pytest.raises(ValueError, match="base_url"):
+        LlmSettings(backend="openai")
+
+
+def test_start_up_asks_the_server_and_health_names_it(remote_engines, remote_app, llm_server, app_log):
+    assert isinstance(remote_engines.llm, RemoteChatModel)  # and no GGUF was loaded (the fixture)
+    health = json.loads(urllib.request.urlopen(remote_app + "/health").read())
+    assert health["status"] == "ok" and health["llm"] == llm_server.alias
+    assert health["llm_backend"] == f"openai server {llm_server.base_url}"
+    assert llm_server.api_key not in json.dumps(health)
+    assert "GET /v1/models" in llm_server.output() and "POST /v1/chat/completions" in llm_server.output()
+
+
+def test_start_up_fails_in_one_line_when_nothing_listens(remote_settings):
+    nowhere = f"http://127.0.0.1:{free_port()}/v1"
+    settings = msgspec.structs.replace(remote_settings, llm=msgspec.structs.replace(remote_settings.llm,
+                                                                                     base_url=nowhere))
+    status, reasons = RecordingStatus(), []
+    loader = BackgroundLoad(settings, status, on_ready=lambda s, e: None, on_failure=reasons.append)
+    loader.start()
+    state = status.wait(30)
+    assert state.phase == "failed" and reasons == [state.message]
+    assert state.message == (f"the language model server {nowhere} cannot be reached (nothing listens there, "
+                             "or the host is unknown): start it, or check llm.base_url (VA_LLM__BASE_URL)")
+    assert settings.llm.api_key not in state.message
+    # Asked before any model loads: a server that is down costs seconds, not a GPU load.
+    assert [s.message for s in status.history if s.phase != "failed"] == ["checking the model files"]
+
+
+def test_the_cpu_fallback_keeps_the_language_model_server(remote_settings):
+    fallen = cpu_fallback(msgspec.structs.replace(remote_settings, preset="gpu"))
+    assert fallen.preset == "cpu" and fallen.llm == remote_settings.llm  # no local GGUF swapped in
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    ({"api_key": "wrong-key"}, "HTTP 401 (Invalid API key): it refused the API key; set llm.api_key"),
+    ({"model": "no-such-model"}, "does not serve 'no-such-model' (it serves: smollm2-135m)"),
+    ({"base_url": "root"}, "answered /models with HTTP 404 (Not Found): llm.base_url should be the API root"),
+])
+def test_a_wrong_key_model_or_address_is_one_line_in_words(remote_settings, llm_server, change, said):
+    if change.get("base_url") == "root":
+        change = {"base_url": llm_server.base_url.removesuffix("/v1")}
+    with pytest.raises(LlmServerError) as error:
+        RemoteChatModel.load(msgspec.structs.replace(remote_settings.llm, **change))
+    message = str(error.value)
+    assert said in message and "\n" not in message
+    assert "wrong-key" not in message and llm_server.api_key not in message
+
+
+# ---------------------------------------------------------------- replies through the conversation
+
+
+def test_a_reply_streams_through_the_real_conversation(remote_app, llm_server):
+    requests_before = llm_server.output().count("POST /v1/chat/completions")
+    with session(remote_app, temperature=0.0) as ws:
+        ws.send(json.dumps({"type": "text", "text": QUESTION}))
+        events, audio = events_until_turn_end(ws)
+    end = of_type(events, "turn_end")[0]
+    assert end["reason"] == "completed" and not of_type(events, "error")
+    assert len(of_type(events, "reply_text")) >= 3  # streamed piece by piece, not returned whole
+    assert "paris" in end["reply"].lower() and len(audio) > 0
+    assert llm_server.output().count("POST /v1/chat/completions") == requests_before + 1
+
+
+def test_barge_in_closes_the_stream_and_the_server_stops(remote_app, llm_server):
+    disconnects = llm_server.output().count("Disconnected from client")
+    with session(remote_app) as ws:
+        ws.send(json.dumps({"type": "text", "text": STORY}))
+        interrupted = []
+
+        def interrupt_on_first_text(event):
+            if event["type"] == "reply_text" and not interrupted:
+                ws.send(json.dumps({"type": "interrupt"}))
+                interrupted.append(True)
+
+        events, _ = events_until_turn_end(ws, on_event=interrupt_on_first_text)
+        assert of_type(events, "turn_end")[0]["reason"] == "interrupted"
+        # The server noticed the closed stream (it checks after each token) and stopped generating.
+        assert _wait_for(lambda: llm_server.output().count("Disconnected from client") > disconnects)
+        ws.send(json.dumps({"type": "text", "text": "Hi there."}))  # and the session goes on
+        events, _ = events_until_turn_end(ws)
+        assert of_type(events, "turn_end")[0]["reason"] == "completed"
+
+
+def test_a_server_killed_mid_reply_fails_that_turn_and_the_next_works(remote_app, llm_server, app_log):
+    with session(remote_app) as ws:
+        ws.send(json.dumps({"type": "text", "text": STORY}))
+        killed = []
+
+        def kill_on_first_text(event):
+            if event["type"] == "reply_text" and not killed:
+                llm_server.kill()
+                killed.append(True)
+
+        try:
+            events, _ = events_until_turn_end(ws, on_event=kill_on_first_text)
+        finally:
+            llm_server.start()  # again, on the same port: the next tests need it too
+        assert killed and of_type(events, "turn_end")[0]["reason"] == "error"
+        assert [e["code"] for e in of_type(events, "error")] == ["llm_failed"]
+        assert "broke off the reply (the connection closed)" in app_log.text  # the log says it in words
+        ws.send(json.dumps({"type": "text", "text": QUESTION}))
+        events, audio = events_until_turn_end(ws)
+        assert of_type(events, "turn_end")[0]["reason"] == "completed" and len(audio) > 0
+
+
+# ---------------------------------------------------------------- counting tokens without the tokenizer
+
+
+CONVERSATION = [
+    DEFAULT_SYSTEM_PROMPT, JFK_TEXT, "Hello there, how are you today?", "Okay.", "Hi",
+    "It costs 1,234 dollars and 56 cents, due on 2026-11-29 at 10:30.",
+    "Bonjour, je m'appelle Ada et j'habite à Paris.", "Die Straße ist heute sehr nass, weil es geregnet hat.",
+    "¿Dónde está la biblioteca? Está cerca de la estación.", "こんにちは、元気ですか？",
+    "I am a small voice assistant 😀 and I speak clearly!", 'Hmm... well, "maybe" -- (or not)!',
+]
+
+
+def test_the_token_estimate_never_undercounts_conversation(llm_server):
+    for text in CONVERSATION:
+        real, guess = _tokens(llm_server, text), estimate_tokens(text)
+        assert real <= guess, f"{text!r}: {guess} estimated, {real} real"
+    english = " ".join(CONVERSATION[:4])
+    assert estimate_tokens(english) <= 2.2 * _tokens(llm_server, english)  # and trims no earlier than needed
+
+
+def test_trimmed_history_fits_the_servers_context(remote_engines):
+    llm = remote_engines.llm
+    history = []
+    for i in range(5):
+        history += [{"role": "user", "content": f"{i} " + "tell me more about the weather " * 14},
+                    {"role": "assistant", "content": f"answer {i}"}]
+    history += [{"role": "user", "content": "Is it sunny?"}, {"role": "assistant", "content": "Yes, it is."}]
+    whole = [{"role": "system", "content": llm.settings.system_prompt}, *history, {"role": "user", "content": QUESTION}]
+    with pytest.raises(LlmServerError, match="ended the stream before the reply was complete"):
+        list(llm.stream_reply(whole))  # untrimmed, it is over the server's context
+    messages = llm.build_messages(history, QUESTION)
+    assert history == whole[-3:-1]  # the oldest went, the newest exchange stayed
+    assert "paris" in "".join(llm.stream_reply(messages, temperature=0.0)).lower()
+
+
+def test_the_blocking_stream_stops_on_cancel(remote_engines):
+    cancel = threading.Event()
+    pieces = []
+    for piece in remote_engines.llm.stream_reply(remote_engines.llm.build_messages([], STORY), cancel=cancel):
+        pieces.append(piece)
+        if len(pieces) == 3:
+            cancel.set()
+    assert len(pieces) == 3

@@ -1,0 +1,318 @@
+"""The real page in headless Chromium against the real server: a spoken turn through a fake microphone,
+barge-in, settings kept across a reload, reconnection, pairing a phone with `--lan`, desktop and phone
+screenshots, no console errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support import speak
+
+CHROMIUM = Path("/usr/bin/chromium")
+QUESTION = "What is the capital of France?"
+MIC_RATE = 48_000  # what a real microphone gives Chromium
+TURN_TIMEOUT_MS = 120_000  # the cpu preset's models are slow on 2 cores
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+]
+STORY = "Tell me a long story about a dragon and a knight."
+PIRATE_SETTINGS = {"mode": "push_to_talk", "speaker": None, "system_prompt": "Answer like a pirate.",
+                   "temperature": 0.5, "end_silence_ms": 900}
+PIRATE_HELLO = {"type": "hello", **PIRATE_SETTINGS}
+# Screenshots of every run, for a person to look at (bench-results/ is git-ignored).
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "bench-results" / "screenshots"
+# How far the first reply has been revealed, how many turns ended, and the state shown.
+PROGRESS_JS = """() => {
+  const va = window.voiceAssistant, text = document.querySelector(".bubble.assistant .text");
+  return {shown: text ? text.textContent.length : 0, ended: va.turnEnds.length, state: va.state};
+}"""
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: apt-get install chromium")
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(pcm.tobytes())
+
+
+@pytest.fixture(scope="module")
+def question_wav(tmp_path_factory: pytest.TempPathFactory, engines) -> Path:
+    """The question as a 48 kHz mono WAV, with silence around it so the server's VAD can end the turn."""
+    speech = speak(engines.tts, QUESTION, MIC_RATE)  # the cpu preset's Piper voice
+    lead, tail = np.zeros(MIC_RATE // 2), np.zeros(3 * MIC_RATE)
+    path = tmp_path_factory.mktemp("mic") / "question.wav"
+    write_wav(path, np.concatenate([lead, speech, tail]), MIC_RATE)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser(question_wav: Path) -> Iterator[object]:
+    """One headless Chromium for the module; its fake microphone says the question each time it is opened."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    # %noloop: play the file once per opened microphone, then silence, so the question is not asked again and again.
+    mic_flag = f"--use-file-for-fake-audio-capture={question_wav}%noloop"
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_FLAGS, mic_flag])
+        yield chromium
+        chromium.close()
+
+
+def test_spoken_turn_then_barge_in(live_server: str, browser) -> None:
+    """Desktop: a spoken question goes through the states in order, the reply's text follows its voice
+    and the orb its level; then the user talks over a long reply, which stops at once."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors, frames = watch_errors(page), Frames(page)
+    try:
+        page.goto(f"{live_server}/")
+        page.get_by_role("button", name="Start talking").click(timeout=60_000)
+        reveal = follow_turn(page, frames, turns=1)
+        seen = snapshot(page)
+        assert in_order(["idle", "listening", "thinking", "speaking"], seen["states"]), seen
+        assert "error" not in seen["states"], seen
+        assert any(re.search("capital", t, re.I) for t in seen["transcripts"]), seen
+        # Chromium has WebCodecs: the page wrote the recording's Ogg/Opus itself (not MediaRecorder's WebM).
+        assert [m["mime_type"] for m in frames.sent if m["type"] == "audio_start"][:1] == ["audio/ogg;codecs=opus"]
+        assert seen["outputLevelMax"] > 0.2 and seen["micLevelMax"] > 0.05, seen  # levels drove the orb
+        # The reply text ran ahead of its voice on the wire, yet the page held it back until spoken...
+        assert any(0 < shown < received for shown, received in reveal), reveal
+        # ...and once played, all of it shows, with the turn's latency beside it.
+        reply = seen["turnEnds"][0]["reply"]
+        assert page.locator(".bubble.assistant .text").first.text_content() == reply
+        assert re.fullmatch(r"voice after \d+\.\d\d s", page.locator(".meta").first.text_content())
+        page.screenshot(path=str(SCREENSHOTS / "desktop.png"))
+
+        barge_in(page, frames)
+        assert not errors, f"console errors: {errors}"
+    except Exception:
+        page.screenshot(path=str(SCREENSHOTS / "desktop-failed.png"), full_page=True)
+        print(f"page state: {snapshot(page)}")
+        raise
+    finally:
+        page.close()
+
+
+def test_a_recording_that_fails_is_said_in_words_and_the_microphone_goes_off(live_server: str, browser) -> None:
+    """The page's own Opus encoder breaks (here on purpose): the page says so and stops listening, instead
+    of showing "Listening" while nothing reaches the server."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.add_init_script("AudioEncoder.prototype.encode = function () { throw new Error('the encoder broke'); };")
+    errors, frames = watch_errors(page), Frames(page)
+    try:
+        page.goto(f"{live_server}/")
+        page.get_by_role("button", name="Start talking").click(timeout=60_000)
+        alert = page.get_by_role("alert")
+        alert.wait_for(state="visible", timeout=30_000)
+        assert "The microphone stopped: the encoder broke" in alert.text_content()
+        page.get_by_role("button", name="Start talking").wait_for(timeout=30_000)  # the microphone is off
+        assert page.evaluate("() => window.voiceAssistant.state") != "listening"
+        assert "audio_start" not in [m["type"] for m in frames.sent]  # nothing was recorded, nothing sent
+        assert not errors, f"console errors: {errors}"
+    finally:
+        page.close()
+
+
+def test_pairing_a_phone_by_the_link_from_the_log(paired_server, browser) -> None:
+    """`--lan`: an unpaired phone is told how to pair; the link from the log pairs it with an HttpOnly,
+    Secure, SameSite=Strict cookie and moves on to the clean address, where the page connects and its
+    settings show the certificate's fingerprint."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                                  ignore_https_errors=True)  # the phone accepted the self-signed certificate
+    page = context.new_page()
+    errors = watch_errors(page)
+    try:
+        page.goto(f"{paired_server.url}/")
+        assert "not paired yet" in page.locator("main").text_content()
+        errors.clear()  # that page's own 401; from here on nothing may fail
+        page.goto(f"{paired_server.url}/?token={paired_server.token}")
+        assert page.url == f"{paired_server.url}/"  # the token leaves the address bar and the history
+        (cookie,) = context.cookies()
+        assert (cookie["httpOnly"], cookie["secure"], cookie["sameSite"]) == (True, True, "Strict")
+        page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=60_000)  # /ws with the cookie
+        page.get_by_role("button", name="Settings").click()
+        assert page.locator("#settings .fingerprint").text_content() == paired_server.fingerprint
+        page.screenshot(path=str(SCREENSHOTS / "phone-paired-settings.png"))
+        assert not errors, f"console errors: {errors}"
+    finally:
+        context.close()
+
+
+def barge_in(page, frames: Frames) -> None:
+    """Ask for a long story by text; while it plays, open the microphone: the question cuts it off."""
+    page.get_by_role("button", name="Stop talking").click()
+    page.get_by_label("Type a message").fill(STORY)
+    page.get_by_label("Type a message").press("Enter")
+    page.wait_for_function("() => window.voiceAssistant.outputLevel > 0.05", timeout=TURN_TIMEOUT_MS)
+    page.screenshot(path=str(SCREENSHOTS / "desktop-speaking.png"))
+    page.get_by_role("button", name="Start talking").click()
+    follow_turn(page, frames, turns=3)  # the story (interrupted), then the question again
+    interrupts = [m for m in frames.sent if m["type"] == "interrupt"]
+    assert interrupts and interrupts[0]["played_samples"] > 0, frames.sent  # what was heard, for the history
+    ends = snapshot(page)["turnEnds"]
+    assert [e["reason"] for e in ends[1:]] == ["interrupted", "completed"], ends
+    assert "interrupted" in page.locator(".bubble.assistant").nth(1).get_attribute("class").split()
+    page.screenshot(path=str(SCREENSHOTS / "desktop-barge-in.png"))
+
+
+def test_phone_settings_persist_and_survive_a_dropped_connection(live_server: str, browser) -> None:
+    """Phone-sized: settings are kept in the browser and sent as `hello` on change, after a reload and
+    after the connection drops; push-to-talk by holding the button; the conversation on screen stays
+    through the reconnection."""
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                                  is_mobile=True, has_touch=True)
+    page = context.new_page()
+    errors, frames = watch_errors(page), Frames(page)
+    sockets = []
+    page.route_web_socket("**/ws", lambda ws: (sockets.append(ws), ws.connect_to_server()))
+    try:
+        page.goto(f"{live_server}/")
+        page.wait_for_function("() => window.voiceAssistant.state === 'idle'")
+        page.screenshot(path=str(SCREENSHOTS / "phone.png"))
+        change_settings(page)
+        assert frames.sent[-1] == PIRATE_HELLO, frames.sent  # sent when changed
+        page.screenshot(path=str(SCREENSHOTS / "phone-settings.png"))
+
+        page.reload()
+        page.wait_for_function("() => window.voiceAssistant.state === 'idle'")
+        assert page.evaluate("() => window.voiceAssistant.settings") == {**PIRATE_SETTINGS}
+        assert page.get_by_label("Push-to-talk").is_checked()
+        assert page.get_by_role("button", name="Hold to talk").is_visible()
+        wait_until(page, lambda: frames.sent and frames.sent[-1] == PIRATE_HELLO)  # sent when a session starts
+
+        push_to_talk(page, frames)
+
+        page.get_by_label("Type a message").fill("Hello there")
+        page.get_by_role("button", name="Send").click()
+        hellos = len([m for m in frames.sent if m["type"] == "hello"])
+        sockets[-1].close(code=1011, reason="test: the network dropped")
+        page.get_by_text("Disconnected from the server").wait_for()
+        page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=30_000)
+        assert page.locator(".bubble.user .text").last.text_content() == "Hello there"  # kept on screen
+        assert page.locator(".divider").is_visible()
+        assert len([m for m in frames.sent if m["type"] == "hello"]) == hellos + 1
+        assert page.get_by_role("alert").is_hidden()  # the "disconnected" message went away
+        page.screenshot(path=str(SCREENSHOTS / "phone-reconnected.png"))
+        assert not errors, f"console errors: {errors}"
+    finally:
+        context.close()
+
+
+def push_to_talk(page, frames: Frames) -> None:
+    """Hold the talk button (pointer down ... up, as a finger does): the turn is what was said meanwhile."""
+    button = page.get_by_role("button", name="Hold to talk")
+    box = button.bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    wait_for_the_question_said(page)
+    assert page.get_by_role("button", name="Release to send").get_attribute("aria-pressed") == "true"
+    assert "audio_stop" not in [m["type"] for m in frames.sent]  # nothing ends the turn while held
+    page.mouse.up()
+    page.wait_for_function("() => window.voiceAssistant.turnEnds.length > 0", timeout=TURN_TIMEOUT_MS)
+    kinds = [m["type"] for m in frames.sent]
+    assert kinds.index("audio_start") < kinds.index("audio_stop"), kinds
+    assert any(re.search("capital", t, re.I) for t in snapshot(page)["transcripts"])
+
+
+def wait_for_the_question_said(page) -> None:
+    """Until the microphone has heard speech and then a second of quiet: the fake microphone has
+    said the whole question (it plays the file once, then silence)."""
+    page.wait_for_function("""() => {
+      const now = performance.now();
+      if (window.voiceAssistant.micLevel > 0.05) window.lastLoudAt = now;
+      return window.lastLoudAt !== undefined && now - window.lastLoudAt > 1000;
+    }""", polling=50, timeout=30_000)
+
+
+def change_settings(page) -> None:
+    page.get_by_role("button", name="Settings").click()
+    assert page.get_by_label("Voice", exact=True).is_hidden()  # Piper has one voice: no choice to offer
+    page.get_by_label("Push-to-talk").check()
+    page.get_by_label("Instructions for the assistant (system prompt)").fill(PIRATE_SETTINGS["system_prompt"])
+    page.get_by_label("Creativity (temperature)").fill(str(PIRATE_SETTINGS["temperature"]))
+    page.get_by_label("Pause before it answers").fill(str(PIRATE_SETTINGS["end_silence_ms"]))
+    page.get_by_label("Instructions for the assistant (system prompt)").blur()
+
+
+class Frames:
+    """The JSON messages the page sends and receives over its WebSocket (binary frames are skipped)."""
+
+    def __init__(self, page) -> None:
+        self.sent: list[dict] = []
+        self.received: list[dict] = []
+        page.on("websocket", self._watch)
+
+    def _watch(self, ws) -> None:
+        ws.on("framesent", lambda data: self._add(self.sent, data))
+        ws.on("framereceived", lambda data: self._add(self.received, data))
+
+    @staticmethod
+    def _add(into: list[dict], data: str | bytes) -> None:
+        if isinstance(data, str):
+            into.append(json.loads(data))
+
+    def reply_text(self) -> str:
+        return "".join(m["delta"] for m in self.received if m["type"] == "reply_text")
+
+
+def follow_turn(page, frames: Frames, *, turns: int) -> list[tuple[int, int]]:
+    """Poll until `turns` turns have ended and their audio has played out; returns, per poll, the length
+    of the first reply as shown and as received so far."""
+    deadline = time.monotonic() + TURN_TIMEOUT_MS / 1000
+    samples: list[tuple[int, int]] = []
+    while time.monotonic() < deadline:
+        state = page.evaluate(PROGRESS_JS)
+        samples.append((state["shown"], len(frames.reply_text())))
+        if state["ended"] >= turns and state["state"] != "speaking":
+            return samples
+        page.wait_for_timeout(100)
+    raise AssertionError(f"{turns} turn(s) not finished in time")
+
+
+def wait_until(page, condition, timeout_s: float = 10) -> None:
+    """Poll a Python-side condition while the page's events keep being delivered."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        page.wait_for_timeout(50)
+
+
+def snapshot(page) -> dict:
+    return page.evaluate("""() => {
+      const va = window.voiceAssistant;
+      return {states: va.states, transcripts: va.transcripts, turnEnds: va.turnEnds,
+        outputLevelMax: va.outputLevelMax, micLevelMax: va.micLevelMax,
+        error: document.getElementById("error-text").textContent};
+    }""")
+
+
+def in_order(expected: list[str], seen: list[str]) -> bool:
+    """`expected` is a subsequence of `seen`."""
+    rest = iter(seen)
+    return all(state in rest for state in expected)
+
+def watch_errors(page) -> list[str]:
+    """Collect console errors and uncaught exceptions; the page should log none."""
+    errors: list[str] = []
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    return errors
