@@ -8,7 +8,15 @@ import sys
 from pathlib import Path
 
 from app.config import ConfigError, Settings, load_settings
-from app.web.lan import ALL_INTERFACES, TlsFiles, announce, fingerprint, pairing_token, tls_files, uvicorn_tls
+from app.web.lan import (
+    ALL_INTERFACES,
+    TlsFiles,
+    announce,
+    ensure_certificate,
+    fingerprint,
+    pairing_token,
+    uvicorn_tls,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +65,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
     return serve(settings, fallback=args.preset == "auto", tls=tls, token=token)
+
+
+def tls_files(*, lan: bool, cert: Path | None, key: Path | None) -> TlsFiles | None:
+    """The TLS files `serve` should use: the user's own (--cert/--key), a self-signed one for --lan,
+    or None for plain HTTP on localhost (a secure context already, so the microphone works)."""
+    if (cert is None) != (key is None):
+        raise ConfigError("--cert and --key go together: give both files or neither")
+    if cert is not None and key is not None:
+        for flag, path in (("--cert", cert), ("--key", key)):
+            if not path.is_file():
+                raise ConfigError(f"{flag} {path}: no such file")
+        return TlsFiles(cert, key)
+    return ensure_certificate() if lan else None
 
 
 def lan_token(*, lan: bool, new: bool) -> str | None:

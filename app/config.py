@@ -1,4 +1,6 @@
-"""Settings: one msgspec Struct per component, two named presets, overrides from env and flags."""
+"""Settings: the msgspec Structs each component owns, composed into one; two named presets; overrides from
+the environment and flags. Only the top (cli, startup) and the web edge read Settings whole: the core and
+the engines each take their own part."""
 
 from __future__ import annotations
 
@@ -8,14 +10,13 @@ from typing import Any, Literal
 
 import msgspec
 
-from app.web.access import AccessSettings
-from app.engines.asr import AsrSettings
 from app.core.chunking import ChunkSettings
 from app.core.limits import LimitSettings
-from app.engines.llm import LlmSettings
-from app.engines.tts.csm.engine import CsmSettings
-from app.engines.tts.piper import PiperSettings
 from app.core.turns import TurnSettings
+from app.engines.asr import AsrSettings
+from app.engines.llm import LlmSettings
+from app.engines.tts.settings import TtsSettings
+from app.web.access import AccessSettings
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +26,6 @@ ENV_PREFIX = "VA_"
 
 class ConfigError(ValueError):
     """A setting is wrong; the message names it and says what is expected."""
-
-
-class TtsSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    engine: Literal["piper", "csm"] = "piper"
-    piper: PiperSettings = PiperSettings()
-    csm: CsmSettings = CsmSettings()
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -49,6 +44,11 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ValueError("port must be between 1 and 65535")
+
+    def models(self) -> dict[str, str]:
+        """The model reference of each slot, as /health, the page and the Realtime session name them."""
+        tts = self.tts.csm.model if self.tts.engine == "csm" else self.tts.piper.model
+        return {"asr": self.asr.model, "llm": self.llm.model, "tts": tts}
 
 
 def preset_values(preset: Preset) -> dict[str, Any]:

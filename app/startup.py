@@ -1,10 +1,12 @@
 """Start-up: from settings to warm engines, on a thread behind the already open port.
 
-server.py's lifespan starts a BackgroundLoad; it fetches every file first (fetching.py, through
-models.py), then loads each model and warms it up (GPU memory measured by gpu_memory.py), falling
-back to the offline cpu preset when an auto-picked gpu model cannot be had. The result goes to the
-app as an Engines (engines.py), which every session's conversation then uses; a failure goes to
-/health and `serve` as one line. LoadStatus (loading.py) carries the progress meanwhile.
+The one place that turns the whole Settings into engines (each engine gets its own part). The web's
+lifespan (app/web/server.py) starts a BackgroundLoad; it fetches every file first
+(app/engines/fetching.py, through models.py), then loads each model and warms it up (GPU memory
+measured by app/engines/gpu_memory.py), falling back to the offline cpu preset when an auto-picked gpu
+model cannot be had. The result goes to the app as an Engines (app/engines/loaded.py), which every
+session's conversation then uses; a failure goes to /health and `serve` as one line. LoadStatus
+(app/engines/loading.py) carries the progress meanwhile.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from typing import Any
 
 import msgspec
 
-from app.engines.asr import Transcriber
 from app.config import ConfigError, Settings, load_settings
-from app.engines.loaded import Engines
+from app.engines.asr import Transcriber
 from app.engines.fetching import LocalModels, fetch_models
 from app.engines.gpu_memory import GpuMemory, measured
 from app.engines.llm import ChatModel
 from app.engines.llm_remote import LlmServerError, RemoteChatModel
+from app.engines.loaded import Engines
 from app.engines.loading import LoadStatus, Phase
 from app.engines.models import ModelError, ModelMismatchError
 from app.engines.tts.base import TtsEngine
@@ -43,14 +45,14 @@ def load_and_warm(settings: Settings, status: LoadStatus | None = None) -> Engin
     a GPU load; the warm-up makes the first real turn as fast as the rest.
     """
     status = status or LoadStatus()
-    gpu = GpuMemory.probe(settings)
-    local = fetch_models(settings, status)
+    gpu = gpu_meter(settings)
+    local = fetch_models(settings.asr, settings.llm, settings.tts, status)
     # A language model on a server (backend openai) is asked with the files, before any model loads: a
     # server that is down fails in seconds too. It has no weights here to load.
     remote = RemoteChatModel.load(settings.llm) if settings.llm.backend == "openai" else None
     loaders: dict[str, Callable[[], Any]] = {
-        "asr": lambda: Transcriber.load(local.settings.asr),
-        "llm": lambda: remote or ChatModel.load(local.settings.llm),
+        "asr": lambda: Transcriber.load(local.asr),
+        "llm": lambda: remote or ChatModel.load(local.llm),
         "tts": lambda: load_tts(local),
     }
     loaded = {}
@@ -58,7 +60,7 @@ def load_and_warm(settings: Settings, status: LoadStatus | None = None) -> Engin
         _announce(status, "loading", slot)
         with measured(gpu, slot):
             loaded[slot] = load()
-    engines = Engines(settings, **loaded)
+    engines = Engines(**loaded)
     with measured(gpu, "warm-up"):
         warm_up(engines, status)
     if gpu is not None:
@@ -66,8 +68,15 @@ def load_and_warm(settings: Settings, status: LoadStatus | None = None) -> Engin
     return engines
 
 
+def gpu_meter(settings: Settings) -> GpuMemory | None:
+    """A GPU memory meter when a model is meant for the GPU and CUDA is there (torch is imported
+    only then); else None."""
+    on_gpu = settings.asr.device != "cpu" or settings.llm.n_gpu_layers != 0 or settings.tts.engine == "csm"
+    return GpuMemory.probe() if on_gpu else None
+
+
 def load_tts(local: LocalModels) -> TtsEngine:
-    settings = local.settings.tts
+    settings = local.tts
     if settings.engine == "csm":
         from app.engines.tts.csm.engine import load_csm_engine  # its loading imports torch: only when CSM is wanted
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from app.engines.asr import AsrSettings, Transcriber
 from app.audio import ASR_RATE, read_audio_file
+from app.engines.asr import AsrSettings, Transcriber
 from tests.support import speak, word_error_rate
 
 SPOKEN = [

@@ -58,14 +58,14 @@ def start_local_server(preset: str, stack: ExitStack) -> str:
 
     settings = load_settings(preset)
     engines = stack.enter_context(closing(load_and_warm(settings)))
-    return serve(engines, stack)
+    return serve(engines, settings, stack)
 
 
-def serve(engines, stack: ExitStack) -> str:
-    """Serve `engines` in this process until `stack` closes; returns its /ws URL."""
+def serve(engines, settings, stack: ExitStack) -> str:
+    """Serve `engines` with `settings` in this process until `stack` closes; returns its /ws URL."""
     from app.web.server import create_app
 
-    base = stack.enter_context(serving(create_app(engines.settings, engines)))
+    base = stack.enter_context(serving(create_app(settings, engines)))
     return base.replace("http", "ws", 1) + "/ws"
 
 
@@ -74,7 +74,7 @@ OLD_RULE = {"end_of_turn": "silence", "end_silence_ms": 500, "speculate": False}
 
 def start_both_rules(preset: str, stack: ExitStack):
     """One set of models, served twice: with the old end-of-turn rule and with the new (default)
-    one. Returns (the new rule's engines, {rule: /ws URL}); turns are run one at a time."""
+    one. Returns (the new rule's engines, its settings, {rule: /ws URL}); turns are run one at a time."""
     import msgspec
 
     from app.config import load_settings
@@ -83,11 +83,12 @@ def start_both_rules(preset: str, stack: ExitStack):
 
     # Greedy replies: both rules then say the same words to the same transcript, so the comparison
     # is of turn taking, not of sampling luck (SmolLM2-135M at 0.3 answers in French about half the time).
-    new = stack.enter_context(closing(load_and_warm(load_settings(preset, {"llm": {"temperature": 0.0}}))))
-    turns = msgspec.structs.replace(new.settings.turns, **OLD_RULE)
-    old = Engines(msgspec.structs.replace(new.settings, turns=turns), new.asr, new.llm, new.tts)
+    settings = load_settings(preset, {"llm": {"temperature": 0.0}})
+    new = stack.enter_context(closing(load_and_warm(settings)))
+    old_settings = msgspec.structs.replace(settings, turns=msgspec.structs.replace(settings.turns, **OLD_RULE))
+    old = Engines(new.asr, new.llm, new.tts)  # the same models behind worker threads of its own
     stack.callback(old.close)
-    return new, {"old": serve(old, stack), "new": serve(new, stack)}
+    return new, settings, {"old": serve(old, old_settings, stack), "new": serve(new, settings, stack)}
 
 
 def speech_end_seconds(pcm: np.ndarray) -> float:
@@ -275,7 +276,7 @@ def _open_turns(arrivals: list[tuple[float, dict | None]]) -> bool:
 # ------------------------------------------------------------ every pause, judged offline
 
 
-def judge_pauses(engines, clips: list[tuple[str, np.ndarray]]) -> dict:
+def judge_pauses(engines, settings, clips: list[tuple[str, np.ndarray]]) -> dict:
     """Feed each clip to a turn detector; at every 200 ms pause ask Smart Turn (sound) and the LLM
     (words, on Whisper's transcript of the candidate) whether the turn is finished. Only a clip's
     last pause is the speaker's real end. Returns the confusion counts of each rule (turns.decide_by),
@@ -283,9 +284,10 @@ def judge_pauses(engines, clips: list[tuple[str, np.ndarray]]) -> dict:
     import msgspec
 
     from app.core.listening import finished
-    from app.core.turns import WINDOW, Event, StreamingVad, TurnDetector
+    from app.core.turns import Event, TurnDetector
+    from app.engines.vad import WINDOW, StreamingVad
 
-    settings, rows = engines.settings.turns, []
+    settings, rows = settings.turns, []
     for name, pcm in clips:
         detector = TurnDetector(settings, StreamingVad(engines.vad_model))
         stream = np.concatenate([pcm, np.zeros(2 * ASR_RATE, np.float32)])
@@ -369,12 +371,12 @@ def main() -> None:
     cases = pause_cases()
     report: dict = {"transport": args.transport, "questions": {}, "paused_sentences": {}}
     with ExitStack() as stack:
-        engines, urls = start_both_rules(args.preset, stack)
+        engines, settings, urls = start_both_rules(args.preset, stack)
         # The talking client runs in a process of its own, as the page runs in the browser's: in this one
         # it would wait for the server's threads at every send and receive (one Python lock for all).
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
             results, paused = client.submit(talk, urls, questions, cases, args.silence, args.transport).result()
-        judged = judge_pauses(engines, [(t, s) for t, s in questions] + [(w, s) for w, s, _ in cases])
+        judged = judge_pauses(engines, settings, [(t, s) for t, s in questions] + [(w, s) for w, s, _ in cases])
 
     for rule in ("old", "new"):
         report["questions"][rule] = {

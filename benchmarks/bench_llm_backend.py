@@ -32,8 +32,8 @@ BACKENDS = ("llama_cpp", "openai")
 def start_assistant(environ: dict[str, str], stack: ExitStack) -> str:
     """The cpu preset with these VA_* settings, loaded, warmed and served until `stack` closes; its /ws URL."""
     from app.config import load_settings
-    from app.web.server import create_app
     from app.startup import load_and_warm
+    from app.web.server import create_app
 
     settings = load_settings("cpu", environ=environ)
     engines = stack.enter_context(closing(load_and_warm(settings)))

@@ -14,8 +14,8 @@ import pytest
 
 from app.config import Settings, load_settings
 from app.engines.loaded import Engines
-from app.startup import load_and_warm
 from app.engines.tts.piper import PiperEngine
+from app.startup import load_and_warm
 from tests.support import recording, serving
 
 pytest_plugins = ["tests.skips", "pytester"]

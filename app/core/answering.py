@@ -1,104 +1,60 @@
 """The conversation's turn queue: turns are answered one at a time, in order. Answering one means
 transcribing it (if spoken), building the messages from the history, and running the reply pipeline
 (app/core/pipeline.py); whatever happens, the turn ends with exactly one TurnEnd, its metrics, and the
-history updated with what was heard.
-
-A turn may also be answered on speculation, from the first pause in the user's speech: it runs as
-usual, but behind a closed Gate, so nothing of it is sent, shown or remembered. If the turn then
-ends with exactly that audio, the queue adopts the running answer and opens its gate; if the user
-goes on speaking, it is cancelled (its worker jobs with it) and leaves no trace.
+history updated with what was heard. A turn may also be answered on speculation, behind a closed gate
+(app/core/speculation.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from app.core import events as ev
-from app.engines.llm import Message
+from app.core.chunking import ChunkSettings
+from app.core.memory import Memory
+from app.core.metrics import Metrics
+from app.core.pending import PendingTurn
 from app.core.pipeline import StageError, make_reply
 from app.core.reply import Reply
-
-if TYPE_CHECKING:
-    from app.core.conversation import Conversation
+from app.core.speculation import Gate, Guess, Guesses
+from app.engines.llm import Message
+from app.engines.loaded import Engines
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PendingTurn:
-    id: int
-    t_speech_end: float  # perf_counter() when the user stopped speaking (or sent text)
-    t_decided: float  # when the end of the turn was decided
-    audio: np.ndarray | None = None
-    text: str | None = None
-    # A guess reports here how likely its words end the turn (None: no words, or no way to judge).
-    on_words: Callable[[float | None], None] | None = None
+class Conversational(Protocol):
+    """What a turn does to the conversation it belongs to (app/core/conversation.py is one)."""
 
-    def words_judged(self, probability: float | None) -> None:
-        """Report once: a guess that fails or stops early reports None from its `finally`."""
-        if self.on_words is not None:
-            report, self.on_words = self.on_words, None
-            report(probability)
+    id: str
+    engines: Engines
+    memory: Memory
+    metrics: Metrics
+    playback_end: float  # perf_counter() when the listener will have played all reply audio
 
+    def emit(self, event: ev.Event) -> None: ...
 
-class Gate:
-    """A turn's way out to the conversation (events, state, playback clock): open, or closed while
-    the turn is a guess, holding what it would have done until open() or discard()."""
+    def set_state(self, state: ev.State) -> None: ...
 
-    def __init__(self, *, closed: bool = False) -> None:
-        self._held: list[Callable[[], None]] | None = [] if closed else None
-        self._verdict: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if not closed:
-            self._verdict.set_result(True)
+    def resting_state(self) -> ev.State: ...
 
-    def do(self, fn: Callable[..., object], *args: object) -> None:
-        if self._held is None:
-            fn(*args)
-        elif not self._verdict.done():
-            self._held.append(functools.partial(fn, *args))
-
-    def open(self) -> None:
-        held, self._held = self._held or [], None
-        self._verdict.set_result(True)
-        for action in held:
-            action()
-
-    def discard(self) -> None:
-        self._held = []
-        if not self._verdict.done():
-            self._verdict.set_result(False)
-
-    async def confirmed(self) -> bool:
-        """True once open (at once if it never was closed); False if the guess was discarded."""
-        return await asyncio.shield(self._verdict)
-
-
-@dataclass
-class Guess:
-    """A turn answered on speculation: its task runs behind its closed gate."""
-
-    turn: PendingTurn
-    reply: Reply
-    gate: Gate
-    task: asyncio.Task[None]
+    def reply_options(self) -> tuple[ev.Options, object | None]: ...
 
 
 class Answering:
-    def __init__(self, conversation: Conversation) -> None:
+    def __init__(self, conversation: Conversational, *, max_queued: int, chunking: ChunkSettings) -> None:
         self._c = conversation
+        self._max_queued = max_queued  # limits.max_queued_turns
+        self._chunking = chunking
         self._queue: asyncio.Queue[PendingTurn] = asyncio.Queue()
         self._current: asyncio.Task[None] | None = None
         self._active: tuple[PendingTurn, Reply] | None = None  # the turn being answered
         self._cut: tuple[str, int | None] | None = None  # why the running turn was cancelled
-        self._guess: Guess | None = None
+        self.guesses = Guesses(conversation.metrics)
 
     @property
     def busy(self) -> bool:
@@ -107,7 +63,7 @@ class Answering:
     def add(self, turn: PendingTurn) -> None:
         """Queue `turn`; with max_queued_turns already waiting, the oldest of them is dropped
         (the newest message is the one the user means now)."""
-        if self._queue.qsize() >= self._c.engines.settings.limits.max_queued_turns:
+        if self._queue.qsize() >= self._max_queued:
             dropped = self._queue.get_nowait()
             log.info("conversation %s: turn %d dropped, too many waiting", self._c.id, dropped.id)
             self._c.emit(ev.error("turn_dropped", dropped.id))
@@ -117,36 +73,12 @@ class Answering:
     def speculate(self, turn: PendingTurn) -> None:
         """Start answering `turn`, the user's speech up to a pause, before the turn is certain to be
         over; only when nothing else is being answered or waiting (its answer would wait anyway)."""
-        self.drop_guess()
+        self.guesses.drop()
         if self.busy or not self._queue.empty():
             turn.words_judged(None)
             return
         gate, reply = Gate(closed=True), Reply(self._c.engines.tts.sample_rate)
-        task = asyncio.create_task(self._answer(turn, reply, gate))
-        self._guess = Guess(turn, reply, gate, task)
-
-    def drop_guess(self) -> None:
-        """The user went on speaking: the guess was wrong."""
-        if (guess := self._guess) is not None:
-            self._guess = None
-            guess.gate.discard()
-            guess.task.cancel()
-            self._c.metrics.speculations.labels("dropped").inc()
-
-    def _adopt_guess(self, turn: PendingTurn) -> Guess | None:
-        """The running guess, if it answers exactly this turn's audio (else it is dropped)."""
-        guess = self._guess
-        if (guess is None or guess.task.done() or guess.turn.id != turn.id or turn.audio is None
-                or guess.turn.audio is None or not np.array_equal(guess.turn.audio, turn.audio)):
-            self.drop_guess()
-            return None
-        self._guess = None
-        self._c.metrics.speculations.labels("used").inc()
-        guess.turn.t_speech_end, guess.turn.t_decided = turn.t_speech_end, turn.t_decided
-        guess.reply.marks["end_of_turn"] = turn.t_decided
-        if "first_audio" in guess.reply.marks:  # made while held: the page gets it from now on
-            guess.reply.marks["first_audio"] = time.perf_counter()
-        return guess
+        self.guesses.hold(Guess(turn, reply, gate, asyncio.create_task(self._answer(turn, reply, gate))))
 
     def drop_queued(self) -> list[int]:
         """Take every turn still waiting out of the queue; returns their ids."""
@@ -169,7 +101,7 @@ class Answering:
             while True:
                 turn = await self._queue.get()
                 self._cut = None
-                if (guess := self._adopt_guess(turn)) is not None:
+                if (guess := self.guesses.adopt(turn)) is not None:
                     self._active, self._current = (guess.turn, guess.reply), guess.task
                     guess.gate.open()
                 else:
@@ -180,7 +112,7 @@ class Answering:
                 self._current, self._active = None, None
                 self._c.set_state(self._c.resting_state())
         finally:
-            self.drop_guess()
+            self.guesses.drop()
             if self._current is not None:
                 self._current.cancel()
                 await asyncio.wait({self._current})  # its TurnEnd and metrics still count
@@ -232,22 +164,6 @@ class Answering:
         except Exception as exc:
             raise StageError("asr", exc) from exc
 
-    async def _words_end_turn(self, messages: list[Message]) -> float | None:
-        """The language model's probability that the user's message is complete (None if it cannot
-        say: a model on a server, or a failure; then the sound alone decides)."""
-        llm = self._c.engines.llm
-        judge = getattr(llm, "end_of_turn_probability", None)
-        if judge is None:
-            return None
-        try:
-            return await self._c.engines.judge_worker.run(judge, messages)
-        except Exception:
-            log.warning("conversation %s: end-of-turn check by the LLM failed", self._c.id, exc_info=True)
-            return None
-
-    async def _judge_words(self, turn: PendingTurn, messages: list[Message]) -> None:
-        turn.words_judged(await self._words_end_turn(messages))
-
     async def _reply(self, turn: PendingTurn, user_text: str, reply: Reply, gate: Gate) -> None:
         """The options are read once here: a change sent meanwhile applies from the next reply."""
         c, (options, voice) = self._c, self._c.reply_options()
@@ -260,7 +176,7 @@ class Answering:
             from its first token on: its prompt, evaluated on every core, is done by then."""
             nonlocal judging
             if judging is None and turn.on_words is not None:
-                judging = asyncio.ensure_future(self._judge_words(turn, messages))
+                judging = asyncio.ensure_future(_judge_words(c, turn, messages))
 
         def wrote(piece: str) -> None:
             judge()
@@ -275,7 +191,7 @@ class Answering:
 
         try:
             await make_reply(
-                c.engines, messages, reply, temperature=options.temperature, voice=voice,
+                c.engines, messages, reply, chunking=self._chunking, temperature=options.temperature, voice=voice,
                 on_text=wrote, on_audio=lambda chunk, first: gate.do(sent, chunk, first), confirmed=gate.confirmed,
             )
             judge()
@@ -306,6 +222,19 @@ class Answering:
         c.emit(ev.TurnEnd(turn.id, reason, said))  # type: ignore[arg-type]
         log.info("conversation %s turn %d %s: voice-to-voice %s ms, total %s ms", c.id, turn.id,
                  reason, metrics.first_audio_ms, metrics.total_ms)
+
+
+async def _judge_words(c: Conversational, turn: PendingTurn, messages: list[Message]) -> None:
+    """The language model's probability that the user's message is complete, to the turn's guess
+    (None if it cannot say: a model on a server, or a failure; then the sound alone decides)."""
+    judge = getattr(c.engines.llm, "end_of_turn_probability", None)
+    probability = None
+    if judge is not None:
+        try:
+            probability = await c.engines.judge_worker.run(judge, messages)
+        except Exception:
+            log.warning("conversation %s: end-of-turn check by the LLM failed", c.id, exc_info=True)
+    turn.words_judged(probability)
 
 
 def _metrics(turn: PendingTurn, reply: Reply) -> ev.TurnMetrics:

@@ -18,36 +18,56 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
-from app.core import events as ev
-from app.core.answering import Answering, PendingTurn
 from app.audio import ASR_RATE
-from app.engines.loaded import Engines
+from app.core import events as ev
+from app.core.answering import Answering
+from app.core.chunking import ChunkSettings
+from app.core.limits import LimitSettings
 from app.core.listening import Listener
-from app.engines.llm import Message
 from app.core.memory import Memory
 from app.core.metrics import Metrics
 from app.core.outbox import Outbox
+from app.core.pending import PendingTurn
+from app.core.reading_ahead import ReadAhead
+from app.core.turns import TurnSettings
+from app.engines.llm import Message
+from app.engines.loaded import Engines
 
 log = logging.getLogger(__name__)
 
 CARRY_GAP = np.zeros(ASR_RATE // 5, np.float32)  # between a resumed turn's two parts
 
 
+class ConversationSettings(Protocol):
+    """The parts of the server's settings a conversation reads (app/config.py's Settings has them)."""
+
+    @property
+    def turns(self) -> TurnSettings: ...
+
+    @property
+    def chunking(self) -> ChunkSettings: ...
+
+    @property
+    def limits(self) -> LimitSettings: ...
+
+
 class Conversation:
-    def __init__(self, engines: Engines, metrics: Metrics | None = None) -> None:
+    def __init__(self, engines: Engines, settings: ConversationSettings, metrics: Metrics | None = None) -> None:
         self.engines = engines
+        self.turns = settings.turns
         self.metrics = metrics or Metrics()
         self.id = uuid.uuid4().hex[:12]
         self.options = ev.Options()
         self.memory = Memory(self.metrics)
         self.playback_end = 0.0  # perf_counter() when the listener will have played all reply audio
-        self._out = Outbox(engines.settings.limits.max_outgoing_bytes)
-        self._silenced: set[int] = set()  # turns whose queued audio must not go out any more
-        self._answering = Answering(self)
+        self._out = Outbox(settings.limits.max_outgoing_bytes)
+        self._answering = Answering(self, max_queued=settings.limits.max_queued_turns, chunking=settings.chunking)
+        self._ahead = ReadAhead(engines, self.turns, self.id, prompt_for=self._prompt_for, show=self._show_interim)
         self._turn_ids = itertools.count(1)
         self._listener: Listener | None = None
         self._voice = engines.tts.new_voice()
@@ -55,12 +75,6 @@ class Conversation:
         self._state: ev.State | None = None
         self._speaking_turn: int | None = None  # id given to the user's turn when speech began
         self._carry: np.ndarray | None = None  # speech of a turn the user went on talking over
-        self._interim_busy = False
-        self._background: set[asyncio.Task[None]] = set()
-
-    @property
-    def history(self) -> list[Message]:
-        return self.memory.history
 
     # ------------------------------------------------------------ life and events
 
@@ -73,9 +87,9 @@ class Conversation:
     async def close(self) -> None:
         """Stop all work of this conversation; next_event() then returns None."""
         self.metrics.sessions.dec()
-        for task in (self._runner, *self._background):
-            if task is not None:
-                task.cancel()
+        self._ahead.close()
+        if self._runner is not None:
+            self._runner.cancel()
         if self._listener is not None:
             self._listener.end()
         if self._runner is not None:
@@ -84,11 +98,8 @@ class Conversation:
 
     async def next_event(self) -> ev.Event | None:
         """The next event, in the order they happened; None once closed. Audio of a reply that
-        was cut off is dropped here, even if it was produced before the cut."""
-        while (event := await self._out.get()) is not None:
-            if not (isinstance(event, ev.ReplyAudio) and event.turn in self._silenced):
-                return event
-        return None
+        was cut off is dropped, even if it was produced before the cut."""
+        return await self._out.get()
 
     @property
     def backlog_bytes(self) -> int:
@@ -106,12 +117,12 @@ class Conversation:
     def _client_behind(self, turn_id: int) -> None:
         """The client stopped reading: rather than buffer its reply without bound, drop the rest
         of the reply's audio and end the turn (the next turn starts with an empty outbox)."""
-        if turn_id in self._silenced:
+        if turn_id in self._out.silenced:
             return
         log.warning("conversation %s: the client is not reading (%d bytes wait to go out, at most %d): "
                     "dropping the rest of turn %d's audio", self.id, self._out.bytes, self._out.cap_bytes, turn_id)
         self.metrics.dropped_audio.inc()
-        self._silenced.add(turn_id)
+        self._out.silenced.add(turn_id)
         self.emit(ev.error("slow_client", turn_id))
         self.interrupt(None, cause="slow_client")
 
@@ -139,8 +150,7 @@ class Conversation:
     def listen(self) -> Listener:
         """A new recording: feed its PCM to the listener this returns."""
         self.stop_listening()
-        turns = self.engines.settings.turns
-        self._listener = Listener(self, self.engines.vad_model, turns, self.options, self.engines.smart_turn)
+        self._listener = Listener(self, self.engines.vad_model, self.turns, self.options, self.engines.smart_turn)
         if not self._answering.busy:
             self.set_state("listening")
         return self._listener
@@ -163,7 +173,7 @@ class Conversation:
         `played`: samples of its audio the listener heard; None: estimate by the playback clock."""
         if (cut := self._answering.cut_off(cause, played)) is not None:
             turn, reply = cut
-            self._silenced.add(turn.id)  # queued audio stops now, not when the task unwinds
+            self._out.silenced.add(turn.id)  # queued audio stops now, not when the task unwinds
             if cause == "speech" and not reply.samples and turn.audio is not None:
                 self._carry = turn.audio  # cut off before it spoke: the user was not done yet
         else:
@@ -174,7 +184,7 @@ class Conversation:
         """New conversation: stop the reply, drop queued turns, forget the history."""
         for turn_id in self._answering.drop_queued():
             self.emit(ev.TurnEnd(turn_id, "interrupted"))
-        self._answering.drop_guess()
+        self._answering.guesses.drop()
         self.interrupt(None, cause="reset")
         self.memory.forget()
         self._carry = None
@@ -187,57 +197,28 @@ class Conversation:
         self.emit(ev.SpeechStarted(self._speaking_turn))
         if self._answering.busy or self.memory.still_playing():
             self.interrupt(None, cause="speech")
-        elif self.engines.settings.turns.speculate:
-            self._in_background(self._prefill())
-
-    async def _prefill(self, words: str = "") -> None:
-        """While the user speaks, let the LLM evaluate the system prompt, the history and the words
-        heard so far (an interim transcript) that its reply will start with (app/engines/llm.py
-        ChatModel.prefill), so that the turn waits only for the words after them; the words' judge
-        reads them ahead too. A model on a server keeps its own prefix cache."""
-        llm, turns = self.engines.llm, self.engines.settings.turns
-        if not hasattr(llm, "prefill"):
-            return
-        messages = llm.build_messages(list(self.memory.history), words, self.options.system_prompt)
-        jobs = [self.engines.llm_worker.run(llm.prefill, messages)]
-        if words and turns.end_of_turn == "smart" and turns.decide_by != "sound":
-            jobs.append(self.engines.judge_worker.run(llm.end_of_turn_probability, messages))
-        try:
-            await asyncio.gather(*jobs)
-        except Exception:
-            log.warning("conversation %s: evaluating the prompt ahead failed", self.id, exc_info=True)
-
-    def _in_background(self, job: Coroutine[object, object, None]) -> None:
-        task = asyncio.create_task(job)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        elif self.turns.speculate:
+            self._ahead.prefill()
 
     def interim(self, audio: np.ndarray) -> None:
-        turn_id = self._speaking_turn
-        if turn_id is None or self._interim_busy:
-            return  # one interim at a time: never let guesses queue up before the final
-        self._interim_busy = True
-        self._in_background(self._interim(turn_id, audio))
+        if self._speaking_turn is not None:
+            self._ahead.interim(self._speaking_turn, audio)
 
-    async def _interim(self, turn_id: int, audio: np.ndarray) -> None:
-        try:
-            text = await self.engines.asr_worker.run(self.engines.asr.transcribe, audio)
-        except Exception:
-            log.warning("conversation %s: interim transcript failed", self.id, exc_info=True)
-            return
-        finally:
-            self._interim_busy = False
-        if text and self._speaking_turn == turn_id:  # the final transcript has not overtaken it
-            self.emit(ev.Transcript(turn_id, text, final=False))
-            if self.engines.settings.turns.speculate:
-                await self._prefill(text)
+    def _show_interim(self, turn_id: int, text: str) -> bool:
+        if self._speaking_turn != turn_id:
+            return False  # the final transcript has overtaken it
+        self.emit(ev.Transcript(turn_id, text, final=False))
+        return True
+
+    def _prompt_for(self, words: str) -> list[Message]:
+        return self.engines.llm.build_messages(list(self.memory.history), words, self.options.system_prompt)
 
     def paused(self, listener: Listener, audio: np.ndarray, t_speech_end: float) -> None:
         """The user paused: if the turn ends here, `audio` is all of it. Transcribe it and start the
         reply now, held back until speech_turn() confirms it; the listener gets the language
         model's opinion of the words for its end-of-turn decision (None: none coming)."""
         turn_id = self._speaking_turn
-        if turn_id is None or self._carry is not None or not self.engines.settings.turns.speculate:
+        if turn_id is None or self._carry is not None or not self.turns.speculate:
             listener.words_judged(audio, None)
             return
         judged: Callable[[float | None], None] | None = functools.partial(listener.words_judged, audio)
@@ -249,7 +230,7 @@ class Conversation:
 
     def resumed(self) -> None:
         """The user went on after a pause: the guess is void."""
-        self._answering.drop_guess()
+        self._answering.guesses.drop()
 
     def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float, ended_by: str = "silence") -> None:
         turn_id, self._speaking_turn = self._speaking_turn or next(self._turn_ids), None

@@ -14,21 +14,36 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
+import onnxruntime
 
 from app.audio import ASR_RATE
 from app.core.events import Options
-from app.core.turns import WINDOW, Event, StreamingVad, TurnDetector, TurnSettings
-
-if TYPE_CHECKING:
-    import onnxruntime
-
-    from app.core.conversation import Conversation
-    from app.engines.smart_turn import SmartTurn
+from app.core.turns import Event, TurnDetector, TurnSettings
+from app.engines.smart_turn import SmartTurn
+from app.engines.vad import WINDOW, StreamingVad
 
 log = logging.getLogger(__name__)
+
+
+class Heard(Protocol):
+    """Where a Listener reports what it found, on the event loop (app/core/conversation.py is one)."""
+
+    playback_end: float  # perf_counter() until which the assistant's voice plays (read on the thread)
+
+    def speech_started(self) -> None: ...
+
+    def interim(self, audio: np.ndarray) -> None: ...
+
+    def paused(self, listener: Listener, audio: np.ndarray, t_speech_end: float) -> None: ...
+
+    def resumed(self) -> None: ...
+
+    def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float, ended_by: str) -> None: ...
+
+    def recording_ended(self, listener: Listener, error: str | None) -> None: ...
 
 
 class _End:
@@ -50,7 +65,7 @@ class Listener:
 
     def __init__(
         self,
-        conversation: Conversation,
+        conversation: Heard,
         vad_model: onnxruntime.InferenceSession,
         settings: TurnSettings,
         options: Options,

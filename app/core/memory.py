@@ -6,9 +6,9 @@ after it was all sent, the history keeps only the words played by then (app/core
 
 from __future__ import annotations
 
-from app.engines.llm import Message
 from app.core.metrics import Metrics
 from app.core.reply import Reply
+from app.engines.llm import Message
 
 
 class Memory:

@@ -1,5 +1,6 @@
 """A conversation's outgoing events, in order, with the bytes they hold counted, so that a client
-that stops reading cannot make the server buffer without bound (LimitSettings.max_outgoing_bytes)."""
+that stops reading cannot make the server buffer without bound (LimitSettings.max_outgoing_bytes);
+the audio of a reply that was cut off never goes out, even if it was queued before the cut."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ class Outbox:
     def __init__(self, cap_bytes: int) -> None:
         self.cap_bytes = cap_bytes
         self.bytes = 0  # what the events waiting here hold
+        self.silenced: set[int] = set()  # turns whose queued audio must not go out any more
         self._queue: asyncio.Queue[ev.Event | None] = asyncio.Queue()
 
     def put(self, event: ev.Event | None) -> bool:
@@ -36,6 +38,9 @@ class Outbox:
         return True
 
     async def get(self) -> ev.Event | None:
-        event = await self._queue.get()
-        self.bytes -= size_of(event)
-        return event
+        """The next event that may go out; None once the conversation is closed."""
+        while True:
+            event = await self._queue.get()
+            self.bytes -= size_of(event)
+            if not (isinstance(event, ev.ReplyAudio) and event.turn in self.silenced):
+                return event

@@ -1,6 +1,6 @@
 """One reply, made and spoken: LLM slices -> phrase chunker -> TTS, streamed, as one cancellable unit.
 
-The conversation core (app/core/conversation.py) runs it for a turn and cancels its task to stop it.
+The turn queue (app/core/answering.py) runs it for a turn and cancels its task to stop it.
 The voice starts on the first phrase while the LLM is still writing; text and audio leave through
 the callbacks the moment they exist, and `reply` keeps the account of what was written and sent.
 """
@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
-from app.core.chunking import PhraseChunker
-from app.engines.loaded import Engines
-from app.engines.llm import Message, write_reply
+from app.core.chunking import ChunkSettings, PhraseChunker
 from app.core.reply import Reply
+from app.engines.llm import ChatModel, Message, Prompt
+from app.engines.llm_remote import ChatRequest, RemoteChatModel
+from app.engines.loaded import Engines
+from app.engines.workers import Worker
 
 
 class StageError(Exception):
@@ -32,6 +34,7 @@ async def make_reply(
     messages: list[Message],
     reply: Reply,
     *,
+    chunking: ChunkSettings,
     temperature: float | None,
     voice: object | None,
     on_text: Callable[[str], None],
@@ -43,7 +46,8 @@ async def make_reply(
     certain (app/core/answering.py) speaks its first phrase, then awaits `confirmed()` before the next.
     Raises StageError."""
     phrases: asyncio.Queue[str | None] = asyncio.Queue()
-    writer = asyncio.create_task(_write(engines, messages, temperature, phrases, reply, on_text))
+    chunker = PhraseChunker(chunking)
+    writer = asyncio.create_task(_write(engines, messages, temperature, chunker, phrases, reply, on_text))
     try:
         await _speak(engines, phrases, voice, reply, on_audio, confirmed)
         await writer  # raises what the LLM raised
@@ -55,11 +59,11 @@ async def _write(
     engines: Engines,
     messages: list[Message],
     temperature: float | None,
+    chunker: PhraseChunker,
     phrases: asyncio.Queue[str | None],
     reply: Reply,
     on_text: Callable[[str], None],
 ) -> None:
-    chunker = PhraseChunker(engines.settings.chunking)
     try:
         prompt = await engines.llm_worker.run(engines.llm.prompt, messages)
         async for piece in write_reply(engines.llm, engines.llm_worker, prompt, temperature):
@@ -76,6 +80,42 @@ async def _write(
         raise StageError("llm", exc) from exc
     finally:
         phrases.put_nowait(None)
+
+
+async def write_reply(
+    llm: ChatModel | RemoteChatModel,
+    worker: Worker,
+    prompt: Prompt | ChatRequest,
+    temperature: float | None = None,
+) -> AsyncIterator[str]:
+    """The reply to `prompt`, piece by piece as the model writes it.
+
+    A model on a server (RemoteChatModel) streams it itself: its server schedules the replies of
+    every session at once, and reading the stream is network I/O that suits the event loop, so it
+    needs no worker. In-process, one worker job per slice of `slice_tokens` tokens, so that other
+    sessions' jobs interleave with a long reply's.
+    """
+    own = getattr(llm, "write", None)
+    if own is not None:
+        async for piece in own(prompt, temperature):
+            yield piece
+        return
+    text, used, finished = "", 0, False
+    while not finished and used < llm.settings.max_tokens:
+        size = min(llm.settings.slice_tokens, llm.settings.max_tokens - used)
+        make = functools.partial(_slice_job, llm, prompt, text, size, temperature)
+        got = 0
+        async for piece, stop in worker.stream(make):
+            got, finished = got + 1, finished or stop
+            if piece:
+                text += piece
+                yield piece
+        used += got
+        finished = finished or got < size  # a stop string or a full context ends it too
+
+
+def _slice_job(llm, prompt, so_far, size, temperature, cancel):  # runs on the LLM worker thread
+    return llm.stream_slice(prompt, so_far, max_new=size, temperature=temperature, cancel=cancel)
 
 
 async def _speak(

@@ -1,4 +1,4 @@
-"""Voice activity and end of turn: Silero VAD (the copy faster-whisper ships) run as a stream.
+"""End of turn: the rules that turn Silero VAD's speech probabilities (app/engines/vad.py) into user turns.
 
 A turn starts with sustained speech. It ends after `end_silence_ms` of silence, or, with the
 "smart" rule, sooner: at the first `pause_ms` of silence the detector reports a PAUSED candidate
@@ -7,20 +7,16 @@ turn, which Smart Turn (app/engines/smart_turn.py, run by the listener) may judg
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from enum import Enum
 from typing import Literal
 
 import msgspec
 import numpy as np
-import onnxruntime
-from faster_whisper.utils import get_assets_path
 
 from app.audio import ASR_RATE
+from app.engines.vad import WINDOW, StreamingVad
 
-WINDOW = 512  # samples per VAD step at 16 kHz (32 ms), fixed by the model
-CONTEXT = 64  # samples of the previous window the model sees before each step
 # What ended a turn: Smart Turn at a pause, the longest silence, the length cap, or the recording's end.
 EndedBy = Literal["smart", "silence", "length", "released"]
 NEVER = 1 << 62  # an end-of-silence no stream reaches: push-to-talk turns end at flush() only
@@ -75,40 +71,6 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("need tail_ms <= speculate_ms <= pause_ms")
         if not 0.0 < self.smart_turn_threshold < 1.0:
             raise ValueError("smart_turn_threshold must be between 0 and 1")
-
-
-def load_vad_model() -> onnxruntime.InferenceSession:
-    """The Silero VAD v6 network; one per server, shared (run() is thread-safe)."""
-    opts = onnxruntime.SessionOptions()
-    opts.inter_op_num_threads = 1
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 4
-    path = os.path.join(get_assets_path(), "silero_vad_v6.onnx")
-    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"], sess_options=opts)
-
-
-class StreamingVad:
-    """Silero VAD fed one 32 ms window at a time, carrying its recurrent state between calls.
-
-    The state lives here, not in the model, so each recording has its own StreamingVad.
-    """
-
-    def __init__(self, model: onnxruntime.InferenceSession | None = None) -> None:
-        self._model = model if model is not None else load_vad_model()
-        self.reset()
-
-    def reset(self) -> None:
-        self._h = np.zeros((1, 1, 128), dtype=np.float32)
-        self._c = np.zeros((1, 1, 128), dtype=np.float32)
-        self._context = np.zeros(CONTEXT, dtype=np.float32)
-
-    def __call__(self, window: np.ndarray) -> float:
-        """Speech probability of one window of WINDOW float32 samples."""
-        assert window.shape == (WINDOW,), window.shape
-        x = np.concatenate([self._context, window])[None, :]
-        prob, self._h, self._c = self._model.run(None, {"input": x, "h": self._h, "c": self._c})
-        self._context = window[-CONTEXT:]
-        return float(np.asarray(prob).reshape(-1)[0])
 
 
 class Event(Enum):

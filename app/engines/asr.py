@@ -12,8 +12,8 @@ import zlib
 import msgspec
 import numpy as np
 
-from app.engines import models
 from app.audio import ASR_RATE
+from app.engines import models
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Every model file on disk before any model loads, so a missing one fails in seconds, not after a
 GPU load. models.py resolves each reference (package file, local path, hub download with progress to
 the start-up status); CSM's three references go through its own loader's resolve_files, the same
-function its engine loads from. Next: startup.py loads each model from the local paths found here.
+function its engine loads from. Next: app/startup.py loads each model from the local paths found here.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import msgspec
 
 from app.engines import models
-from app.config import Settings
+from app.engines.asr import AsrSettings
+from app.engines.llm import LlmSettings
 from app.engines.loading import LoadStatus
+from app.engines.tts.settings import TtsSettings
 
 if TYPE_CHECKING:
     from app.engines.tts.csm.loader import CsmFiles
@@ -21,26 +23,24 @@ if TYPE_CHECKING:
 class LocalModels(NamedTuple):
     """What loading needs, all on disk: nothing in it reaches the network."""
 
-    settings: Settings  # the asr and llm references replaced by their local paths
+    asr: AsrSettings  # the reference replaced by its local path
+    llm: LlmSettings  # likewise, for a model in this process (backend llama_cpp)
+    tts: TtsSettings  # as given: Piper resolves its own file
     csm: CsmFiles | None  # CSM's files, when the voice is CSM
 
 
-def fetch_models(settings: Settings, status: LoadStatus) -> LocalModels:
+def fetch_models(asr: AsrSettings, llm: LlmSettings, tts: TtsSettings, status: LoadStatus) -> LocalModels:
     """Put every model file on disk; hub downloads report their progress to `status`."""
     status.set("loading", "checking the model files")
-    asr = models.resolve(settings.asr.model, "asr", status)
+    asr_path = models.resolve(asr.model, "asr", status)
     # With backend openai, llm.model is the name a server serves it under: nothing to fetch here.
-    llm = models.resolve(settings.llm.model, "llm", status) if settings.llm.backend == "llama_cpp" else None
-    csm = _fetch_csm(settings, status) if settings.tts.engine == "csm" else None
-    local = msgspec.structs.replace(
-        settings,
-        asr=msgspec.structs.replace(settings.asr, model=str(asr)),
-        llm=settings.llm if llm is None else msgspec.structs.replace(settings.llm, model=str(llm)),
-    )
-    return LocalModels(local, csm)
+    if llm.backend == "llama_cpp":
+        llm = msgspec.structs.replace(llm, model=str(models.resolve(llm.model, "llm", status)))
+    csm = _fetch_csm(tts, status) if tts.engine == "csm" else None
+    return LocalModels(msgspec.structs.replace(asr, model=str(asr_path)), llm, tts, csm)
 
 
-def _fetch_csm(settings: Settings, status: LoadStatus) -> CsmFiles:
+def _fetch_csm(tts: TtsSettings, status: LoadStatus) -> CsmFiles:
     from app.engines.tts.csm import loader  # imports torch: only when CSM is wanted
 
-    return loader.resolve_files(settings.tts.csm, status)
+    return loader.resolve_files(tts.csm, status)

@@ -1,4 +1,4 @@
-"""How much GPU memory each model takes, logged once at start-up (startup.py measures every load and
+"""How much GPU memory each model takes, logged once at start-up (app/startup.py measures every load and
 the warm-up with it; on CPU it does nothing and never imports torch).
 """
 
@@ -9,13 +9,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
-from app.config import Settings
-
 log = logging.getLogger(__name__)
-
-
-def uses_gpu(settings: Settings) -> bool:
-    return settings.asr.device != "cpu" or settings.llm.n_gpu_layers != 0 or settings.tts.engine == "csm"
 
 
 def _gb(n: int) -> str:
@@ -34,10 +28,9 @@ class GpuMemory:
         self.per_model: dict[str, int] = {}
 
     @classmethod
-    def probe(cls, settings: Settings) -> GpuMemory | None:
-        """A meter when a model is meant for the GPU and CUDA is there; else None (no torch import)."""
-        if not uses_gpu(settings):
-            return None
+    def probe(cls) -> GpuMemory | None:
+        """A meter when CUDA is there; else None. Ask only when a model is meant for the GPU: this
+        imports torch."""
         try:
             import torch
         except ImportError:

@@ -3,23 +3,18 @@ backend `openai`, a model on an OpenAI-compatible server: llm_remote.py), with t
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import msgspec
 import numpy as np
 
 from app.engines import models
-
-if TYPE_CHECKING:
-    from app.engines.llm_remote import ChatRequest, RemoteChatModel
-    from app.engines.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -284,39 +279,3 @@ def system_prompt_budget(settings: LlmSettings, room: int) -> int:
     """The most tokens a system prompt may take: the context less the longest reply, `room` for the
     user's message and some history, and the chat template (what build_messages reserves)."""
     return settings.n_ctx - settings.max_tokens - room - TEMPLATE_TOKENS
-
-
-async def write_reply(
-    llm: ChatModel | RemoteChatModel,
-    worker: Worker,
-    prompt: Prompt | ChatRequest,
-    temperature: float | None = None,
-) -> AsyncIterator[str]:
-    """The reply to `prompt`, piece by piece as the model writes it.
-
-    A model on a server (llm_remote.RemoteChatModel) streams it itself: its server schedules the
-    replies of every session at once, and reading the stream is network I/O that suits the event
-    loop, so it needs no worker. In-process, one worker job per slice of `slice_tokens` tokens, so
-    that other sessions' jobs interleave with a long reply's.
-    """
-    own = getattr(llm, "write", None)
-    if own is not None:
-        async for piece in own(prompt, temperature):
-            yield piece
-        return
-    text, used, finished = "", 0, False
-    while not finished and used < llm.settings.max_tokens:
-        size = min(llm.settings.slice_tokens, llm.settings.max_tokens - used)
-        make = functools.partial(_slice_job, llm, prompt, text, size, temperature)
-        got = 0
-        async for piece, stop in worker.stream(make):
-            got, finished = got + 1, finished or stop
-            if piece:
-                text += piece
-                yield piece
-        used += got
-        finished = finished or got < size  # a stop string or a full context ends it too
-
-
-def _slice_job(llm, prompt, so_far, size, temperature, cancel):  # runs on the LLM worker thread
-    return llm.stream_slice(prompt, so_far, max_new=size, temperature=temperature, cancel=cancel)

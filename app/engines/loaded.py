@@ -1,19 +1,18 @@
 """The loaded models of one server, shared by every session, each behind its own worker thread.
 
-startup.py makes one at start-up (fetch, load, warm up); the app keeps it in its state, and each
-session's conversation (conversation.py) runs its turns on these models: VAD on the listening thread,
-then speech-to-text, language model and voice, each as jobs on its model's worker (workers.py).
+app/startup.py makes one at start-up (fetch, load, warm up); the app keeps it in its state, and each
+session's conversation (app/core/conversation.py) runs its turns on these models: VAD on the listening
+thread, then speech-to-text, language model and voice, each as jobs on its model's worker (workers.py).
 """
 
 from __future__ import annotations
 
 from app.engines.asr import Transcriber
-from app.config import Settings
 from app.engines.llm import ChatModel
 from app.engines.llm_remote import RemoteChatModel
 from app.engines.smart_turn import SmartTurn
 from app.engines.tts.base import TtsEngine
-from app.core.turns import load_vad_model
+from app.engines.vad import load_vad_model
 from app.engines.workers import Worker
 
 
@@ -21,10 +20,7 @@ class Engines:
     """The three models, one worker thread each (a model runs one job at a time, in arrival order),
     and the VAD and Smart Turn models every session's listener shares."""
 
-    def __init__(
-        self, settings: Settings, asr: Transcriber, llm: ChatModel | RemoteChatModel, tts: TtsEngine
-    ) -> None:
-        self.settings = settings
+    def __init__(self, asr: Transcriber, llm: ChatModel | RemoteChatModel, tts: TtsEngine) -> None:
         self.asr = asr
         self.llm = llm
         self.tts = tts
@@ -35,11 +31,6 @@ class Engines:
         # The LLM's second context judges whether a turn's words are finished beside the reply.
         self.judge_worker = Worker("judge")
         self.tts_worker = Worker("tts")
-
-    def describe(self) -> dict[str, str]:
-        s = self.settings
-        tts = s.tts.csm.model if s.tts.engine == "csm" else s.tts.piper.model
-        return {"asr": s.asr.model, "llm": s.llm.model, "tts": tts}
 
     def llm_backend(self) -> str:
         """Where the language model runs: in this process, or on an OpenAI-compatible server (its

@@ -223,21 +223,6 @@ def announce(host: str, port: int, tls: TlsFiles | None, token: str | None = Non
 # ---------------------------------------------------------------- command line
 
 
-def tls_files(*, lan: bool, cert: Path | None, key: Path | None) -> TlsFiles | None:
-    """The TLS files `serve` should use: the user's own (--cert/--key), a self-signed one for --lan,
-    or None for plain HTTP on localhost (a secure context already, so the microphone works)."""
-    from app.config import ConfigError
-
-    if (cert is None) != (key is None):
-        raise ConfigError("--cert and --key go together: give both files or neither")
-    if cert is not None and key is not None:
-        for flag, path in (("--cert", cert), ("--key", key)):
-            if not path.is_file():
-                raise ConfigError(f"{flag} {path}: no such file")
-        return TlsFiles(cert, key)
-    return ensure_certificate() if lan else None
-
-
 def uvicorn_tls(tls: TlsFiles | None) -> dict[str, str]:
     """uvicorn.run()/Config keyword arguments that turn on HTTPS (none for plain HTTP)."""
     return {} if tls is None else {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}

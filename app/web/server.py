@@ -1,10 +1,10 @@
 """The Litestar app: page, health, status fragment, static files and the conversation WebSocket.
 
 `create_app` only wires them: routes, state, the access checks (access.py: Host, same-origin /ws, the
-`--lan` pairing token) and a lifespan that loads the models on a thread (startup.py) while the port is
-already open. A WebSocket on /ws goes next to ws.py's WsSession, the adapter in front of the
-conversation core (conversation.py); one on /v1/realtime to realtime.py's RealtimeSession, the OpenAI
-Realtime protocol over the same core.
+`--lan` pairing token) and a lifespan that loads the models on a thread (app/startup.py) while the port
+is already open. A WebSocket on /ws goes next to ws.py's WsSession, the adapter in front of the
+conversation core (app/core/conversation.py); one on /v1/realtime to realtime/session.py's
+RealtimeSession, the OpenAI Realtime protocol over the same core.
 """
 
 from __future__ import annotations
@@ -26,23 +26,23 @@ from litestar.response import Redirect, Template
 from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
-from app.web import access
-from app.core import events as ev
-from app.web import ws_protocol as p
 from app.config import Settings
-from app.engines.loaded import Engines
-from app.web.lan import LOOPBACK_NAMES, phone_url, qr_svg, token_link
-from app.engines.loading import LoadState, LoadStatus
+from app.core import events as ev
 from app.core.metrics import Metrics
-from app.web.realtime.session import RealtimeSession
-from app.web.realtime.protocol import encode as encode_realtime
-from app.web.realtime.replies import error_event
+from app.engines.loaded import Engines
+from app.engines.loading import LoadState, LoadStatus
 from app.startup import BackgroundLoad
+from app.web import access
+from app.web import ws_protocol as p
+from app.web.lan import LOOPBACK_NAMES, phone_url, qr_svg, token_link
+from app.web.realtime.errors import error_event
+from app.web.realtime.protocol import encode as encode_realtime
+from app.web.realtime.session import RealtimeSession
 from app.web.ws import WsSession
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: static/ and templates/ beside app/
 TITLE = "Voice assistant"
 
 
@@ -82,7 +82,7 @@ async def health(state: State) -> Response[dict[str, object]]:
     now: LoadState = state.loading.state
     if now.phase == "ready":
         engines: Engines = state.engines
-        return Response({"status": "ok", "preset": engines.settings.preset, **engines.describe(),
+        return Response({"status": "ok", "preset": state.settings.preset, **state.settings.models(),
                          "llm_backend": engines.llm_backend()})
     if now.phase == "failed":
         return Response({"status": "failed", "error": now.message}, status_code=500)
@@ -103,10 +103,9 @@ async def status(state: State) -> str:
             '<span hx-get="/status" hx-trigger="load delay:1s" hx-swap="outerHTML">'
             f'<span class="loading">Starting</span> · {html.escape(now.message)}</span>'
         )
-    engines: Engines = state.engines
-    d = engines.describe()
+    d = state.settings.models()
     return (
-        f'<span class="ok">Ready</span> · preset <b>{engines.settings.preset}</b> · '
+        f'<span class="ok">Ready</span> · preset <b>{state.settings.preset}</b> · '
         f"speech-to-text {_short(d['asr'])} · language model {_short(d['llm'])} · "
         f"voice {_short(d['tts'])}"
     )
@@ -134,12 +133,12 @@ async def conversation(socket: WebSocket, state: State) -> None:
     if state.loading.state.phase != "ready":
         await _not_yet(socket, state.loading.state)
         return
-    session = WsSession(state.engines, state.metrics)
+    session = WsSession(state.engines, state.settings, state.metrics)
     log.info("session %s opened from %s", session.id, socket.client)
     await session.serve(socket.receive, socket.send_text, socket.send_bytes)
 
 
-# The OpenAI Realtime protocol (realtime.py), for the SDKs and clients that speak it: the same
+# The OpenAI Realtime protocol (realtime/session.py), for the SDKs and clients that speak it: the same
 # checks (programs send the pairing token as `Authorization: Bearer`) and the same conversation core.
 @websocket("/v1/realtime", guards=[access.same_origin, access.require_pairing])
 async def realtime(socket: WebSocket, state: State) -> None:
@@ -148,7 +147,7 @@ async def realtime(socket: WebSocket, state: State) -> None:
     if state.loading.state.phase != "ready":
         await _not_yet(socket, state.loading.state, encode=lambda e: encode_realtime(error_event(e)))
         return
-    session = RealtimeSession(state.engines, state.metrics)
+    session = RealtimeSession(state.engines, state.settings, state.metrics)
     log.info("realtime session %s opened from %s", session.id, socket.client)
     await session.serve(socket.receive, socket.send_text)
 

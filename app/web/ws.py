@@ -15,13 +15,14 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from litestar.exceptions import WebSocketException
 
-from app.core import events as ev
-from app.web import ws_protocol as p
 from app.audio import StreamDecoder
+from app.config import Settings
+from app.core import events as ev
 from app.core.conversation import Conversation
-from app.engines.loaded import Engines
-from app.engines.llm import system_prompt_budget
 from app.core.metrics import Metrics
+from app.engines.llm import system_prompt_budget
+from app.engines.loaded import Engines
+from app.web import ws_protocol as p
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +32,12 @@ MAX_AUDIO_FRAME = 512 * 1024  # bytes; MediaRecorder sends ~2 KB every 100 ms
 class WsSession:
     """One /ws connection: socket and dispatch only; the conversation does the rest."""
 
-    def __init__(self, engines: Engines, metrics: Metrics | None = None) -> None:
+    def __init__(self, engines: Engines, settings: Settings, metrics: Metrics | None = None) -> None:
         self.engines = engines
-        self.conversation = Conversation(engines, metrics)
+        self.settings = settings
+        self.conversation = Conversation(engines, settings, metrics)
         self.id = self.conversation.id
-        self.limits = engines.settings.limits
+        self.limits = settings.limits
         self._decoder: StreamDecoder | None = None  # the recording being received
 
     async def serve(
@@ -51,9 +53,8 @@ class WsSession:
         self.conversation.start()  # counted open from here: no await before it lets another in
         writer: asyncio.Task[None] | None = None
         try:
-            described = self.engines.describe()
-            sample_rate, preset = self.engines.tts.sample_rate, self.engines.settings.preset
-            await send_text(p.encode_event(p.Ready(self.id, sample_rate, preset, **described)))
+            ready = p.Ready(self.id, self.engines.tts.sample_rate, self.settings.preset, **self.settings.models())
+            await send_text(p.encode_event(ready))
             writer = asyncio.create_task(self._write(send_text, send_bytes))
             while (message := await receive())["type"] != "websocket.disconnect":
                 if message.get("bytes") is not None:

@@ -9,8 +9,9 @@ from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from app.core import events as ev
 from app.audio import ASR_RATE
+from app.config import load_settings
+from app.core import events as ev
 from app.core.conversation import Conversation
 from app.engines.loaded import Engines
 from tests.support import JFK_TEXT, word_error_rate
@@ -20,7 +21,7 @@ Script = Callable[[Conversation, list[ev.Event]], Awaitable[None]]
 
 async def drive(engines: Engines, script: Script) -> list[ev.Event]:
     """Run a Conversation while `script(conversation, events)` talks to it; returns every event."""
-    conversation = Conversation(engines)
+    conversation = Conversation(engines, load_settings("cpu", environ={}))
     conversation.start()
     events: list[ev.Event] = []
 
@@ -125,10 +126,10 @@ def test_played_samples_zero_forgets_the_exchange(engines):
     async def script(conversation: Conversation, events: list[ev.Event]) -> None:
         conversation.say("Say hello.")
         end = await wait_for(events, turn_end(1))
-        assert conversation.history == [{"role": "user", "content": "Say hello."},
+        assert conversation.memory.history == [{"role": "user", "content": "Say hello."},
                                         {"role": "assistant", "content": end.reply}]
         conversation.interrupt(0)
-        assert conversation.history == []
+        assert conversation.memory.history == []
 
     run(engines, script)
 
@@ -139,13 +140,13 @@ def test_reset_ends_the_reply_and_queued_turns_and_forgets(engines):
         await wait_for(events, turn_end(1))
         (played,) = of(events, ev.ReplyAudioEnd)
         conversation.interrupt(played.samples)  # the listener heard all of it
-        assert len(conversation.history) == 2
+        assert len(conversation.memory.history) == 2
         conversation.say("Tell me a long story about the sea.")
         conversation.say("And one about ships.")  # queued behind the story
         await wait_for(events, lambda e: isinstance(e, ev.ReplyText) and e.turn == 2)
         conversation.reset()
         await wait_for(events, turn_end(2))
-        assert conversation.history == []
+        assert conversation.memory.history == []
 
     events = run(engines, script)
     assert [(e.turn, e.reason) for e in of(events, ev.TurnEnd)] == [(1, "completed"), (3, "interrupted"),
@@ -158,11 +159,11 @@ def test_a_long_history_is_cut_to_half_keeping_the_latest_exchanges(engines):
     past = [{"role": role, "content": f"{role} {i}"} for i in range(limit + 1) for role in ("user", "assistant")]
 
     async def script(conversation: Conversation, events: list[ev.Event]) -> None:
-        conversation.history.extend(past)
+        conversation.memory.history.extend(past)
         conversation.say("Hello!")
         end = await wait_for(events, turn_end(1))
         kept = past[-2 * (limit // 2) :]  # over the limit: cut to half, the oldest out first
-        assert conversation.history == [*kept, {"role": "user", "content": "Hello!"},
+        assert conversation.memory.history == [*kept, {"role": "user", "content": "Hello!"},
                                         {"role": "assistant", "content": end.reply}]
 
     run(engines, script)

@@ -65,7 +65,7 @@ async def _feed_until_quiet(jfk_pcm, verdict: float):
     from app.core.events import Options
     from app.core.listening import Listener
     from app.engines.smart_turn import SmartTurn
-    from app.core.turns import load_vad_model
+    from app.engines.vad import load_vad_model
 
     heard = _Heard()
     settings = TurnSettings(speculate_ms=96, pause_ms=200, end_silence_ms=1500)

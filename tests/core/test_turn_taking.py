@@ -13,18 +13,18 @@ import msgspec
 import numpy as np
 
 from app.audio import ASR_RATE
-from app.core.chunking import speakable
 from app.config import Settings
+from app.core.chunking import speakable
 from app.core.metrics import STAGES
 from tests.support import JFK_TEXT, encode_webm_opus, serving, speak, word_error_rate
-from tests.test_server import (
+from tests.web.test_server import (
     TIMEOUT,
     events_until_turn_end,
     of_type,
     send_recording,
     session,
 )
-from tests.test_ws import own_engines, served
+from tests.web.test_ws import own_engines, served
 
 
 def silence(seconds: float) -> np.ndarray:
@@ -60,7 +60,7 @@ def counter(url: str, name: str, label: str) -> float:
 def test_the_silence_rule_ends_a_turn_after_the_configured_silence(cpu_settings, engines, jfk_pcm):
     first_words = jfk_pcm[: int(2.9 * ASR_RATE)]  # "And so my fellow Americans", then a pause
     settings = with_turns(cpu_settings, end_of_turn="silence", end_silence_ms=500)
-    with served(own_engines(settings, engines)) as url:
+    with served(own_engines(engines), settings) as url:
         with session(url) as ws:
             send_recording(ws, encode_webm_opus(np.concatenate([first_words, silence(2)]), ASR_RATE))
             events, _ = events_until_turn_end(ws)
@@ -72,7 +72,7 @@ def test_the_silence_rule_ends_a_turn_after_the_configured_silence(cpu_settings,
 
 def test_a_finished_question_ends_at_its_first_pause_and_its_guess_is_used(cpu_settings, engines):
     question = speak(engines.tts, "What is the capital of France?", ASR_RATE)
-    with served(own_engines(cpu_settings, engines)) as url:
+    with served(own_engines(engines), cpu_settings) as url:
         # Smart Turn at a 200 ms pause; a longest pause far beyond the time the transcript and the
         # LLM's reading of the words take on a slow machine, so that only they can end the turn early.
         with session(url, end_silence_ms=4000) as ws:

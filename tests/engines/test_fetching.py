@@ -15,10 +15,10 @@ from tests.support import RecordingStatus
 
 def test_the_cpu_models_become_local_paths(cpu_settings):
     status = RecordingStatus()
-    local = fetch_models(cpu_settings, status)
-    assert (Path(local.settings.asr.model) / "model.bin").is_file()
-    assert Path(local.settings.llm.model).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert local.csm is None and local.settings.tts == cpu_settings.tts  # Piper resolves its own file
+    local = fetch_models(cpu_settings.asr, cpu_settings.llm, cpu_settings.tts, status)
+    assert (Path(local.asr.model) / "model.bin").is_file()
+    assert Path(local.llm.model).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert local.csm is None and local.tts == cpu_settings.tts  # Piper resolves its own file
     assert [(s.phase, s.message) for s in status.history] == [("loading", "checking the model files")]
 
 
@@ -29,7 +29,7 @@ def test_csm_files_are_found_by_its_loader_and_handed_to_its_engine(monkeypatch,
     folder = str(tmp_path)  # every reference a folder: each picks its own file from it
     csm = {"model": folder, "tokenizer": folder, "mimi": folder, "mimi_file": "mimi.safetensors"}
     settings = load_settings("cpu", {"tts": {"engine": "csm", "csm": csm}}, environ={})
-    local = fetch_models(settings, RecordingStatus())
+    local = fetch_models(settings.asr, settings.llm, settings.tts, RecordingStatus())
     assert local.csm == CsmFiles(
         checkpoint=[tmp_path / "ckpt.safetensors"], tokenizer=tmp_path / "tokenizer.json",
         mimi=tmp_path / "mimi.safetensors", hints={"rope_theta": 500000.0},

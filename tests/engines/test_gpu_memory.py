@@ -8,16 +8,17 @@ import pytest
 
 from app.config import load_settings
 from app.engines.gpu_memory import GpuMemory
+from app.startup import gpu_meter
 
 
 @pytest.mark.cuda
 def test_gpu_memory_is_skipped_without_a_gpu_model_or_cuda(cpu_settings):
-    assert GpuMemory.probe(cpu_settings) is None  # nothing on the GPU: torch is not even asked
+    assert gpu_meter(cpu_settings) is None  # nothing on the GPU: torch is not even asked
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the meter is real here (see the GPU test below)")
-    assert GpuMemory.probe(load_settings("gpu", environ={})) is None
+    assert gpu_meter(load_settings("gpu", environ={})) is None
 
 
 class FakeCuda:

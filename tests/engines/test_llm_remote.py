@@ -16,14 +16,14 @@ import msgspec
 import pytest
 
 from app.config import Settings, load_settings
-from app.engines.loaded import Engines
 from app.engines.llm import DEFAULT_SYSTEM_PROMPT, LlmSettings
 from app.engines.llm_remote import LlmServerError, RemoteChatModel, estimate_tokens
-from app.web.server import create_app
+from app.engines.loaded import Engines
 from app.startup import BackgroundLoad, cpu_fallback, load_and_warm
+from app.web.server import create_app
 from tests.llm_server import LlamaServer
 from tests.support import JFK_TEXT, RecordingStatus, free_port, serving
-from tests.test_server import events_until_turn_end, of_type, session
+from tests.web.test_server import events_until_turn_end, of_type, session
 
 QUESTION = "What is the capital of France?"
 STORY = "Tell me a long story about a brave little dragon and all of its friends."

@@ -15,11 +15,11 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from app.engines import loading
 from app import startup
 from app.config import load_settings
-from app.engines.loaded import Engines
 from app.core.events import ERROR_MESSAGES
+from app.engines import loading
+from app.engines.loaded import Engines
 from app.engines.loading import DownloadProgress, progress_text, watch_hub_download
 from tests.support import RecordingStatus, serving
 
@@ -137,7 +137,7 @@ def test_health_says_loading_until_ready_and_the_websocket_is_told(monkeypatch, 
         status.set("downloading", "downloading voice 1 of 2 GB (50%)", 1_000_000_000, 2_000_000_000)
         gate.wait(30)
         # The session's models in a fresh Engines: closing it at shutdown stops only its own workers.
-        return settings, Engines(settings, engines.asr, engines.llm, engines.tts)
+        return settings, Engines(engines.asr, engines.llm, engines.tts)
 
     monkeypatch.setattr(startup, "load_engines", held_load)
     with serving(create_app(cpu_settings)) as url:

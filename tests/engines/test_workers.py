@@ -208,8 +208,7 @@ def test_a_cancelled_reply_never_calls_the_models_for_its_queued_jobs(held, expe
 
     async def main():
         llm_worker, tts_worker = Worker("llm"), Worker("tts")
-        engines = SimpleNamespace(llm=CountingLlm(), tts=CountingTts(), llm_worker=llm_worker,
-                                  tts_worker=tts_worker, settings=SimpleNamespace(chunking=ChunkSettings()))
+        engines = SimpleNamespace(llm=CountingLlm(), tts=CountingTts(), llm_worker=llm_worker, tts_worker=tts_worker)
         started, release = threading.Event(), threading.Event()
 
         def busy():
@@ -219,7 +218,7 @@ def test_a_cancelled_reply_never_calls_the_models_for_its_queued_jobs(held, expe
         blockers = [asyncio.ensure_future((llm_worker if held == "llm" else tts_worker).run(busy))]
         await asyncio.to_thread(started.wait, 10)
         reply = asyncio.ensure_future(make_reply(
-            engines, [], Reply(16000), temperature=None, voice=None,
+            engines, [], Reply(16000), chunking=ChunkSettings(), temperature=None, voice=None,
             on_text=lambda piece: None, on_audio=lambda chunk, first: None,
         ))
         await asyncio.sleep(0.2)  # its next job waits in the held worker's queue

@@ -20,14 +20,13 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from app.web import access
-from app.web import lan
 from app.cli import lan_token, main
 from app.config import Settings, load_settings
 from app.engines.loaded import Engines
+from app.web import access, lan
 from tests.conftest import PairedServer
 from tests.support import serving
-from tests.test_lan import read_qr, svg_modules, text_modules
+from tests.web.test_lan import read_qr, svg_modules, text_modules
 
 LAN_IP = "192.168.77.5"
 

@@ -15,10 +15,10 @@ import pytest
 from cryptography import x509
 from websockets.sync.client import connect
 
-from app.web import lan
-from app.cli import main
+from app.cli import main, tls_files
 from app.config import Settings
 from app.engines.loaded import Engines
+from app.web import lan
 from tests.support import serving
 
 LAN_IP = "192.168.77.5"  # an address the test pretends the machine has on its network
@@ -44,9 +44,9 @@ def test_certificate_is_made_once_and_covers_the_lan_ip(tmp_path: Path) -> None:
 
 def test_given_cert_and_key_are_used_as_they_are(tmp_path: Path) -> None:
     made = lan.ensure_certificate(tmp_path, ips=[LAN_IP])
-    given = lan.tls_files(lan=True, cert=made.cert, key=made.key)
+    given = tls_files(lan=True, cert=made.cert, key=made.key)
     assert given == lan.TlsFiles(made.cert, made.key) and not given.self_signed
-    assert lan.tls_files(lan=False, cert=None, key=None) is None  # plain http on localhost
+    assert tls_files(lan=False, cert=None, key=None) is None  # plain http on localhost
 
 
 @pytest.mark.parametrize(

@@ -18,16 +18,17 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from app.core import events as ev
 from app.config import Settings
-from app.engines.loaded import Engines
+from app.core import events as ev
 from app.core.events import ERROR_MESSAGES
 from app.core.limits import LimitSettings
-from app.core.turns import WINDOW, Event, StreamingVad, TurnDetector
+from app.core.turns import Event, TurnDetector
+from app.engines.loaded import Engines
+from app.engines.vad import WINDOW, StreamingVad
+from tests.core.test_conversation import run, turn_end, wait_for
 from tests.support import raw_client, send_text_frame
-from tests.test_conversation import run, turn_end, wait_for
-from tests.test_server import of_type, session
-from tests.test_ws import STORY, SpyLlm, events_until, own_engines, send, served, turn_ends
+from tests.web.test_server import of_type, session
+from tests.web.test_ws import STORY, SpyLlm, events_until, own_engines, send, served, turn_ends
 
 TIMEOUT = 120
 
@@ -49,7 +50,7 @@ def a_turn_completes(ws, turn: int) -> None:
 
 
 def test_past_max_sessions_the_next_is_told_busy_and_the_others_go_on(cpu_settings, engines, app_log):
-    with served(own_engines(limited(cpu_settings, max_sessions=2), engines)) as url:
+    with served(own_engines(engines), limited(cpu_settings, max_sessions=2)) as url:
         with session(url) as first, session(url) as second:
             with connect(url.replace("http", "ws") + "/ws") as third:
                 error = json.loads(third.recv(timeout=10))  # instead of `ready`
@@ -64,14 +65,14 @@ def test_past_max_sessions_the_next_is_told_busy_and_the_others_go_on(cpu_settin
 
 def test_a_frame_over_max_frame_bytes_is_refused_unread_and_others_go_on(cpu_settings, engines):
     settings = limited(cpu_settings, max_frame_bytes=600 * 1024)
-    with served(own_engines(settings, engines)) as url, session(url) as other, session(url) as ws:
+    with served(own_engines(engines), settings) as url, session(url) as other, session(url) as ws:
         ws.send(bytes(600 * 1024 + 1))
         assert_closed(ws, 1009)  # "message too big": uvicorn stops at the header, never reads it whole
         a_turn_completes(other, 1)
 
 
 def test_a_text_over_max_text_chars_is_refused_and_the_session_goes_on(cpu_settings, engines, app_log):
-    with served(own_engines(cpu_settings, engines)) as url, session(url) as ws:
+    with served(own_engines(engines), cpu_settings) as url, session(url) as ws:
         send(ws, "text", text="a" * 2001)
         send(ws, "text", text="Hi there.")
         events = events_until(ws, 1)  # the refused text made no turn
@@ -86,7 +87,7 @@ def test_a_system_prompt_that_leaves_no_room_is_refused_at_hello(cpu_settings, e
     settings = limited(cpu_settings, prompt_room_tokens=1500)
     llm = SpyLlm(engines.llm)
     llm.count_tokens = engines.llm.count_tokens
-    with served(own_engines(settings, engines, llm=llm)) as url, session(url) as ws:
+    with served(own_engines(engines, llm=llm), settings) as url, session(url) as ws:
         send(ws, "hello", system_prompt="You are a very helpful assistant. " * 100)  # about 600 tokens
         send(ws, "text", text="Hi there.")
         events = events_until(ws, 1)
@@ -111,8 +112,8 @@ def test_typing_while_two_turns_wait_drops_the_oldest(engines: Engines):
     assert {e.turn for e in events if isinstance(e, ev.Transcript)} == {4, 5}
 
 
-def test_max_turn_s_holds_when_the_audio_comes_faster_than_real_time(engines, jfk_pcm):
-    settings = msgspec.structs.replace(engines.settings.turns, max_turn_s=3.0)
+def test_max_turn_s_holds_when_the_audio_comes_faster_than_real_time(cpu_settings, engines, jfk_pcm):
+    settings = msgspec.structs.replace(cpu_settings.turns, max_turn_s=3.0)
     detector = TurnDetector(settings, StreamingVad(engines.vad_model))
     found = detector.feed(jfk_pcm)  # 11 s of speech in one go, as a flooding client sends it
     turns = [detector.take_turn()[0] for event in found if event is Event.TURN_ENDED]
@@ -158,8 +159,8 @@ def a_story_nobody_reads(cpu_settings, engines) -> Iterator[tuple[str, socket.so
     """A server whose outgoing cap is CAP, and a raw client that asked it for a long-winded story and
     reads nothing; yields (the server's URL, that client's socket)."""
     settings = limited(cpu_settings, max_outgoing_bytes=CAP)
-    slow = own_engines(settings, engines, llm=SpyLlm(engines.llm, max_tokens=200), tts=LongWindedVoice(engines.tts))
-    with served(slow) as url:
+    slow = own_engines(engines, llm=SpyLlm(engines.llm, max_tokens=200), tts=LongWindedVoice(engines.tts))
+    with served(slow, settings) as url:
         silent = raw_client(url)
         try:
             send_text_frame(silent, json.dumps({"type": "text", "text": STORY}))

@@ -28,7 +28,7 @@ from app.config import Settings
 from app.engines.loaded import Engines
 from app.web.realtime.protocol import RATE
 from tests.support import JFK_TEXT, recording, resample, said_so_far, speak, word_error_rate, words
-from tests.test_ws import QUESTION, STORY, TIMEOUT, SpyLlm, SpyVoice, own_engines, played_share, served
+from tests.web.test_ws import QUESTION, STORY, TIMEOUT, SpyLlm, SpyVoice, own_engines, played_share, served
 
 STRICT = TypeAdapter(RealtimeServerEvent)
 CHUNK_MS = 100  # what a microphone client sends at a time
@@ -157,7 +157,7 @@ def test_a_typed_turn_is_answered_in_24_khz_speech_and_remembered(cpu_settings, 
     # The steady voice: with the preset's sampling noise, tiny.en heard one rendition as "Ispider has
     # eight lugs" (CI, 2026-11-29), about one in forty.
     llm, voice = GreedyLlm(engines.llm), SpyVoice(steady_voice)
-    with served(own_engines(cpu_settings, engines, llm=llm, tts=voice)) as url, connect(url) as conn:
+    with served(own_engines(engines, llm=llm, tts=voice), cpu_settings) as url, connect(url) as conn:
         events = ask(conn, TYPED)
         phrases = [text for text, _ in voice.spoken]
         events += ask(conn, "Say that again.")
@@ -180,7 +180,7 @@ def test_a_typed_turn_is_answered_in_24_khz_speech_and_remembered(cpu_settings, 
 
 def test_the_voice_is_resampled_to_24_khz_without_losing_or_adding_time(cpu_settings, engines):
     voice = SpyVoice(engines.tts)
-    with served(own_engines(cpu_settings, engines, tts=voice)) as url, connect(url) as conn:
+    with served(own_engines(engines, tts=voice), cpu_settings) as url, connect(url) as conn:
         events = ask(conn, QUESTION)
     (done,) = of(events, "response.done")
     made = sum(samples for _, samples in voice.spoken)  # at the voice's own 22.05 kHz
@@ -219,7 +219,7 @@ def test_committed_audio_is_transcribed_and_answered_on_response_create(live_ser
 def test_a_cancel_mid_reply_ends_it_cancelled_and_keeps_at_most_what_was_sent(cpu_settings, engines):
     llm, voice = SpyLlm(engines.llm, max_tokens=80), SpyVoice(engines.tts)
     voice.hold_after(1)  # the reply stops being made after its first phrase
-    with served(own_engines(cpu_settings, engines, llm=llm, tts=voice)) as url, connect(url) as conn:
+    with served(own_engines(engines, llm=llm, tts=voice), cpu_settings) as url, connect(url) as conn:
         conn.conversation.item.create(item=text_item(STORY))
         conn.response.create()
         try:
@@ -258,7 +258,7 @@ def test_a_cancel_right_after_response_create_stops_it_before_it_speaks(live_ser
 def test_a_truncate_keeps_exactly_the_words_the_client_played(cpu_settings, engines):
     """The reply was all sent and the client's player stopped it mid-way, at audio_end_ms."""
     llm, voice = SpyLlm(engines.llm, max_tokens=60), SpyVoice(engines.tts)
-    with served(own_engines(cpu_settings, engines, llm=llm, tts=voice)) as url, connect(url) as conn:
+    with served(own_engines(engines, llm=llm, tts=voice), cpu_settings) as url, connect(url) as conn:
         events = ask(conn, STORY)
         assert len(voice.spoken) >= 2, voice.spoken
         played, heard = played_share(voice.spoken)
@@ -273,7 +273,7 @@ def test_a_truncate_keeps_exactly_the_words_the_client_played(cpu_settings, engi
 
 
 def test_a_late_truncate_of_the_previous_reply_never_stops_the_next_one(cpu_settings, engines):
-    with served(own_engines(cpu_settings, engines)) as url, connect(url) as conn:
+    with served(own_engines(engines), cpu_settings) as url, connect(url) as conn:
         first = ask(conn, QUESTION)
         item_id = of(first, "response.output_item.added")[0]["item"]["id"]
         conn.conversation.item.create(item=text_item("And Germany?"))
@@ -290,7 +290,7 @@ def test_speech_during_a_reply_cancels_it_and_is_answered(cpu_settings, engines)
     voice = SpyVoice(engines.tts)
     voice.hold_after(1)  # the reply is still being made while the user speaks
     question = np.concatenate([speak(engines.tts, QUESTION, RATE), np.zeros(2 * RATE, np.float32)])
-    with served(own_engines(cpu_settings, engines, tts=voice)) as url, connect(url) as conn:
+    with served(own_engines(engines, tts=voice), cpu_settings) as url, connect(url) as conn:
         conn.conversation.item.create(item=text_item(STORY))
         conn.response.create()
         try:
@@ -368,7 +368,7 @@ def test_malformed_unknown_and_unsupported_events_are_answered_with_an_error_and
 def test_past_max_sessions_a_client_is_told_busy_and_closed(cpu_settings: Settings, engines: Engines):
     limits = msgspec.structs.replace(cpu_settings.limits, max_sessions=1)
     settings = msgspec.structs.replace(cpu_settings, limits=limits)
-    with served(own_engines(settings, engines)) as url, connect(url):
+    with served(own_engines(engines), settings) as url, connect(url):
         client = OpenAI(base_url=f"{url}/v1", api_key="local")
         with client.realtime.connect(model="local") as second:
             busy = receive(second)

@@ -12,9 +12,9 @@ import numpy as np
 from websockets.sync.client import ClientConnection, connect
 
 from app.audio import ASR_RATE
-from app.engines.loaded import Engines
 from app.core.events import ERROR_MESSAGES
 from app.core.reply import JITTER_BUFFER_S
+from app.engines.loaded import Engines
 from tests.support import JFK_TEXT, encode_webm_opus, serving, word_error_rate
 
 TIMEOUT = 120  # seconds for one turn; the cpu preset on 2 cores needs a few
@@ -202,7 +202,7 @@ class BrokenVoice:
 def test_a_failing_stage_is_said_in_words_and_ends_the_turn(cpu_settings, engines, app_log):
     from app.web.server import create_app
 
-    broken = Engines(cpu_settings, engines.asr, engines.llm, BrokenVoice())
+    broken = Engines(engines.asr, engines.llm, BrokenVoice())
     with serving(create_app(cpu_settings, broken)) as url, session(url) as ws:
         ws.send(json.dumps({"type": "text", "text": "Hello!"}))
         events, _ = events_until_turn_end(ws)

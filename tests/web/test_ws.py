@@ -17,18 +17,18 @@ import numpy as np
 import pytest
 from websockets.sync.client import ClientConnection
 
-from app.engines.asr import Transcriber
 from app.audio import ASR_RATE
 from app.config import Settings
-from app.engines.loaded import Engines
 from app.core.events import ERROR_MESSAGES
+from app.engines.asr import Transcriber
 from app.engines.llm import ChatModel, Message, Prompt
-from app.web.server import create_app
+from app.engines.loaded import Engines
 from app.engines.tts.base import TtsEngine
 from app.engines.workers import Worker
+from app.web.server import create_app
 from app.web.ws import MAX_AUDIO_FRAME
 from tests.support import JFK_TEXT, encode_webm_opus, said_so_far, serving, speak, word_error_rate, words
-from tests.test_server import next_event, of_type, send_recording, session
+from tests.web.test_server import next_event, of_type, send_recording, session
 
 # ---------------------------------------------------------------- over the real /ws, with spies
 #
@@ -171,15 +171,15 @@ class WatchedWorker:
         return getattr(self._worker, name)
 
 
-def own_engines(settings: Settings, engines: Engines, *, asr=None, llm=None, tts=None) -> Engines:
+def own_engines(engines: Engines, *, asr=None, llm=None, tts=None) -> Engines:
     """The real models (or wrappers of them) behind worker threads of this test's own."""
-    return Engines(settings, asr or engines.asr, llm or SpyLlm(engines.llm), tts or engines.tts)
+    return Engines(asr or engines.asr, llm or SpyLlm(engines.llm), tts or engines.tts)
 
 
 @contextmanager
-def served(engines: Engines) -> Iterator[str]:
+def served(engines: Engines, settings: Settings) -> Iterator[str]:
     try:
-        with serving(create_app(engines.settings, engines)) as url:
+        with serving(create_app(settings, engines)) as url:
             yield url
     finally:
         # Every job of this test ends before the next test runs the same models on other threads.
@@ -248,7 +248,7 @@ def question_pieces(engines: Engines) -> list[bytes]:
 def test_reset_ends_queued_turns_stops_the_reply_and_forgets_the_history(cpu_settings, engines, jfk_pcm):
     llm, voice = SpyLlm(engines.llm), SpyVoice(engines.tts)
     pieces = encode_webm_opus(jfk_pcm, ASR_RATE)
-    with served(own_engines(cpu_settings, engines, llm=llm, tts=voice)) as url, \
+    with served(own_engines(engines, llm=llm, tts=voice), cpu_settings) as url, \
             session(url, mode="push_to_talk", temperature=0.0) as ws:
         send(ws, "text", text=QUESTION)
         samples = next_event(ws, "audio_end")["samples"]
@@ -285,7 +285,7 @@ def test_an_audio_frame_over_the_limit_is_refused_and_nothing_else_is_lost(
     cpu_settings, engines, question_pieces, app_log
 ):
     half = len(question_pieces) // 2
-    with served(own_engines(cpu_settings, engines)) as url, session(url) as ws:
+    with served(own_engines(engines), cpu_settings) as url, session(url) as ws:
         send(ws, "audio_start")
         for piece in question_pieces[:half]:
             ws.send(piece)
@@ -303,7 +303,7 @@ def test_an_audio_frame_over_the_limit_is_refused_and_nothing_else_is_lost(
 
 
 def test_audio_without_audio_start_is_decoded_and_answered(cpu_settings, engines, question_pieces):
-    with served(own_engines(cpu_settings, engines)) as url, session(url) as ws:
+    with served(own_engines(engines), cpu_settings) as url, session(url) as ws:
         for piece in question_pieces:
             ws.send(piece)
         send(ws, "audio_stop")
@@ -317,7 +317,7 @@ def test_audio_without_audio_start_is_decoded_and_answered(cpu_settings, engines
 def test_an_interrupt_mid_reply_keeps_exactly_the_words_played(cpu_settings, engines):
     llm, voice = SpyLlm(engines.llm, max_tokens=80), SpyVoice(engines.tts)
     voice.hold_after(2)  # the reply stops being made after its second phrase
-    with served(own_engines(cpu_settings, engines, llm=llm, tts=voice)) as url, \
+    with served(own_engines(engines, llm=llm, tts=voice), cpu_settings) as url, \
             session(url, temperature=0.0) as ws:
         send(ws, "text", text=STORY)
         try:
@@ -342,7 +342,7 @@ def test_an_interrupt_mid_reply_keeps_exactly_the_words_played(cpu_settings, eng
 def test_an_interrupt_after_the_reply_keeps_exactly_the_words_played(cpu_settings, engines):
     """The reply was all sent, and the page was still playing it when the user stopped it."""
     llm, voice = SpyLlm(engines.llm, max_tokens=60), SpyVoice(engines.tts)
-    with served(own_engines(cpu_settings, engines, llm=llm, tts=voice)) as url, \
+    with served(own_engines(engines, llm=llm, tts=voice), cpu_settings) as url, \
             session(url, temperature=0.0) as ws:
         send(ws, "text", text=STORY)
         events = events_until(ws, 1)
@@ -374,7 +374,7 @@ def test_a_failed_reply_ends_its_turn_once_and_the_session_goes_on(
     cpu_settings, engines, llm_kind, code, says, app_log
 ):
     """The client hears the code's one message; what failed inside goes to the log only."""
-    with served(own_engines(cpu_settings, engines, llm=llm_kind(engines.llm))) as url, session(url) as ws:
+    with served(own_engines(engines, llm=llm_kind(engines.llm)), cpu_settings) as url, session(url) as ws:
         send(ws, "text", text=QUESTION)
         events = events_until(ws, 1)
         send(ws, "text", text=QUESTION)  # sent earlier, it would have cut the first turn off
@@ -393,7 +393,7 @@ def test_a_failed_transcription_ends_its_turn_once_and_the_session_goes_on(
     turns = msgspec.structs.replace(cpu_settings.turns, interim_every_ms=0)
     settings = msgspec.structs.replace(cpu_settings, turns=turns)
     asr = CrashingAsr(engines.asr)
-    with served(own_engines(settings, engines, asr=asr)) as url, session(url) as ws:
+    with served(own_engines(engines, asr=asr), settings) as url, session(url) as ws:
         send_recording(ws, question_pieces)
         first = events_until(ws, 1)
         send_recording(ws, question_pieces)
@@ -409,9 +409,9 @@ def test_a_failed_transcription_ends_its_turn_once_and_the_session_goes_on(
 
 def test_a_client_that_leaves_mid_reply_frees_its_queued_work(cpu_settings, engines):
     voice = SpyVoice(engines.tts)
-    own = own_engines(cpu_settings, engines, tts=voice)
+    own = own_engines(engines, tts=voice)
     own.tts_worker = watched = WatchedWorker(own.tts_worker)
-    with served(own) as url:
+    with served(own, cpu_settings) as url:
         release = occupy(own.tts_worker)  # another session's long phrase holds the voice
         try:
             with session(url) as ws:
@@ -443,7 +443,7 @@ def test_hello_mid_recording_applies_to_the_turn_being_spoken(cpu_settings, engi
     # The fixed silence rule: with the smart one a pause can end the turn before the longest silence.
     turns = msgspec.structs.replace(cpu_settings.turns, end_of_turn="silence")
     settings = msgspec.structs.replace(cpu_settings, turns=turns)
-    with served(own_engines(settings, engines)) as url, session(url, end_silence_ms=500) as ws:
+    with served(own_engines(engines), settings) as url, session(url, end_silence_ms=500) as ws:
         send(ws, "audio_start")
         for piece in head:
             ws.send(piece)

@@ -18,6 +18,7 @@ import numpy as np
 
 from app.core import events as ev
 from app.web.realtime import protocol as rt
+from app.web.realtime.errors import error_event
 
 NO_SPEECH = "Nothing was heard in the audio."
 
@@ -104,7 +105,6 @@ class Replies:
         self._stop = stop
         self.conversation_id = f"conv_{conversation_id}"
         self.transcribe = True  # send input transcription events (session's audio.input.transcription)
-        self.input_samples = 0  # 24 kHz samples the client has appended, for the VAD events' times
         self.last_item_id: str | None = None
         self.last_reply_item: str | None = None  # the latest assistant item
         self.last_reply_samples = 0  # how long its voice is, in the voice's own samples
@@ -312,9 +312,3 @@ def _status(response: Response, reason: str) -> tuple[str, rt.StatusDetails | No
     else:
         error = error_event(response.error or ev.error("internal_error")).error
     return "failed", rt.StatusDetails("failed", error=error)
-
-
-def error_event(error: ev.Error) -> rt.Error:
-    """One of the core's errors (app/core/events.py), in this protocol's shape."""
-    kind = "invalid_request_error" if error.code in ("too_long", "bad_message", "bad_audio") else "server_error"
-    return rt.Error(error=rt.ErrorInfo(kind, error.code, error.message))

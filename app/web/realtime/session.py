@@ -8,44 +8,26 @@ its voice resampled to 24 kHz PCM16 in base64.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
 import msgspec
-import numpy as np
 from litestar.exceptions import WebSocketException
 
+from app.config import Settings
 from app.core import events as ev
-from app.web.realtime import protocol as rt
-from app.audio import ASR_RATE
 from app.core.conversation import Conversation
-from app.engines.loaded import Engines
-from app.core.listening import Listener
-from app.engines.llm import system_prompt_budget
 from app.core.metrics import Metrics
-from app.web.realtime.replies import Replies, Resampler, UserItem, error_event, new_id
-from app.web.ws import MAX_AUDIO_FRAME
+from app.engines.llm import system_prompt_budget
+from app.engines.loaded import Engines
+from app.web.realtime import protocol as rt
+from app.web.realtime.audio_in import InputAudio
+from app.web.realtime.errors import Refused, error_event, refusal
+from app.web.realtime.items import Items
+from app.web.realtime.replies import Replies
 
 log = logging.getLogger(__name__)
-
-# What each refused client event is told; the details go to the log.
-MESSAGES = {
-    "invalid_event": "The event was not understood and was skipped.",
-    "unknown_event": "This server does not know that event type; it was skipped.",
-    "unsupported": "This server does not support that (see the README's OpenAI Realtime section).",
-    "invalid_value": "A setting is out of range (silence_duration_ms: 100 to 5000; instructions: at most 4000 "
-                     "characters).",
-    "invalid_audio": "The audio is not base64 PCM16 at 24 kHz, or is too long for one event.",
-    "input_audio_buffer_commit_empty": "There is no audio to commit.",
-    "buffer_full": "The input audio buffer holds the longest turn already; commit or clear it first.",
-    "no_input": "Nothing new to answer: add a user message or commit audio first.",
-    "conversation_already_has_active_response": "A response is in progress; cancel it first.",
-    "response_cancel_not_active": "There is no response in progress to cancel.",
-    "item_not_found": "Only the latest assistant reply can be truncated.",
-}
 
 
 @dataclass(frozen=True)
@@ -59,31 +41,24 @@ class Setup:
     transcription: rt.Transcription | None = rt.Transcription(model="whisper")
 
 
-class Refused(Exception):
-    """A client event that is answered with an `error` and otherwise skipped."""
-
-    def __init__(self, code: str, param: str | None = None, *, kind: str = "invalid_request_error") -> None:
-        super().__init__(code)
-        self.code, self.param, self.kind = code, param, kind
-
-
 class RealtimeSession:
-    """One /v1/realtime connection: socket, dispatch and the input audio; replies are Replies' job."""
+    """One /v1/realtime connection: the socket, event dispatch and session.update. The input audio is
+    InputAudio's job (audio_in.py), items and responses Items' (items.py), the conversation's events
+    Replies' (replies.py)."""
 
-    def __init__(self, engines: Engines, metrics: Metrics | None = None) -> None:
+    def __init__(self, engines: Engines, settings: Settings, metrics: Metrics | None = None) -> None:
         self.engines = engines
-        self.conversation = Conversation(engines, metrics)
+        self.settings = settings
+        self.conversation = Conversation(engines, settings, metrics)
         self.id = self.conversation.id
-        self.limits = engines.settings.limits
+        self.limits = settings.limits
         self.setup = Setup(instructions=engines.llm.settings.system_prompt, voice="default")
         self.replies = Replies(self.conversation.id, stop=lambda: self.conversation.interrupt(None, cause="client"))
+        self.audio = InputAudio(self.conversation, settings.turns.max_turn_s)
+        self.items = Items(self.conversation, self.replies, self.audio, self.limits)
         self._send_text: Callable[[str], Awaitable[None]] | None = None
         self._send_lock = asyncio.Lock()
         self._events = 0
-        self._listener: Listener | None = None  # server VAD: the stream being listened to
-        self._input: Resampler | None = None  # 24 kHz in -> 16 kHz for the listener
-        self._buffer: list[np.ndarray] = []  # manual commits: the audio not yet committed (16 kHz)
-        self._pending: list[UserItem] = []  # user items that response.create will answer
 
     # ------------------------------------------------------------ the socket
 
@@ -105,7 +80,7 @@ class RealtimeSession:
                     await self.on_message(data)
                 self._check_backlog()
         finally:
-            self._stop_listening()
+            self.audio.stop_listening()
             await self.conversation.close()
             if writer is not None:
                 await writer
@@ -141,7 +116,7 @@ class RealtimeSession:
     async def _write(self) -> None:
         """The conversation's events, translated, in order."""
         while (event := await self.conversation.next_event()) is not None:
-            for out in self.replies.translate(event, self._in_ms()):
+            for out in self.replies.translate(event, self.audio.ms):
                 if not await self._send(out):
                     return
 
@@ -174,24 +149,30 @@ class RealtimeSession:
             case rt.SessionUpdate():
                 return self._update(event.session)
             case rt.BufferAppend():
-                self._append(event.audio)
+                self.audio.append(event.audio, server_vad=self.setup.server_vad)
             case rt.BufferCommit():
                 return self._commit()
             case rt.BufferClear():
-                self._buffer, self._input = [], None
+                self.audio.clear()
                 return [rt.Cleared()]
             case rt.ItemCreate():
-                return self._create_item(event.item)
+                return self.items.create(event.item)
             case rt.ItemTruncate():
-                return self._truncate(event)
+                return self.items.truncate(event, self.engines.tts.sample_rate)
             case rt.ResponseCreate():
-                self._respond(event.response)
+                self.items.respond(event.response)
             case rt.ResponseCancel():
-                if not self.replies.active:
-                    raise Refused("response_cancel_not_active")
-                if self.replies.cancel():
-                    self.conversation.interrupt(None, cause="client")
+                self.items.cancel()
         return []
+
+    def _commit(self) -> list[rt.ServerEvent]:
+        """Manual turns: the buffer becomes a user item that response.create answers. With server VAD,
+        speech in progress ends its turn now (as /ws's audio_stop), announced as usual."""
+        if self.setup.server_vad:
+            self.audio.stop_listening()
+            return []
+        item = self.audio.commit()
+        return [rt.Committed(item_id=item.id, previous_item_id=self.replies.last_item_id), *self.items.add(item)]
 
     # ------------------------------------------------------------ session.update
 
@@ -213,7 +194,7 @@ class RealtimeSession:
         self.replies.transcribe = setup.transcription is not None
         self.conversation.configure(options)
         if not setup.server_vad:
-            self._stop_listening()  # speech in progress ends its turn, as when /ws's microphone stops
+            self.audio.stop_listening()  # speech in progress ends its turn, as when /ws's microphone stops
         return [rt.SessionUpdated(session=self._info())]
 
     def _merged(self, wanted: rt.SessionConfig) -> Setup:
@@ -254,135 +235,14 @@ class RealtimeSession:
         vad = rt.VadInfo(silence_duration_ms=s.silence_ms) if s.server_vad else None
         audio = rt.AudioInfo(input=rt.InputInfo(rt.Format(), vad, s.transcription),
                              output=rt.OutputInfo(rt.Format(), s.voice))
-        return rt.SessionInfo(id=f"sess_{self.id}", model=self.engines.describe()["llm"],
+        return rt.SessionInfo(id=f"sess_{self.id}", model=self.settings.models()["llm"],
                               instructions=s.instructions, audio=audio)
-
-    # ------------------------------------------------------------ input audio
-
-    def _append(self, audio: str) -> None:
-        pcm = _pcm16(audio)
-        if self._input is None:
-            self._input = Resampler(rt.RATE, ASR_RATE, "flt")
-        self.replies.input_samples += len(pcm)
-        heard = self._input.feed(pcm)
-        if self.setup.server_vad:
-            if self._listener is None:
-                self._listener = self.conversation.listen()
-            self._listener.feed(heard)
-        elif sum(map(len, self._buffer)) + len(heard) > self.engines.settings.turns.max_turn_s * ASR_RATE:
-            raise Refused("buffer_full")  # one committed turn is one core turn: never longer than that
-        else:
-            self._buffer.append(heard)
-
-    def _commit(self) -> list[rt.ServerEvent]:
-        """Manual turns: the buffer becomes a user item that response.create answers. With server VAD,
-        speech in progress ends its turn now (as /ws's audio_stop), announced as usual."""
-        if self.setup.server_vad:
-            self._stop_listening()
-            return []
-        if self._input is not None:
-            self._buffer.append(self._input.flush())
-            self._input = None
-        audio = np.concatenate(self._buffer) if self._buffer else np.zeros(0, np.float32)
-        self._buffer = []
-        if not len(audio):
-            raise Refused("input_audio_buffer_commit_empty")
-        item = UserItem(new_id("item"), audio=audio, seconds=len(audio) / ASR_RATE)
-        return [rt.Committed(item_id=item.id, previous_item_id=self.replies.last_item_id),
-                *self._add(item)]
-
-    def _stop_listening(self) -> None:
-        if self._listener is not None:
-            self._listener.end()  # speech in progress ends its turn
-            self._listener = None
-            self.conversation.stop_listening()
-
-    def _in_ms(self) -> int:
-        return self.replies.input_samples * 1000 // rt.RATE
-
-    # ------------------------------------------------------------ items and responses
-
-    def _create_item(self, wanted: rt.ItemIn) -> list[rt.ServerEvent]:
-        if wanted.type != "message" or wanted.role != "user" or len(wanted.content) != 1:
-            raise Refused("unsupported", "item")
-        (part,) = wanted.content
-        item_id = wanted.id or new_id("item")
-        if part.type == "input_text" and part.text and part.text.strip():
-            if len(part.text) > self.limits.max_text_chars:
-                raise Refused("too_long", "item.content")
-            return self._add(UserItem(item_id, text=part.text.strip()))
-        if part.type == "input_audio" and part.audio:
-            pcm = Resampler(rt.RATE, ASR_RATE, "flt").all(_pcm16(part.audio))
-            if len(pcm) > self.engines.settings.turns.max_turn_s * ASR_RATE:
-                raise Refused("too_long", "item.content")
-            return self._add(UserItem(item_id, audio=pcm, seconds=len(pcm) / ASR_RATE))
-        raise Refused("invalid_event", "item.content")
-
-    def _add(self, item: UserItem) -> list[rt.ServerEvent]:
-        self._pending.append(item)
-        return self.replies.user_item_added(item)
-
-    def _respond(self, params: rt.ResponseParams | None) -> None:
-        """Answer the user items added since the last response, as one turn of the core."""
-        if params is not None and (params.conversation == "none" or params.input is not None):
-            raise Refused("unsupported", "response.conversation" if params.conversation == "none"
-                          else "response.input")
-        if self.replies.active:
-            raise Refused("conversation_already_has_active_response")
-        items, self._pending = self._pending, []
-        if not items:
-            raise Refused("no_input")
-        audio = [item.audio for item in items if item.audio is not None]
-        if audio and len(audio) < len(items):
-            raise Refused("unsupported", "item.content")  # typed and spoken in one turn: not in the core
-        if self.conversation.memory.still_playing():
-            # The protocol's rule: a reply the client did not truncate was heard whole. Without this
-            # the core would cut it by its playback clock, as for the page's typing over its voice.
-            self.conversation.interrupt(self.replies.last_reply_samples)
-        self.replies.request(items, spoken=bool(audio))
-        if not audio:
-            self.conversation.say("\n".join(item.text or "" for item in items))
-            return
-        self._stop_listening()
-        options = self.conversation.options
-        self.conversation.configure(msgspec.structs.replace(options, mode="push_to_talk"))
-        listener = self.conversation.listen()  # push-to-talk: the turn is exactly this audio
-        listener.feed(np.concatenate(audio))
-        listener.end()
-        self.conversation.stop_listening()
-        self.conversation.configure(options)  # the ended listener keeps push-to-talk
-
-    def _truncate(self, event: rt.ItemTruncate) -> list[rt.ServerEvent]:
-        """The client played `audio_end_ms` of the latest reply: the history keeps what was heard."""
-        if event.item_id != self.replies.last_reply_item or event.audio_end_ms < 0:
-            raise Refused("item_not_found", "item_id")
-        if self.replies.truncating(event.item_id):
-            played = event.audio_end_ms * self.engines.tts.sample_rate // 1000  # in the voice's own samples
-            self.conversation.interrupt(played)
-        return [rt.ItemTruncated(item_id=event.item_id, content_index=event.content_index,
-                                 audio_end_ms=event.audio_end_ms)]
 
 
 _HANDLED = {cls.__struct_config__.tag for cls in rt.ClientEvent.__args__}  # type: ignore[attr-defined]
-
-
-def _pcm16(data: str) -> np.ndarray:
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise Refused("invalid_audio", "audio") from exc
-    if len(raw) % 2 or len(raw) > MAX_AUDIO_FRAME:
-        raise Refused("invalid_audio", "audio")
-    return np.frombuffer(raw, "<i2")
 
 
 def _speaker(voice: str | dict) -> int | None:
     """CSM's speaker ids may be given as the voice ("4"); any other name keeps the default voice."""
     name = voice.get("id", "") if isinstance(voice, dict) else voice
     return int(name) if isinstance(name, str) and name.isdigit() else None
-
-
-def refusal(refused: Refused, event_id: str | None) -> rt.Error:
-    message = MESSAGES.get(refused.code) or ev.ERROR_MESSAGES[refused.code]
-    return rt.Error(error=rt.ErrorInfo(refused.kind, refused.code, message, refused.param, event_id))
-

@@ -15,9 +15,10 @@ import msgspec
 import pytest
 import torch
 
-from app.engines.tts.csm.engine import CsmEngine, CsmSettings
+from app.engines.tts.csm.engine import CsmEngine
 from app.engines.tts.csm.generator import CsmGenerator, GenerationConfig, Segment
 from app.engines.tts.csm.model import CsmModel, CsmModelConfig
+from app.engines.tts.csm.settings import CsmSettings
 from app.engines.tts.csm.step import FrameStep, StepOutput, compile_mode
 
 GREEDY = GenerationConfig(topk=1, first_chunk_frames=2, chunk_frames=4)

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 from app.engines.models import ModelError
-from app.engines.tts.csm import CsmEngine, CsmSettings, CsmVoice, load_csm_engine
-from app.engines.tts.csm.engine import pick_device
+from app.engines.tts.csm.engine import CsmEngine, CsmVoice, load_csm_engine, pick_device
 from app.engines.tts.csm.generator import Segment
+from app.engines.tts.csm.settings import CsmSettings
 
 from .conftest import tiny_model, varying_frame
 
@@ -60,7 +60,8 @@ def test_settings_refuse_bad_values(bad: dict) -> None:
 
 
 def test_importing_the_engine_does_not_import_torch() -> None:
-    code = "import sys, app.engines.tts.csm as c; c.CsmSettings(); print('torch' in sys.modules)"
+    code = ("import sys, app.engines.tts.csm.engine, app.engines.tts.csm.settings as c; c.CsmSettings(); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

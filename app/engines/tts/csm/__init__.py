@@ -3,9 +3,6 @@
 model.py    the network (readable top to bottom, shapes in comments)
 loader.py   its files (each reference resolved by app/engines/models.py), checkpoint layouts, tokenizer, Mimi
 generator.py  frame step, on-device sampling, stops, streaming Mimi decode, context segments
-engine.py   the TtsEngine, its settings and load_csm_engine (cheap to import: no torch)
+engine.py   the TtsEngine and load_csm_engine (cheap to import: no torch)
+settings.py its settings (cheap to import too)
 """
-
-from app.engines.tts.csm.engine import CsmEngine, CsmSettings, CsmVoice, load_csm_engine
-
-__all__ = ["CsmEngine", "CsmSettings", "CsmVoice", "load_csm_engine"]

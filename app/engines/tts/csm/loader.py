@@ -36,7 +36,7 @@ from app.engines.tts.csm.model import FLAVORS, CsmModel, CsmModelConfig, LlamaSh
 
 if TYPE_CHECKING:
     from app.engines.loading import LoadStatus
-    from app.engines.tts.csm.engine import CsmSettings
+    from app.engines.tts.csm.settings import CsmSettings
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,25 @@
+"""A user turn on its way to be answered: what was said or typed, and when its end was heard and decided."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class PendingTurn:
+    id: int
+    t_speech_end: float  # perf_counter() when the user stopped speaking (or sent text)
+    t_decided: float  # when the end of the turn was decided
+    audio: np.ndarray | None = None
+    text: str | None = None
+    # A guess reports here how likely its words end the turn (None: no words, or no way to judge).
+    on_words: Callable[[float | None], None] | None = None
+
+    def words_judged(self, probability: float | None) -> None:
+        """Report once: a guess that fails or stops early reports None from its `finally`."""
+        if self.on_words is not None:
+            report, self.on_words = self.on_words, None
+            report(probability)

@@ -1,0 +1,41 @@
+"""How /v1/realtime says no: a refused client event, and the core's errors, as the protocol's `error`."""
+
+from __future__ import annotations
+
+from app.core import events as ev
+from app.web.realtime import protocol as rt
+
+# What each refused client event is told; the details go to the log.
+MESSAGES = {
+    "invalid_event": "The event was not understood and was skipped.",
+    "unknown_event": "This server does not know that event type; it was skipped.",
+    "unsupported": "This server does not support that (see the README's OpenAI Realtime section).",
+    "invalid_value": "A setting is out of range (silence_duration_ms: 100 to 5000; instructions: at most 4000 "
+                     "characters).",
+    "invalid_audio": "The audio is not base64 PCM16 at 24 kHz, or is too long for one event.",
+    "input_audio_buffer_commit_empty": "There is no audio to commit.",
+    "buffer_full": "The input audio buffer holds the longest turn already; commit or clear it first.",
+    "no_input": "Nothing new to answer: add a user message or commit audio first.",
+    "conversation_already_has_active_response": "A response is in progress; cancel it first.",
+    "response_cancel_not_active": "There is no response in progress to cancel.",
+    "item_not_found": "Only the latest assistant reply can be truncated.",
+}
+
+
+class Refused(Exception):
+    """A client event that is answered with an `error` and otherwise skipped."""
+
+    def __init__(self, code: str, param: str | None = None, *, kind: str = "invalid_request_error") -> None:
+        super().__init__(code)
+        self.code, self.param, self.kind = code, param, kind
+
+
+def refusal(refused: Refused, event_id: str | None) -> rt.Error:
+    message = MESSAGES.get(refused.code) or ev.ERROR_MESSAGES[refused.code]
+    return rt.Error(error=rt.ErrorInfo(refused.kind, refused.code, message, refused.param, event_id))
+
+
+def error_event(error: ev.Error) -> rt.Error:
+    """One of the core's errors (app/core/events.py), in this protocol's shape."""
+    kind = "invalid_request_error" if error.code in ("too_long", "bad_message", "bad_audio") else "server_error"
+    return rt.Error(error=rt.ErrorInfo(kind, error.code, error.message))
