@@ -1,1 +1,2 @@
-"""The engines: the models (speech-to-text, language model, voice, VAD, Smart Turn), their files and their worker threads."""
+"""The engines: the models (speech-to-text, language model, voice, VAD, Smart Turn), their files and their
+worker threads."""

@@ -123,7 +123,8 @@ class RemoteChatModel(ContextWindow):
         return estimate_tokens(text)
 
     async def write(self, prompt: ChatRequest, temperature: float | None = None) -> AsyncIterator[str]:
-        """The reply to `prompt`, piece by piece as the server streams it (app/core/pipeline.py's write_reply calls this)."""
+        """The reply to `prompt`, piece by piece as the server streams it (app/core/pipeline.py's
+        write_reply calls this)."""
         body = self._body(prompt.messages, temperature)
         try:
             # A client per reply: its connection closes with the reply, and none is bound to an event loop

@@ -1,8 +1,9 @@
 """Sesame CSM-1B as the `gpu` preset's TtsEngine: per-conversation voice memory, loading.
 
-Importing this module is cheap (no torch); its settings are in settings.py. `load_csm_engine` does the heavy part: it takes every file on disk (start-up's
-fetching resolves them through loader.resolve_files before any model loads, so a missing one fails
-fast), then loads the model, tokenizer, Mimi and the optional voice prompt.
+Importing this module is cheap (no torch); its settings are in settings.py. `load_csm_engine` does the
+heavy part: it takes every file on disk (start-up's fetching resolves them through loader.resolve_files
+before any model loads, so a missing one fails fast), then loads the model, tokenizer, Mimi and the
+optional voice prompt.
 """
 
 from __future__ import annotations
