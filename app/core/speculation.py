@@ -70,7 +70,8 @@ class Guesses:
         self._guess: Guess | None = None
 
     def hold(self, guess: Guess) -> None:
-        self.drop()
+        """Keep `guess` as the running one (the caller has dropped any earlier guess first)."""
+        assert self._guess is None, "a second guess while one runs"
         self._guess = guess
 
     def drop(self) -> None:
