@@ -72,6 +72,9 @@ def preset_values(preset: Preset) -> dict[str, Any]:
             "example": (),  # Llama-3.2-1B keeps to English without one
         },
         "tts": {"engine": "csm"},
+        # The end rule reads the words through the cpu preset's SmolLM2-135M, calibrated on tests/data/turns;
+        # Llama-3.2-1B's end-of-message probabilities lie on a scale of their own, not measured here.
+        "turns": {"decide_by": "sound"},
     }
 
 

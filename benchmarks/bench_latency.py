@@ -1,15 +1,15 @@
 """Voice-to-voice latency of whole spoken turns, measured like a browser would experience it, under two
 end-of-turn rules in one run: the old one (a fixed 500 ms of silence, nothing started before it) and
-the new one (the LLM's reading of the words, or Smart Turn's of the sound, at a 200 ms pause, with the
-transcript and the reply started on speculation at the first 96 ms of silence).
+the new one (app/core/end_rule.py: Smart Turn's verdict on the sound and the LLM's on the words, from a
+192 ms pause on, with the transcript and the reply started on speculation at the first 96 ms of silence).
 
 Streams spoken questions in real time over the WebSocket as the page sends them (--transport: Ogg/Opus, a page
 per 20 ms packet, as Chromium's page does with WebCodecs; or MediaRecorder's WebM in 60 ms frames), and times
 end of the user's speech -> first reply PCM received (the page starts playing a chunk this long at
 once). Then sentences from a real recording with a 0.6-1.0 s pause in the middle: were they cut in
-two, and how much later does their answer come. Last, every pause of every clip judged offline (sound,
-words, both) against whether the speaker had finished: the confusion counts. Prints a table, both
-medians and their ratio, and writes JSON. It starts the app in-process on the cpu preset:
+two, and how much later does their answer come (benchmarks/bench_turns.py judges the rules offline on
+real human speech). Prints a table, both medians and their ratio, and writes JSON. It starts the app
+in-process on the cpu preset:
 
     uv run python benchmarks/bench_latency.py --turns 5 --out bench-results/latency.json
 """
@@ -273,44 +273,6 @@ def _open_turns(arrivals: list[tuple[float, dict | None]]) -> bool:
     return events.count("speech_started") > events.count("turn_end")
 
 
-# ------------------------------------------------------------ every pause, judged offline
-
-
-def judge_pauses(engines, settings, clips: list[tuple[str, np.ndarray]]) -> dict:
-    """Feed each clip to a turn detector; at every 200 ms pause ask Smart Turn (sound) and the LLM
-    (words, on Whisper's transcript of the candidate) whether the turn is finished. Only a clip's
-    last pause is the speaker's real end. Returns the confusion counts of each rule (turns.decide_by),
-    and the rows."""
-    import msgspec
-
-    from app.core.listening import finished
-    from app.core.turns import Event, TurnDetector
-    from app.engines.vad import WINDOW, StreamingVad
-
-    settings, rows = settings.turns, []
-    for name, pcm in clips:
-        detector = TurnDetector(settings, StreamingVad(engines.vad_model))
-        stream = np.concatenate([pcm, np.zeros(2 * ASR_RATE, np.float32)])
-        found = []
-        for i in range(0, len(stream), WINDOW):
-            if Event.PAUSED in detector.feed(stream[i : i + WINDOW]):
-                found.append(detector.candidate()[0])
-        for n, audio in enumerate(found):
-            text = engines.asr.transcribe(audio)
-            words = engines.llm.end_of_turn_probability(engines.llm.build_messages([], text)) if text else None
-            rows.append({"clip": name, "at_s": round(len(audio) / ASR_RATE, 2), "finished": n == len(found) - 1,
-                         "text": text, "sound": round(engines.smart_turn.probability(audio), 4),
-                         "words": None if words is None else round(words, 4)})
-
-    def confusion(rule: str) -> dict:
-        ruled = msgspec.structs.replace(settings, decide_by=rule)
-        says = [(finished(r["sound"], r["words"], ruled), r["finished"]) for r in rows]
-        return {"ended_finished": says.count((True, True)), "waited_finished": says.count((False, True)),
-                "cut_unfinished": says.count((True, False)), "waited_unfinished": says.count((False, False))}
-
-    return {**{rule: confusion(rule) for rule in ("sound", "words", "both")}, "pauses": rows}
-
-
 # ------------------------------------------------------------ the run
 
 
@@ -376,7 +338,6 @@ def main() -> None:
         # it would wait for the server's threads at every send and receive (one Python lock for all).
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
             results, paused = client.submit(talk, urls, questions, cases, args.silence, args.transport).result()
-        judged = judge_pauses(engines, settings, [(t, s) for t, s in questions] + [(w, s) for w, s, _ in cases])
 
     for rule in ("old", "new"):
         report["questions"][rule] = {
@@ -393,7 +354,6 @@ def main() -> None:
                 v2v - report["questions"][rule]["median_voice_to_voice_ms"], 1),
             "sentences": paused[rule],
         }
-    report["pauses_judged_offline"] = judged
     old, new = (report["questions"][r]["median_voice_to_voice_ms"] for r in ("old", "new"))
     report["new_over_old"] = round(new / old, 3) if old and new else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -402,8 +362,6 @@ def main() -> None:
         q, p = report["questions"][rule], report["paused_sentences"][rule]
         print(f"{rule} rule: median voice-to-voice {q['median_voice_to_voice_ms']} ms, stages {q['median_stages_ms']}; "
               f"paused sentences cut {p['cut']}/{p['of']}, added delay {p['median_added_delay_ms']} ms")
-    for rule in ("sound", "words", "both"):
-        print(f"pauses judged by {rule}: {judged[rule]}")
     print(f"new/old median voice-to-voice: {report['new_over_old']}")
 
 

@@ -169,17 +169,11 @@ class Answering:
         c, (options, voice) = self._c, self._c.reply_options()
         messages = c.engines.llm.build_messages(c.memory.history, user_text, options.system_prompt)
         sample_rate = c.engines.tts.sample_rate
-        judging: asyncio.Future[None] | None = None
-
-        def judge() -> None:
-            """The words are judged beside the reply, not before it (the reply is the longer way),
-            from its first token on: its prompt, evaluated on every core, is done by then."""
-            nonlocal judging
-            if judging is None and turn.on_words is not None:
-                judging = asyncio.ensure_future(_judge_words(c, turn, messages))
+        # The words are judged beside the reply, as soon as they are known: the end of the turn waits for
+        # the verdict (app/core/end_rule.py), and the judge's one thread costs the reply little.
+        judging = asyncio.ensure_future(_judge_words(c, turn, messages)) if turn.on_words is not None else None
 
         def wrote(piece: str) -> None:
-            judge()
             gate.do(c.emit, ev.ReplyText(turn.id, piece))
 
         def sent(chunk: np.ndarray, first: bool) -> None:
@@ -194,7 +188,6 @@ class Answering:
                 c.engines, messages, reply, chunking=self._chunking, temperature=options.temperature, voice=voice,
                 on_text=wrote, on_audio=lambda chunk, first: gate.do(sent, chunk, first), confirmed=gate.confirmed,
             )
-            judge()
             if judging is not None:
                 await judging  # a short reply is written before its turn is confirmed
         finally:

@@ -1,9 +1,9 @@
 """Listening to one recording: its 16 kHz PCM goes through Silero VAD and the end-of-turn rules on a
 thread of its own, and what they find (speech started, an interim snapshot, a pause, speech after
 it, a finished turn, the end of the recording) is handed to the conversation on its event loop.
-At the first short silence the conversation starts answering the turn on speculation; at a pause,
-this thread decides whether the turn is finished, from the LLM's reading of the words (which the
-conversation sends back) and Smart Turn's hearing of the sound (run here).
+At the first short silence the conversation starts answering the turn on speculation; from a pause on,
+this thread ends the turn once the silence is as long as app/core/end_rule.py asks, from the LLM's
+reading of the words (which the conversation sends back) and Smart Turn's hearing of the sound (run here).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime
 
 from app.audio import ASR_RATE
+from app.core.end_rule import EndRule
 from app.core.events import Options
 from app.core.turns import Event, TurnDetector, TurnSettings
 from app.engines.smart_turn import SmartTurn
@@ -52,6 +53,7 @@ class _End:
 
 
 _UNREAD = object()  # the words of the candidate have not been judged yet
+_UNHEARD = object()  # nor its sound
 
 
 class _Words:
@@ -76,9 +78,10 @@ class Listener:
         # A VAD state of its own: the previous recording's thread may still be draining.
         self.detector = TurnDetector(settings, StreamingVad(vad_model))
         self._smart_turn = smart_turn if settings.end_of_turn == "smart" else None
-        self._settings = settings
+        self._rule = EndRule(settings)
         self._candidate: np.ndarray | None = None  # the turn as it stands since the current silence
         self._words_verdict: float | None | object = _UNREAD  # the LLM's, for the candidate
+        self._sound_verdict: float | None | object = _UNHEARD  # Smart Turn's
         self.apply(options)
         self.turns_found = 0
         self._inbox: queue.SimpleQueue[np.ndarray | _Words | _End] = queue.SimpleQueue()
@@ -114,6 +117,7 @@ class Listener:
             for start in range(0, len(item), WINDOW):
                 for event in self.detector.feed(item[start : start + WINDOW]):
                     self._report(event)
+                self._judge_pause()  # the silence grew: it may be long enough now
         if (event := self.detector.flush()) is not None:
             self._report(event)
         self._post(self._conversation.recording_ended, self, item.error)
@@ -125,7 +129,7 @@ class Listener:
             self._post(self._conversation.interim, self.detector.snapshot())
         elif event is Event.QUIET:
             audio, speech_end = self.detector.candidate()
-            self._candidate, self._words_verdict = audio, _UNREAD
+            self._candidate, self._words_verdict, self._sound_verdict = audio, _UNREAD, _UNHEARD
             self._post(self._conversation.paused, self, audio, self._time_of(speech_end))
         elif event is Event.PAUSED:
             self._judge_pause()
@@ -151,18 +155,19 @@ class Listener:
             self._judge_pause()
 
     def _judge_pause(self) -> None:
-        """Decide once per pause, when it is long enough (PAUSED) and the words are judged (the
-        sound alone needs no wait)."""
-        by = self._settings.decide_by
+        """End the paused turn once its silence is as long as the end rule asks for: checked at every
+        window of a pause, and when the words' verdict comes. Smart Turn hears the pause once."""
         if self._smart_turn is None or self._candidate is None or not self.detector.paused:
             return
-        words = None if by == "sound" else self._words_verdict
-        if words is _UNREAD:
-            return  # the transcript and the LLM's verdict are still on their way
-        audio, self._candidate = self._candidate, None
-        sound = self._sound(audio) if by != "words" or words is None else None
-        log.debug("end of turn at a pause: sound %s, words %s", sound, words)
-        if finished(sound, words, self._settings):  # type: ignore[arg-type]
+        if self._sound_verdict is _UNHEARD:
+            self._sound_verdict = self._sound(self._candidate)
+        due = self._words_verdict is _UNREAD
+        words = None if due else self._words_verdict
+        needed = self._rule.silence_needed_ms(self._sound_verdict, words, words_due=due)  # type: ignore[arg-type]
+        if self.detector.silence_ms >= needed:
+            log.debug("end of turn after %d ms: sound %s, words %s", self.detector.silence_ms,
+                      self._sound_verdict, words)
+            self._candidate = None
             self._report(self.detector.end_now())
 
     def _sound(self, audio: np.ndarray) -> float | None:
@@ -179,16 +184,3 @@ class Listener:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is gone: the conversation has ended
             pass
-
-
-def finished(sound: float | None, words: float | None, settings: TurnSettings) -> bool:
-    """The end-of-turn rule at a pause (turns.decide_by), from Smart Turn's probability for the
-    sound and the LLM's for the words (None: that one has no opinion). Anything short of finished
-    waits for the longer silence."""
-    heard = sound is not None and sound >= settings.smart_turn_threshold
-    read = words is not None and words >= settings.words_threshold
-    if settings.decide_by == "sound":
-        return heard
-    if settings.decide_by == "words":
-        return read if words is not None else heard
-    return heard and (read or words is None)

@@ -2,7 +2,7 @@
 
 A turn starts with sustained speech. It ends after `end_silence_ms` of silence, or, with the
 "smart" rule, sooner: at the first `pause_ms` of silence the detector reports a PAUSED candidate
-turn, which Smart Turn (app/engines/smart_turn.py, run by the listener) may judge finished (end_now()).
+turn, and the listener ends it (end_now()) once the silence is as long as app/core/end_rule.py asks.
 """
 
 from __future__ import annotations
@@ -26,25 +26,41 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     speech_threshold: float = 0.5  # probability that counts as speech
     silence_threshold: float = 0.35  # below this counts as silence (hysteresis)
     min_speech_ms: int = 250  # shorter bursts (clicks, coughs) never start a turn
-    # How a hands-free turn ends. "smart": after pause_ms of silence Smart Turn judges from the audio
-    # whether the sentence is finished and, if so, ends the turn there; "silence": only the rule below.
+    # How a hands-free turn ends. "smart": from pause_ms of silence on, Smart Turn's and the LLM's verdicts
+    # decide how much silence ends it (end_rule.py); "silence": only end_silence_ms.
     end_of_turn: Literal["smart", "silence"] = "smart"
-    pause_ms: int = 200  # the short silence after which a turn may end: Smart Turn judges here
+    # The first silence after which a turn may end, Smart Turn's cue: a shorter gap inside a sentence ends
+    # nothing. 192 ms (6 VAD windows) is where the tuning half's sentences stop being cut in their own
+    # pauses by confident verdicts (160 ms cuts one more); end_rule.py decides from here on.
+    pause_ms: int = 192
     # Speculation starts sooner, at this much silence: by pause_ms the transcript is under way. Shorter
     # gaps inside a sentence (32-64 ms between words, measured on the repo's recordings) do not start it.
     speculate_ms: int = 96
-    smart_turn_threshold: float = 0.5  # Smart Turn's probability that counts as "finished"
-    # With speculation, the LLM also reads the transcript: the probability it gives its end-of-message
-    # token right after the user's words must reach this. On the cpu preset's SmolLM2-135M an unfinished
-    # clause scores ~0.000, a fragment Whisper ended with a period up to 0.066 ("what you can do."), a
-    # finished statement 0.06-0.12 and questions 0.3-0.8: a statement below this waits for end_silence_ms.
-    words_threshold: float = 0.1
-    # Which opinion decides at a pause: "words" (the LLM's, and Smart Turn's where the words cannot be
-    # judged: no speculation, or a model on a server), "sound" (Smart Turn's alone) or "both" (both must
-    # say finished). benchmarks/bench_latency.py measures the three; "words" cut no sentence and kept
-    # none waiting there, Smart Turn alone cut 7 of 21 unfinished pauses (README, Latency).
-    decide_by: Literal["words", "sound", "both"] = "words"
-    end_silence_ms: int = 1600  # this much silence always ends the turn (with "silence", the only rule)
+    # How a pause is judged (app/core/end_rule.py): "fused" reads Smart Turn's verdict on the sound and the
+    # LLM's on the words, both calibrated on the tuning half of tests/data/turns with the cpu preset's
+    # SmolLM2-135M; "sound" reads Smart Turn's alone (the gpu preset, whose LLM is not calibrated here). A
+    # model on a server, or a failed judge, gives no verdict on the words: then "fused" judges as "sound".
+    decide_by: Literal["fused", "sound"] = "fused"
+    # Smart Turn this sure ends the turn at pause_ms without waiting for the words: on the tuning half no
+    # thinking pause scored over 0.979, while a third of the finished sentences score 0.98 or more.
+    sure_sound: float = 0.98
+    # The fused score, logit(sound) + logit(words), from which the turn ends as soon as both verdicts are in:
+    # the lowest that cut no unpaused sentence of the tuning half in its own pauses (-2 cuts one).
+    finished_score: float = -1.5
+    # Between the two, the turn ends after unsure_silence_ms; under it, after end_silence_ms. After "with"
+    # or "the" the LLM reads 0.000 and the score falls under -6; a finished sentence that Smart Turn hears
+    # as unsure (0.1-0.5) still scores over -4 when its words read as finished (0.02 or more).
+    unsure_score: float = -4.0
+    # Smart Turn alone ("sound", or no verdict on the words): from this probability a turn ends after
+    # unsure_silence_ms, under it only the longest silence ends it. Most thinking pauses of the tuning
+    # half score under 0.1, and all but 3 of its 41 finished sentences over it.
+    unsure_sound: float = 0.1
+    # Longer than the natural pauses inside the tuning half's sentences (0.51 s at most), shorter than most
+    # thinking pauses (0.5-1.2 s): 0.8 s cut 4 of 17 of them, where 0.6 s cut 5.
+    unsure_silence_ms: int = 800
+    # This much silence always ends the turn (with "silence", the only rule): longer than the 0.5-1.2 s
+    # thinking pauses of tests/data/turns.
+    end_silence_ms: int = 1300
     # At the first pause, transcribe the turn and start the reply on the worker threads, held back
     # until the turn is confirmed (dropped if the person goes on): see app/core/answering.py.
     speculate: bool = True
@@ -69,8 +85,10 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if not self.tail_ms <= self.speculate_ms <= self.pause_ms:
             # A candidate cut for speculation must hold the same audio as the turn that ends later.
             raise ValueError("need tail_ms <= speculate_ms <= pause_ms")
-        if not 0.0 < self.smart_turn_threshold < 1.0:
-            raise ValueError("smart_turn_threshold must be between 0 and 1")
+        if not 0.0 < self.unsure_sound <= self.sure_sound <= 1.0:
+            raise ValueError("need 0 < unsure_sound <= sure_sound <= 1")
+        if not self.unsure_score <= self.finished_score or not self.pause_ms <= self.unsure_silence_ms:
+            raise ValueError("need unsure_score <= finished_score and pause_ms <= unsure_silence_ms")
 
 
 class Event(Enum):
@@ -206,6 +224,11 @@ class TurnDetector:
         """End the turn in progress here (Smart Turn judged the paused candidate finished)."""
         assert self.in_speech, "end_now() without a turn in progress"
         return self._finish("smart")
+
+    @property
+    def silence_ms(self) -> int:
+        """How long the speaker has been quiet in the turn in progress."""
+        return self._silence_run * 1000 // ASR_RATE
 
     def candidate(self) -> tuple[np.ndarray, int]:
         """(audio, speech end) of the turn in progress as if it ended now: the same samples

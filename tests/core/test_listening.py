@@ -1,44 +1,12 @@
-"""The end-of-turn rule at a pause: the sound's and the words' opinions, as turns.decide_by says, and
-when the listener applies it."""
+"""When the listener ends a paused turn: at the silence the end rule asks for (app/core/end_rule.py, tested on
+its own in test_end_rule.py), once the words' verdict is in."""
 
 import asyncio
 
-import msgspec
 import numpy as np
-import pytest
 
 from app.audio import ASR_RATE
-from app.core.listening import finished
 from app.core.turns import TurnSettings
-
-SURE, UNSURE = 0.9, 0.01  # both above and below each threshold (0.5 for the sound, 0.1 for the words)
-
-
-@pytest.mark.parametrize(
-    ("decide_by", "sound", "words", "ends"),
-    [
-        ("words", UNSURE, SURE, True),  # the words decide, whatever the sound
-        ("words", SURE, UNSURE, False),  # "And so my fellow Americans." sounds finished: it is not
-        ("words", SURE, None, True),  # no words to judge: the sound decides
-        ("words", UNSURE, None, False),
-        ("words", None, None, False),  # no opinion at all: only the longer silence ends it
-        ("sound", SURE, UNSURE, True),
-        ("sound", UNSURE, SURE, False),
-        ("both", SURE, SURE, True),
-        ("both", SURE, UNSURE, False),
-        ("both", UNSURE, SURE, False),
-        ("both", SURE, None, True),
-    ],
-)
-def test_each_rule_ends_a_turn_only_on_its_evidence(decide_by, sound, words, ends):
-    settings = msgspec.structs.replace(TurnSettings(), decide_by=decide_by)
-    assert finished(sound, words, settings) is ends
-
-
-def test_the_thresholds_are_the_settings():
-    settings = TurnSettings(smart_turn_threshold=0.8, words_threshold=0.3, decide_by="both")
-    assert finished(0.85, 0.35, settings) and not finished(0.75, 0.35, settings)
-    assert not finished(0.85, 0.25, settings)
 
 
 class _Heard:
@@ -68,7 +36,7 @@ async def _feed_until_quiet(jfk_pcm, verdict: float):
     from app.engines.vad import load_vad_model
 
     heard = _Heard()
-    settings = TurnSettings(speculate_ms=96, pause_ms=200, end_silence_ms=1500)
+    settings = TurnSettings(speculate_ms=96, pause_ms=200, end_silence_ms=1500, sure_sound=1.0)
     listener = Listener(heard, load_vad_model(), settings, Options(), SmartTurn())
     words = jfk_pcm[: int(2.35 * ASR_RATE)]
     listener.feed(np.concatenate([words, np.zeros(int(0.1 * ASR_RATE), np.float32)]))
@@ -86,7 +54,7 @@ def test_unfinished_words_leave_the_turn_to_the_longer_silence(jfk_pcm):
 
 
 async def _judged_before_the_pause(jfk_pcm):
-    heard, listener = await _feed_until_quiet(jfk_pcm, verdict=0.9)
+    heard, listener = await _feed_until_quiet(jfk_pcm, verdict=0.999)
     await asyncio.sleep(0.3)
     assert all(name != "speech_turn" for name, _ in heard.calls._queue)  # 100 ms of silence is too short
     listener.feed(np.zeros(int(0.15 * ASR_RATE), np.float32))

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from app.core.end_rule import EndRule
 from app.engines.llm import LlmSettings
 from tests.support import words
 
@@ -125,8 +126,10 @@ def test_the_end_of_a_message_is_likelier_after_a_whole_question_than_a_fragment
     llm = engines.llm
     whole = llm.end_of_turn_probability(llm.build_messages(list(HISTORY), "What is the capital of France?"))
     fragment = llm.end_of_turn_probability(llm.build_messages(list(HISTORY), "What is the capital of"))
-    threshold = cpu_settings.turns.words_threshold
-    assert whole >= threshold > fragment
+    # Smart Turn unsure (0.5): the whole question ends the turn at the pause, the fragment waits longest.
+    rule = EndRule(cpu_settings.turns)
+    assert rule.silence_needed_ms(0.5, whole) == cpu_settings.turns.pause_ms
+    assert rule.silence_needed_ms(0.5, fragment) == cpu_settings.turns.end_silence_ms
     assert 0.0 <= fragment < whole <= 1.0
     # Judged without the history: the same words score the same after any conversation.
     assert whole == pytest.approx(llm.end_of_turn_probability(llm.build_messages([], "What is the capital of France?")),

@@ -1,0 +1,69 @@
+"""How much silence ends a paused turn, from Smart Turn's verdict on the sound and the LLM's on the words."""
+
+import math
+
+import pytest
+
+from app.core.end_rule import WAIT_FOR_WORDS, EndRule, logit
+from app.core.turns import TurnSettings
+
+SETTINGS = TurnSettings()
+FUSED, SOUND = EndRule(SETTINGS), EndRule(TurnSettings(decide_by="sound"))
+PAUSE, UNSURE, LONGEST = SETTINGS.pause_ms, SETTINGS.unsure_silence_ms, SETTINGS.end_silence_ms
+
+
+def score_words(sound: float, score: float) -> float:
+    """The words' probability that gives `sound` the fused score `score`."""
+    return 1 / (1 + math.exp(logit(sound) - score))
+
+
+def test_a_sure_sound_ends_at_the_pause_without_waiting_for_the_words():
+    assert FUSED.silence_needed_ms(0.99, None, words_due=True) == PAUSE
+    assert SOUND.silence_needed_ms(0.99, None) == PAUSE
+
+
+def test_an_unsure_sound_waits_for_the_words_that_are_coming():
+    assert FUSED.silence_needed_ms(0.9, None, words_due=True) == WAIT_FOR_WORDS
+
+
+@pytest.mark.parametrize(
+    ("score", "needed"),
+    [(SETTINGS.finished_score + 0.1, PAUSE), (SETTINGS.finished_score - 0.1, UNSURE),
+     (SETTINGS.unsure_score + 0.1, UNSURE), (SETTINGS.unsure_score - 0.1, LONGEST)],
+)
+def test_the_fused_score_picks_the_silence(score, needed):
+    sound = 0.5
+    assert FUSED.silence_needed_ms(sound, score_words(sound, score)) == needed
+
+
+def test_a_finished_clause_after_an_unsure_sound_ends_at_the_pause():
+    # Smart Turn at 0.6, the LLM at 0.3: logit 0.41 - 0.85 = -0.44, over finished_score.
+    assert FUSED.silence_needed_ms(0.6, 0.3) == PAUSE
+    # The same sound after "with": the LLM reads 0.000, the score is under unsure_score.
+    assert FUSED.silence_needed_ms(0.6, 0.0) == LONGEST
+
+
+def test_without_a_verdict_on_the_words_the_sound_alone_decides():
+    for rule in (FUSED, SOUND):
+        assert rule.silence_needed_ms(0.5, None) == UNSURE
+        assert rule.silence_needed_ms(SETTINGS.unsure_sound / 2, None) == LONGEST
+    assert SOUND.silence_needed_ms(0.5, 0.0) == UNSURE  # "sound" never reads the words
+    assert not SOUND.reads_words and FUSED.reads_words
+
+
+def test_without_smart_turn_only_the_longest_silence_ends_the_turn():
+    assert FUSED.silence_needed_ms(None, 0.99) == LONGEST
+
+
+def test_a_probability_of_zero_still_leaves_the_other_verdict_a_say():
+    assert math.isfinite(logit(0.0)) and math.isfinite(logit(1.0))
+    assert logit(0.0) < logit(1e-3) < 0 < logit(0.999) < logit(1.0)
+
+
+def test_the_settings_keep_the_schedule_in_order():
+    with pytest.raises(ValueError):
+        TurnSettings(unsure_score=0.0, finished_score=-1.0)
+    with pytest.raises(ValueError):
+        TurnSettings(unsure_silence_ms=100, pause_ms=192)
+    with pytest.raises(ValueError):
+        TurnSettings(unsure_sound=0.99, sure_sound=0.98)
