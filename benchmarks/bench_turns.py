@@ -108,12 +108,14 @@ def outcome(gaps: list[Gap], end_s: float, rule: Rule, turns: TurnSettings) -> R
 class Judges:
     """The real models, as the listener and the conversation run them."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.turns = msgspec.structs.replace(settings.turns, end_silence_ms=int(QUIET_AFTER_S * 1000) - 200)
-        self.vad = load_vad_model()
-        self.smart_turn = SmartTurn()
-        self.asr = Transcriber.load(settings.asr)
-        self.llm = ChatModel.load(settings.llm)
+    def __init__(self, turns: TurnSettings, vad, smart_turn: SmartTurn, asr: Transcriber, llm: ChatModel) -> None:
+        self.turns = msgspec.structs.replace(turns, end_silence_ms=int(QUIET_AFTER_S * 1000) - 200)
+        self.vad, self.smart_turn, self.asr, self.llm = vad, smart_turn, asr, llm
+
+    @classmethod
+    def load(cls, settings: Settings) -> Judges:
+        return cls(settings.turns, load_vad_model(), SmartTurn(), Transcriber.load(settings.asr),
+                   ChatModel.load(settings.llm))
 
     def gaps(self, utterance: Utterance) -> list[Gap]:
         found: list[Gap] = []
@@ -166,16 +168,30 @@ def table(name: str, half: str, results: list[tuple[Utterance, Result]]) -> dict
     return by_category
 
 
+def markdown(rules_report: dict) -> str:
+    """One table per half: a row per rule, a column per kind, "median / p90 ms, cut n of N" in each."""
+    lines = []
+    for half in ("heldout", "tune"):
+        lines += ["", f"**{'Held-out' if half == 'heldout' else 'Tuning'} half** (median / p90 added delay, cut)", "",
+                  "| rule | " + " | ".join((*CATEGORIES, "all")) + " |", "| --- |" + " --- |" * (len(CATEGORIES) + 1)]
+        for name, halves in rules_report.items():
+            cells = [(f"{s['median_ms']} / {s['p90_ms']} ms, " if s["median_ms"] is not None else "all cut: ")
+                     + f"{s['cut']} of {s['n']}" for s in halves[half].values()]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines[1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--gaps", type=Path, help="reuse (or save) the models' verdicts per gap, JSON")
+    parser.add_argument("--markdown", action="store_true", help="also print the tables for the README")
     args = parser.parse_args()
     settings = load_settings("cpu", environ={})
     utterances = load()
     cached = json.loads(args.gaps.read_text()) if args.gaps and args.gaps.exists() else {}
     if missing := [u for u in utterances if u.id not in cached]:
-        judges = Judges(settings)
+        judges = Judges.load(settings)
         for i, u in enumerate(missing):
             cached[u.id] = [asdict(g) for g in judges.gaps(u)]
             print(f"{i + 1}/{len(missing)} {u.id}: {len(cached[u.id])} gaps", flush=True)
@@ -192,6 +208,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))
+    if args.markdown:
+        print(markdown(report["rules"]))
     held = report["rules"]["default"]["heldout"]
     paused = held["paused"]
     unpaused_n = sum(held[c]["n"] for c in CATEGORIES if c != "paused")

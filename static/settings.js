@@ -2,7 +2,7 @@
 
 const STORAGE_KEY = "voice-assistant.settings.v1";
 const SEND_DELAY_MS = 600; // typing a system prompt sends one hello when the typing pauses
-const DEFAULT_END_SILENCE_MS = 1600; // the server's default (turns.end_silence_ms), shown until the user chooses
+const DEFAULT_END_SILENCE_MS = 1300; // the server's default (turns.end_silence_ms), shown until the user chooses
 
 // null = the server's own default; the server is told nothing more specific.
 export const DEFAULTS = Object.freeze({

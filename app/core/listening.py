@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import msgspec
 import numpy as np
 import onnxruntime
 
@@ -78,7 +79,7 @@ class Listener:
         # A VAD state of its own: the previous recording's thread may still be draining.
         self.detector = TurnDetector(settings, StreamingVad(vad_model))
         self._smart_turn = smart_turn if settings.end_of_turn == "smart" else None
-        self._rule = EndRule(settings)
+        self._settings = settings
         self._candidate: np.ndarray | None = None  # the turn as it stands since the current silence
         self._words_verdict: float | None | object = _UNREAD  # the LLM's, for the candidate
         self._sound_verdict: float | None | object = _UNHEARD  # Smart Turn's
@@ -89,9 +90,16 @@ class Listener:
 
     def apply(self, options: Options) -> None:
         """Hands-free or push-to-talk, and the pause that ends a turn; also for the turn being
-        spoken (the detector reads them on its thread at its next 32 ms window)."""
+        spoken (the detector reads them on its thread at its next 32 ms window). A pause the user chose
+        is how long they want it to wait when it is unsure whether they have finished: the end rule's
+        unsure wait too (its sure verdicts still end a turn at once)."""
         push_to_talk = options.mode == "push_to_talk"
         self.detector.set_end(end_silence_ms=options.end_silence_ms, push_to_talk=push_to_talk)
+        settings, chosen = self._settings, options.end_silence_ms
+        if chosen is not None:
+            unsure = max(chosen, settings.pause_ms)
+            settings = msgspec.structs.replace(settings, unsure_silence_ms=unsure, end_silence_ms=unsure)
+        self._rule = EndRule(settings)  # one attribute: the listener's thread reads it whole
 
     def feed(self, pcm: np.ndarray) -> None:
         """More of the recording: mono float32 at 16 kHz."""

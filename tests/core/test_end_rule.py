@@ -67,3 +67,41 @@ def test_the_settings_keep_the_schedule_in_order():
         TurnSettings(unsure_silence_ms=100, pause_ms=192)
     with pytest.raises(ValueError):
         TurnSettings(unsure_sound=0.99, sure_sound=0.98)
+
+
+# ------------------------------------------------------------ on real speech, with the real models
+
+
+def _by_id(uid: str):
+    from tests.turn_set import load
+
+    return next(u for u in load() if u.id == uid)
+
+
+def _outcome(engines, cpu_settings, uid: str, rule_name: str = "default"):
+    """What a rule of benchmarks/bench_turns.py makes of one recording of the turn set, in stream time (the
+    models' own compute time is what the benchmark adds; here it would make the test depend on the CPU)."""
+    from benchmarks.bench_turns import Judges, outcome, rules
+
+    utterance = _by_id(uid)
+    judges = Judges(cpu_settings.turns, engines.vad_model, engines.smart_turn, engines.asr, engines.llm)
+    gaps = judges.gaps(utterance)
+    for gap in gaps:
+        gap.sound_ms = gap.words_ms = 0.0
+    rule, turns = rules(cpu_settings.turns)[rule_name]
+    return outcome(gaps, utterance.end_s, rule, turns)
+
+
+def test_a_finished_real_statement_is_answered_within_the_target(engines, cpu_settings):
+    # "I'd like a ... " by a speaker of the held-out half: Smart Turn and the LLM both hear it finished.
+    result = _outcome(engines, cpu_settings, "picovoice-19b33c87-f765")
+    assert not result.cut
+    assert result.delay_ms <= 300  # the issue's median target; the pause itself is 192 ms of it
+
+
+def test_a_real_sentence_with_a_thinking_pause_is_one_turn(engines, cpu_settings):
+    # The same sentence with 0.70 s of its own room tone after a function word in its middle.
+    paused = "picovoice-19b33c87-f765+pause"
+    result = _outcome(engines, cpu_settings, paused)
+    assert not result.cut and result.delay_ms <= 300
+    assert _outcome(engines, cpu_settings, paused, "silence").cut  # the old 500 ms rule cuts it there

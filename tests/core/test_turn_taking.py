@@ -90,10 +90,11 @@ def test_a_finished_question_ends_at_its_first_pause_and_its_guess_is_used(cpu_s
 
 
 def test_interim_transcripts_come_before_the_final_one(live_server, jfk_pcm):
-    with session(live_server, end_silence_ms=1500) as ws:
-        sender = speak_in_real_time(ws, np.concatenate([jfk_pcm, silence(2)]))
+    # Push-to-talk: one turn, JFK's 1.1 s pause after "fellow Americans" included.
+    with session(live_server, mode="push_to_talk") as ws:
+        speak_in_real_time(ws, np.concatenate([jfk_pcm, silence(0.5)])).join()
+        ws.send(json.dumps({"type": "audio_stop"}))
         events, _ = events_until_turn_end(ws)
-        sender.join()
     started = of_type(events, "speech_started")[0]["turn"]
     transcripts = of_type(events, "transcript")
     interim = [t for t in transcripts if not t["final"]]

@@ -67,7 +67,8 @@ def send_recording(ws: ClientConnection, pieces: list[bytes]) -> None:
 
 def test_spoken_turn_end_to_end(live_server, jfk_pcm):
     pieces = encode_webm_opus(np.concatenate([jfk_pcm, np.zeros(ASR_RATE, np.float32)]), ASR_RATE)
-    with session(live_server, end_silence_ms=1500) as ws:
+    # Push-to-talk: the turn is the whole recording, JFK's 1.1 s pause after "fellow Americans" included.
+    with session(live_server, mode="push_to_talk") as ws:
         send_recording(ws, pieces)
         events, audio = events_until_turn_end(ws)
     kinds = [e["type"] if e["type"] != "transcript" or e["final"] else "interim" for e in events]
