@@ -30,9 +30,9 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # decide how much silence ends it (end_rule.py); "silence": only end_silence_ms.
     end_of_turn: Literal["smart", "silence"] = "smart"
     # The first silence after which a turn may end, Smart Turn's cue: a shorter gap inside a sentence ends
-    # nothing. 192 ms (6 VAD windows) is where the tuning half's sentences stop being cut in their own
-    # pauses by confident verdicts (160 ms cuts one more); end_rule.py decides from here on.
-    pause_ms: int = 192
+    # nothing. Of the 45 gaps inside the tuning half's sentences (as Opus brings them), 11 last 224 ms or
+    # more and 15 last 192 ms: each shorter pause_ms cuts more sentences in their own pauses.
+    pause_ms: int = 224
     # Speculation starts sooner, at this much silence: by pause_ms the transcript is under way. Shorter
     # gaps inside a sentence (32-64 ms between words, measured on the repo's recordings) do not start it.
     speculate_ms: int = 96
@@ -41,22 +41,24 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # SmolLM2-135M; "sound" reads Smart Turn's alone (the gpu preset, whose LLM is not calibrated here). A
     # model on a server, or a failed judge, gives no verdict on the words: then "fused" judges as "sound".
     decide_by: Literal["fused", "sound"] = "fused"
-    # Smart Turn this sure ends the turn at pause_ms without waiting for the words: on the tuning half no
-    # thinking pause scored over 0.979, while a third of the finished sentences score 0.98 or more.
-    sure_sound: float = 0.98
-    # The fused score, logit(sound) + logit(words), from which the turn ends as soon as both verdicts are in:
-    # the lowest that cut no unpaused sentence of the tuning half in its own pauses (-2 cuts one).
-    finished_score: float = -1.5
-    # Between the two, the turn ends after unsure_silence_ms; under it, after end_silence_ms. After "with"
-    # or "the" the LLM reads 0.000 and the score falls under -6; a finished sentence that Smart Turn hears
-    # as unsure (0.1-0.5) still scores over -4 when its words read as finished (0.02 or more).
-    unsure_score: float = -4.0
+    # Smart Turn this sure ends the turn at pause_ms without waiting for the words: 29 of the tuning half's
+    # 41 finished sentences score 0.9 or more, and 3 of its 17 thinking pauses.
+    sure_sound: float = 0.9
+    # The fused score, logit(sound) + logit(words), from which the turn ends as soon as both verdicts are
+    # in: 36 of the 41 finished sentences score -3 or more, 2 of the 17 thinking pauses.
+    finished_score: float = -3.0
+    # Under it the turn ends after unsure_silence_ms, and under unsure_score after end_silence_ms: after "a",
+    # "with" or "the" the LLM reads 0.000 and 13 of the 17 thinking pauses score under -6 (3 of the 41
+    # finished sentences do). These three thresholds and pause_ms were chosen together on the tuning half
+    # (benchmarks/bench_turns.py's verdicts): of the rules that keep the worst kind's median added delay
+    # under 400 ms, the one that cuts fewest utterances (2 of 41 sentences, 3 of 17 thinking pauses).
+    unsure_score: float = -6.0
     # Smart Turn alone ("sound", or no verdict on the words): from this probability a turn ends after
-    # unsure_silence_ms, under it only the longest silence ends it. Most thinking pauses of the tuning
-    # half score under 0.1, and all but 3 of its 41 finished sentences over it.
+    # unsure_silence_ms, under it only the longest silence ends it. 12 of the 17 thinking pauses score
+    # under 0.1, 1 of the 41 finished sentences.
     unsure_sound: float = 0.1
-    # Longer than the natural pauses inside the tuning half's sentences (0.51 s at most), shorter than most
-    # thinking pauses (0.5-1.2 s): 0.8 s cut 4 of 17 of them, where 0.6 s cut 5.
+    # Longer than the natural pauses inside the tuning half's sentences (0.64 s at most), shorter than most
+    # thinking pauses (0.5-1.2 s).
     unsure_silence_ms: int = 800
     # This much silence always ends the turn (with "silence", the only rule): longer than the 0.5-1.2 s
     # thinking pauses of tests/data/turns.
