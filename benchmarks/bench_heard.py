@@ -1,0 +1,344 @@
+"""Voice-to-voice as a person hears it: real utterances said into the real page's microphone (headless Chromium,
+a fake microphone file), timed from the true end of speech to the first audible sample the page plays, under
+the default end-of-turn rule and the old one (a fixed 500 ms of silence, nothing started before it) in one run.
+
+The held-out half's statements and questions of the real-speech turn set (tests/data/turns, without the
+inserted thinking pauses) are strung into one microphone file, each followed by enough quiet for its reply to
+finish (replies are capped at --max-tokens, greedy), so nothing barges in. The page is opened with `?tap`: its
+player worklet reports the AudioContext frame of each reply's first sample above -60 dBFS (always on, one
+message a reply), and a tap on the microphone in the same AudioContext reports its loudness per 128-frame block.
+Both are on one clock. Where each utterance lies on that clock is found by matching the file's loudness to
+the tap's (cross-correlation, a block's resolution), and checked: the speech onset the tap hears must fall
+within 50 ms of where the file puts it, for every utterance. Not seen, so not counted: what the capture path
+holds before the tap (Chromium's fake device reads the file in 10 ms buffers, then WebRTC's processing in
+10 ms chunks) and what the output device holds after the worklet (the context's baseLatency and
+outputLatency, written to the JSON); a real microphone and speaker add their own.
+
+    uv run python benchmarks/bench_heard.py --out bench-results/heard.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import wave
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.audio import ASR_RATE, read_audio_file
+from benchmarks.bench_latency import start_both_rules
+from tests.support import resample
+
+CHROMIUM = "/usr/bin/chromium"
+MIC_RATE = 48_000  # what a real microphone gives Chromium
+KINDS = ("statement", "question")
+BLOCK = 128  # frames an AudioWorklet renders at a time: the tap's resolution
+LOUD = 0.01  # -40 dBFS RMS over a block: speech has begun (the same test on the file and on the tap)
+TAP_TOLERANCE_S = 0.05  # the tap's onset of each utterance must be this close to the file's
+SEARCH_S = 0.3  # how far around the first onset's offset each utterance's offset is looked for
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+]
+
+
+@dataclass(frozen=True)
+class Spoken:
+    """One utterance as placed in the microphone file (seconds from the file's start)."""
+
+    id: str
+    kind: str
+    text: str
+    start_s: float
+    onset_s: float  # first block above LOUD
+    end_s: float  # the manifest's true end of speech
+
+
+# ------------------------------------------------------------ the utterances and the microphone file
+
+
+def held_out(manifest: str | None) -> list:
+    """Unpaused statements and questions of the held-out half; from `manifest` (same shape as
+    tests/data/turns/manifest.json) when given, else from the repository's turn set."""
+    if manifest is None:
+        from tests.turn_set import load
+
+        return [u for u in load(half="heldout", paused=False) if u.kind in KINDS]
+    root = Path(manifest).parent
+    entries = json.loads(Path(manifest).read_text())["utterances"]
+    return [_Entry(e["id"], read_audio_file(str(root / e["file"]), ASR_RATE), e["kind"], e["text"], e["end_s"])
+            for e in entries if e["half"] == "heldout" and e["kind"] in KINDS]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    id: str
+    audio: np.ndarray
+    kind: str
+    text: str
+    end_s: float
+
+
+def microphone(utterances: list, lead_s: float, gap_s: float) -> tuple[np.ndarray, list[Spoken]]:
+    """The recordings one after another at 48 kHz (their own quiet after the speech included), each
+    followed by `gap_s` of silence."""
+    pieces, placed, at = [np.zeros(int(lead_s * MIC_RATE), np.float32)], [], lead_s
+    for u in utterances:
+        speech = resample(u.audio, ASR_RATE, MIC_RATE)
+        onset = first_loud(block_rms(speech, MIC_RATE, BLOCK / MIC_RATE)) * BLOCK / MIC_RATE
+        placed.append(Spoken(u.id, u.kind, u.text, at, at + onset, at + u.end_s))
+        pieces += [speech, np.zeros(int(gap_s * MIC_RATE), np.float32)]
+        at += len(speech) / MIC_RATE + gap_s
+    return np.concatenate(pieces), placed
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int) -> None:
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def block_rms(pcm: np.ndarray, rate: int, block_s: float) -> np.ndarray:
+    """RMS of consecutive blocks of `block_s` seconds (the tap's blocks, at the file's own rate)."""
+    edges = np.round(np.arange(0, len(pcm) / rate, block_s) * rate).astype(int)
+    squares = np.concatenate([[0.0], np.cumsum(pcm.astype(np.float64) ** 2)])
+    ends = np.minimum(edges + max(1, round(block_s * rate)), len(pcm))
+    return np.sqrt((squares[ends] - squares[edges]) / np.maximum(1, ends - edges))
+
+
+def first_loud(rms: np.ndarray, start: int = 0) -> int:
+    loud = np.nonzero(rms[start:] > LOUD)[0]
+    return start + int(loud[0]) if len(loud) else -1
+
+
+# ------------------------------------------------------------ the page
+
+
+def talk_through_page(browser, url: str, seconds: float) -> dict:
+    """Open the page with the microphone tap, press the talk button (the fake microphone starts its file),
+    wait out the file and the last reply; returns what the page recorded."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    try:
+        page.goto(f"{url}/?tap")
+        page.get_by_role("button", name="Start talking").click(timeout=60_000)
+        page.wait_for_timeout(seconds * 1000)
+        page.wait_for_function("() => window.voiceAssistant.state === 'listening'", timeout=120_000)
+        return {**page.evaluate("""() => {
+          const va = window.voiceAssistant;
+          return {heard: va.heard, micLevels: va.micLevels, audioClock: va.audioClock, turnEnds: va.turnEnds,
+                  metrics: va.metrics, transcripts: va.transcripts};
+        }"""), "console_errors": errors}
+    finally:
+        page.close()
+
+
+# ------------------------------------------------------------ one clock: where each utterance lies on it
+
+
+def tap_envelope(levels: list[dict], rate: float) -> tuple[float, np.ndarray]:
+    """(context time of the first block, RMS of every block) from the tap's batches. Blocks the tap was not
+    run for (Chromium skips a node whose input has not started yet) count as silence."""
+    first = levels[0]["frame"]
+    rms = np.zeros((levels[-1]["frame"] - first) // BLOCK + len(levels[-1]["rms"]))
+    for batch in levels:
+        at = (batch["frame"] - first) // BLOCK
+        rms[at : at + len(batch["rms"])] = batch["rms"]
+    return first / rate, rms
+
+
+def decibels(rms: np.ndarray) -> np.ndarray:
+    return 20 * np.log10(np.maximum(rms, 1e-4))
+
+
+def offset_of(file_db: np.ndarray, tap_db: np.ndarray, span: tuple[int, int], guess: int, reach: int) -> int:
+    """The shift (in blocks) that best lines up the file's loudness over `span` with the tap's, near `guess`."""
+    a, b = span
+    best, best_score = guess, -np.inf
+    for lag in range(guess - reach, guess + reach + 1):
+        if a + lag < 0 or b + lag > len(tap_db):
+            continue
+        score = np.corrcoef(file_db[a:b], tap_db[a + lag : b + lag])[0, 1]
+        if score > best_score:
+            best, best_score = lag, score
+    return best
+
+
+def place_on_clock(mic: np.ndarray, spoken: list[Spoken], page: dict) -> list[dict]:
+    """For each utterance: its onset and end on the AudioContext's clock, and the tap's check of it."""
+    rate = page["audioClock"]["sampleRate"]
+    block_s = BLOCK / rate
+    t0, tap = tap_envelope(page["micLevels"], rate)
+    file_rms = block_rms(mic, MIC_RATE, block_s)
+    file_db, tap_db = decibels(file_rms), decibels(tap)
+    guess = first_loud(tap) - first_loud(file_rms)  # blocks from file time to tap blocks, roughly
+    placed = []
+    for s in spoken:
+        span = (int((s.onset_s - 0.2) / block_s), int((s.end_s + 0.2) / block_s))
+        lag = offset_of(file_db, tap_db, span, guess, int(SEARCH_S / block_s))
+        shift = t0 + lag * block_s  # context time = file time + shift
+        heard_onset = first_loud(tap, max(0, int(s.onset_s / block_s) + lag - int(SEARCH_S / block_s)))
+        placed.append({"onset": s.onset_s + shift, "end": s.end_s + shift,
+                       "onset_error_s": round(t0 + heard_onset * block_s - (s.onset_s + shift), 4)})
+    return placed
+
+
+# ------------------------------------------------------------ voice-to-voice per utterance
+
+
+def voice_to_voice(spoken: list[Spoken], placed: list[dict], page: dict) -> list[dict]:
+    """Per utterance: the first reply heard after its end (before the next one begins), in ms after the end."""
+    heard = sorted(page["heard"], key=lambda h: h["time"])
+    metrics = {m["turn"]: m for m in page["metrics"]}
+    rows = []
+    for i, (s, p) in enumerate(zip(spoken, placed, strict=True)):
+        until = placed[i + 1]["onset"] if i + 1 < len(placed) else np.inf
+        early = [h for h in heard if p["onset"] < h["time"] <= p["end"]]
+        after = next((h for h in heard if p["end"] < h["time"] < until), None)
+        rows.append({
+            "id": s.id, "kind": s.kind, "text": s.text,
+            "heard_ms": None if after is None else round((after["time"] - p["end"]) * 1000, 1),
+            "reply_before_end": len(early),  # a turn ended mid-utterance and its reply played over the speaker
+            "onset_error_ms": round(p["onset_error_s"] * 1000, 1),
+            "server": metrics.get(after["turn"]) if after else None,
+        })
+    return rows
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 1) if values else None
+
+
+def summary(rows: list[dict]) -> dict:
+    """Median and p90 of the heard voice-to-voice, per kind and for all; replies missing are counted."""
+    out = {}
+    for kind in (*KINDS, "all"):
+        picked = [r for r in rows if kind == "all" or r["kind"] == kind]
+        values = [r["heard_ms"] for r in picked if r["heard_ms"] is not None]
+        out[kind] = {"n": len(picked), "missing": len(picked) - len(values),
+                     "median_ms": round(statistics.median(values), 1) if values else None,
+                     "p90_ms": percentile(values, 90)}
+    return out
+
+
+def tap_check(rows: list[dict]) -> dict:
+    errors = [abs(r["onset_error_ms"]) for r in rows]
+    return {"max_onset_error_ms": max(errors), "within_ms": TAP_TOLERANCE_S * 1000,
+            "ok": max(errors) <= TAP_TOLERANCE_S * 1000}
+
+
+# ------------------------------------------------------------ the run
+
+RULES = ("new", "old")
+
+
+def run_rule(browser, url: str, mic: np.ndarray, spoken: list[Spoken], raw: Path) -> dict:
+    """One page through the whole microphone file; per utterance rows and what else the page saw."""
+    page = talk_through_page(browser, url, len(mic) / MIC_RATE + 1)
+    raw.write_text(json.dumps(page))  # what the page recorded, to look at again
+    return {"rows": voice_to_voice(spoken, place_on_clock(mic, spoken, page), page),
+            "audio_clock": page["audioClock"], "console_errors": page["console_errors"],
+            "turn_ends": [e["reason"] for e in page["turnEnds"]]}
+
+
+def run_chunk(playwright, urls: dict[str, str], utterances: list, index: int, args) -> dict[str, dict]:
+    """A microphone file of a few utterances, said to each rule's page in turn: the rules alternate which goes
+    first from chunk to chunk, so both meet the same (shared, changing) load on the machine."""
+    mic, spoken = microphone(utterances, lead_s=1.0, gap_s=args.gap)
+    stem = Path(args.out).with_suffix("")
+    wav = stem.with_name(f"{stem.name}.mic{index}.wav")
+    write_wav(wav, mic, MIC_RATE)
+    browser = playwright.chromium.launch(
+        executable_path=CHROMIUM, args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}%noloop"])
+    results = {}
+    try:
+        for rule in RULES if index % 2 == 0 else RULES[::-1]:
+            raw = stem.with_name(f"{stem.name}.{rule}{index}.page.json")
+            results[rule] = {**run_rule(browser, page_url(urls[rule]), mic, spoken, raw),
+                             "load_average": os.getloadavg()[0]}
+            print_rows(rule, results[rule]["rows"])
+    finally:
+        browser.close()
+    return results
+
+
+def page_url(ws_url: str) -> str:
+    return ws_url.replace("ws", "http", 1).removesuffix("/ws")
+
+
+def print_rows(rule: str, rows: list[dict]) -> None:
+    for r in rows:
+        s = r["server"] or {}
+        print(f"{rule}: {r['heard_ms']!s:>8} ms heard | server eot {s.get('end_of_turn_ms')} audio "
+              f"{s.get('first_audio_ms')} | tap {r['onset_error_ms']:+.0f} ms | {r['kind']:9} {r['text'][:50]!r}",
+              flush=True)
+
+
+def report_of(chunks: list[dict[str, dict]], args) -> dict:
+    """Every chunk's rows gathered per rule, with the summaries, the tap's check and old/new."""
+    rules = {}
+    for rule in RULES:
+        rows = [row for chunk in chunks for row in chunk[rule]["rows"]]
+        ends = [reason for chunk in chunks for reason in chunk[rule]["turn_ends"]]
+        rules[rule] = {"summary": summary(rows), "tap": tap_check(rows), "barge_ins": ends.count("interrupted"),
+                       "turns": len(ends), "audio_clock": chunks[0][rule]["audio_clock"],
+                       "load_average": [chunk[rule]["load_average"] for chunk in chunks],
+                       "console_errors": [e for chunk in chunks for e in chunk[rule]["console_errors"]],
+                       "utterances": rows}
+    old, new = (rules[r]["summary"] for r in ("old", "new"))
+    return {"settings": {"gap_s": args.gap, "max_tokens": args.max_tokens, "chunk": args.chunk,
+                         "manifest": args.manifest or "tests/data/turns"},
+            "rules": rules, "old_over_new": {k: ratio(old[k]["median_ms"], new[k]["median_ms"]) for k in new}}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
+def print_summary(report: dict) -> None:
+    for rule in RULES:
+        r = report["rules"][rule]
+        for kind, s in r["summary"].items():
+            print(f"{rule:3} {kind:9}: median {s['median_ms']} ms, p90 {s['p90_ms']} ms (n {s['n']}, "
+                  f"missing {s['missing']})")
+        print(f"{rule:3} tap check: {r['tap']}; turns {r['turns']}, barge-ins {r['barge_ins']}; "
+              f"clock {r['audio_clock']}")
+    print(f"old/new median: {report['old_over_new']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--manifest", help="a manifest of the turn set's shape (default: tests/data/turns)")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N utterances (0: all)")
+    parser.add_argument("--chunk", type=int, default=4, help="utterances per microphone file")
+    parser.add_argument("--gap", type=float, default=7.0, help="seconds of quiet after each recording")
+    parser.add_argument("--max-tokens", type=int, default=20, help="reply cap, so each ends within the gap")
+    parser.add_argument("--out", default="bench-results/heard.json")
+    args = parser.parse_args()
+
+    utterances = held_out(args.manifest)[: args.limit or None]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    from playwright.sync_api import sync_playwright
+
+    with ExitStack() as stack:
+        _, _, urls = start_both_rules(args.preset, stack, {"llm": {"temperature": 0.0, "max_tokens": args.max_tokens}})
+        playwright = stack.enter_context(sync_playwright())
+        chunks = [run_chunk(playwright, urls, utterances[i : i + args.chunk], i // args.chunk, args)
+                  for i in range(0, len(utterances), args.chunk)]
+    report = report_of(chunks, args)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print_summary(report)
+
+
+if __name__ == "__main__":
+    main()
