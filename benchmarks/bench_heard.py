@@ -219,15 +219,25 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def summary(rows: list[dict]) -> dict:
-    """Median and p90 of the heard voice-to-voice, per kind and for all; replies missing are counted."""
+    """Median and p90 of the heard voice-to-voice per kind and for all; replies missing, replies that played
+    while the person was still speaking (a turn ended mid-utterance), and the server's own medians beside it
+    (it counts from where Silero VAD heard the speech end)."""
     out = {}
     for kind in (*KINDS, "all"):
         picked = [r for r in rows if kind == "all" or r["kind"] == kind]
         values = [r["heard_ms"] for r in picked if r["heard_ms"] is not None]
+        server = [r["server"] for r in picked if r["server"]]
         out[kind] = {"n": len(picked), "missing": len(picked) - len(values),
-                     "median_ms": round(statistics.median(values), 1) if values else None,
-                     "p90_ms": percentile(values, 90)}
+                     "median_ms": median(values), "p90_ms": percentile(values, 90),
+                     "replied_mid_utterance": sum(r["reply_before_end"] > 0 for r in picked),
+                     "server_end_of_turn_median_ms": median([m.get("end_of_turn_ms") for m in server]),
+                     "server_first_audio_median_ms": median([m.get("first_audio_ms") for m in server])}
     return out
+
+
+def median(values: list) -> float | None:
+    kept = [v for v in values if v is not None]
+    return round(statistics.median(kept), 1) if kept else None
 
 
 def tap_check(rows: list[dict]) -> dict:
@@ -308,8 +318,9 @@ def print_summary(report: dict) -> None:
     for rule in RULES:
         r = report["rules"][rule]
         for kind, s in r["summary"].items():
-            print(f"{rule:3} {kind:9}: median {s['median_ms']} ms, p90 {s['p90_ms']} ms (n {s['n']}, "
-                  f"missing {s['missing']})")
+            print(f"{rule:3} {kind:9}: median {s['median_ms']} ms, p90 {s['p90_ms']} ms heard (n {s['n']}, "
+                  f"missing {s['missing']}, replied mid-utterance {s['replied_mid_utterance']}) | server: end of "
+                  f"turn {s['server_end_of_turn_median_ms']}, first audio {s['server_first_audio_median_ms']} ms")
         print(f"{rule:3} tap check: {r['tap']}; turns {r['turns']}, barge-ins {r['barge_ins']}; "
               f"clock {r['audio_clock']}")
     print(f"old/new median: {report['old_over_new']}")
