@@ -9,10 +9,11 @@ player worklet reports the AudioContext frame of each reply's first sample above
 message a reply), and a tap on the microphone in the same AudioContext reports its loudness per 128-frame block.
 Both are on one clock. Where each utterance lies on that clock is found by matching the file's loudness to
 the tap's (cross-correlation, a block's resolution), and checked: the speech onset the tap hears must fall
-within 50 ms of where the file puts it, for every utterance. Not seen, so not counted: what the capture path
-holds before the tap (Chromium's fake device reads the file in 10 ms buffers, then WebRTC's processing in
-10 ms chunks) and what the output device holds after the worklet (the context's baseLatency and
-outputLatency, written to the JSON); a real microphone and speaker add their own.
+within 50 ms of where the file puts it, for every utterance. Not seen by that clock, so given apart ("unseen"):
+the microphone's buffer before the tap (the track's `latency`: Chromium's fake device hands the file over in
+10 ms buffers; a probe of AudioData timestamps found the tap ~0-5 ms after a buffer's capture time) and the
+output's buffers after the worklet (the context's baseLatency + outputLatency: 10 + 30 ms in headless
+Chromium; a probe of getOutputTimestamp() gave ~45 ms). A real microphone and speaker have their own.
 
     uv run python benchmarks/bench_heard.py --out bench-results/heard.json
 """
@@ -299,8 +300,9 @@ def report_of(chunks: list[dict[str, dict]], args) -> dict:
     for rule in RULES:
         rows = [row for chunk in chunks for row in chunk[rule]["rows"]]
         ends = [reason for chunk in chunks for reason in chunk[rule]["turn_ends"]]
+        clock = chunks[0][rule]["audio_clock"]
         rules[rule] = {"summary": summary(rows), "tap": tap_check(rows), "barge_ins": ends.count("interrupted"),
-                       "turns": len(ends), "audio_clock": chunks[0][rule]["audio_clock"],
+                       "turns": len(ends), "audio_clock": clock, "unseen_ms": unseen_ms(clock),
                        "load_average": [chunk[rule]["load_average"] for chunk in chunks],
                        "console_errors": [e for chunk in chunks for e in chunk[rule]["console_errors"]],
                        "utterances": rows}
@@ -308,6 +310,13 @@ def report_of(chunks: list[dict[str, dict]], args) -> dict:
     return {"settings": {"gap_s": args.gap, "max_tokens": args.max_tokens, "chunk": args.chunk,
                          "manifest": args.manifest or "tests/data/turns"},
             "rules": rules, "old_over_new": {k: ratio(old[k]["median_ms"], new[k]["median_ms"]) for k in new}}
+
+
+def unseen_ms(clock: dict) -> dict:
+    """What lies outside the one clock: the microphone's buffer before the tap, the output's after the worklet."""
+    capture = round(1000 * (clock.get("micLatency") or 0), 1)
+    output = round(1000 * (clock["baseLatency"] + (clock.get("outputLatency") or 0)), 1)
+    return {"capture": capture, "output": output, "total": round(capture + output, 1)}
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -322,7 +331,7 @@ def print_summary(report: dict) -> None:
                   f"missing {s['missing']}, replied mid-utterance {s['replied_mid_utterance']}) | server: end of "
                   f"turn {s['server_end_of_turn_median_ms']}, first audio {s['server_first_audio_median_ms']} ms")
         print(f"{rule:3} tap check: {r['tap']}; turns {r['turns']}, barge-ins {r['barge_ins']}; "
-              f"clock {r['audio_clock']}")
+              f"not seen by the clock: {r['unseen_ms']} ms")
     print(f"old/new median: {report['old_over_new']}")
 
 

@@ -97,9 +97,12 @@ window.voiceAssistant = Object.freeze({
   // Voice-to-voice as heard: each reply's first audible sample, and with ?tap the microphone, on one clock.
   get heard() { return player.heard.slice(); },
   get micLevels() { return player.micLevels.map((b) => ({ frame: b.frame, rms: Array.from(b.rms) })); },
+  // What the clock does not see: the output's buffers after the worklet, the microphone's before the tap.
   get audioClock() {
     const ctx = player.ctx;
-    return ctx && { sampleRate: ctx.sampleRate, baseLatency: ctx.baseLatency, outputLatency: ctx.outputLatency ?? null };
+    const track = mic.stream && mic.stream.getAudioTracks()[0];
+    return ctx && { sampleRate: ctx.sampleRate, baseLatency: ctx.baseLatency, outputLatency: ctx.outputLatency ?? null,
+      micLatency: (track && track.getSettings().latency) ?? null };
   },
   get settings() { return { ...settings }; },
 });
