@@ -245,7 +245,10 @@ def summary(rows: list[dict]) -> dict:
                      "median_ms": median(values), "p90_ms": percentile(values, 90),
                      "replied_mid_utterance": sum(r["reply_before_end"] > 0 for r in picked),
                      "server_end_of_turn_median_ms": median([m.get("end_of_turn_ms") for m in server]),
-                     "server_first_audio_median_ms": median([m.get("first_audio_ms") for m in server])}
+                     "server_first_audio_median_ms": median([m.get("first_audio_ms") for m in server]),
+                     # The page's share (jitter buffer, socket) less how late Silero heard the end.
+                     "heard_after_server_median_ms": median([r["heard_ms"] - r["server"]["first_audio_ms"]
+                                                             for r in picked if r["server"] and r["heard_ms"]])}
     return out
 
 
@@ -345,7 +348,8 @@ def print_summary(report: dict) -> None:
         for kind, s in r["summary"].items():
             print(f"{rule:3} {kind:9}: median {s['median_ms']} ms, p90 {s['p90_ms']} ms heard (n {s['n']}, "
                   f"missing {s['missing']}, replied mid-utterance {s['replied_mid_utterance']}) | server: end of "
-                  f"turn {s['server_end_of_turn_median_ms']}, first audio {s['server_first_audio_median_ms']} ms")
+                  f"turn {s['server_end_of_turn_median_ms']}, first audio {s['server_first_audio_median_ms']} ms; heard "
+                  f"{s['heard_after_server_median_ms']} ms after it")
         print(f"{rule:3} tap check: {r['tap']}; turns {r['turns']}, barge-ins {r['barge_ins']}; "
               f"not seen by the clock: {r['unseen_ms']} ms")
     print(f"old/new median: {report['old_over_new']}")
