@@ -361,7 +361,7 @@ def main() -> None:
     parser.add_argument("--manifest", help="a manifest of the turn set's shape (default: tests/data/turns)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N utterances (0: all)")
     parser.add_argument("--chunk", type=int, default=4, help="utterances per microphone file")
-    parser.add_argument("--gap", type=float, default=7.0, help="seconds of quiet after each recording")
+    parser.add_argument("--gap", type=float, default=8.0, help="seconds of quiet after each recording")
     parser.add_argument("--max-tokens", type=int, default=20, help="reply cap, so each ends within the gap")
     parser.add_argument("--out", default="bench-results/heard.json")
     parser.add_argument("--from-pages", action="store_true",
