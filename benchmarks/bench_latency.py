@@ -72,9 +72,10 @@ def serve(engines, settings, stack: ExitStack) -> str:
 OLD_RULE = {"end_of_turn": "silence", "end_silence_ms": 500, "speculate": False}
 
 
-def start_both_rules(preset: str, stack: ExitStack):
+def start_both_rules(preset: str, stack: ExitStack, overrides: dict | None = None):
     """One set of models, served twice: with the old end-of-turn rule and with the new (default)
-    one. Returns (the new rule's engines, its settings, {rule: /ws URL}); turns are run one at a time."""
+    one. Returns (the new rule's engines, its settings, {rule: /ws URL}); turns are run one at a time.
+    `overrides` are settings of both (by default greedy replies)."""
     import msgspec
 
     from app.config import load_settings
@@ -83,7 +84,7 @@ def start_both_rules(preset: str, stack: ExitStack):
 
     # Greedy replies: both rules then say the same words to the same transcript, so the comparison
     # is of turn taking, not of sampling luck (SmolLM2-135M at 0.3 answers in French about half the time).
-    settings = load_settings(preset, {"llm": {"temperature": 0.0}})
+    settings = load_settings(preset, overrides or {"llm": {"temperature": 0.0}})
     new = stack.enter_context(closing(load_and_warm(settings)))
     old_settings = msgspec.structs.replace(settings, turns=msgspec.structs.replace(settings.turns, **OLD_RULE))
     old = Engines(new.asr, new.llm, new.tts)  # the same models behind worker threads of its own

@@ -67,7 +67,9 @@ const view = { serverState: "idle", errorEvent: false, audioTurn: null, answerin
 const wake = { lock: null, pending: false };
 
 const chat = new Chat(ui.log, ui.chat);
-const mic = new Mic();
+// ?tap: the microphone is also tapped on the playback clock, for measuring latency as heard (bench_heard.py).
+const TAP_MIC = new URLSearchParams(location.search).has("tap");
+const mic = new Mic({ onSource: TAP_MIC ? tapMicrophone : null });
 const player = new Player({
   workletUrl: new URL("player-worklet.js", import.meta.url),
   onChange: onPlayerChange,
@@ -92,6 +94,16 @@ window.voiceAssistant = Object.freeze({
   get micLevel() { return record.micLevel; },
   get micLevelMax() { return record.micLevelMax; },
   get wakeLock() { return record.wakeLock; },
+  // Voice-to-voice as heard: each reply's first audible sample, and with ?tap the microphone, on one clock.
+  get heard() { return player.heard.slice(); },
+  get micLevels() { return player.micLevels.map((b) => ({ frame: b.frame, rms: Array.from(b.rms) })); },
+  // What the clock does not see: the output's buffers after the worklet, the microphone's before the tap.
+  get audioClock() {
+    const ctx = player.ctx;
+    const track = mic.stream && mic.stream.getAudioTracks()[0];
+    return ctx && { sampleRate: ctx.sampleRate, baseLatency: ctx.baseLatency, outputLatency: ctx.outputLatency ?? null,
+      micLatency: (track && track.getSettings().latency) ?? null };
+  },
   get settings() { return { ...settings }; },
 });
 
@@ -327,6 +339,10 @@ function tick() {
 }
 
 // ------------------------------------------------------------------ microphone
+
+function tapMicrophone(_context, source, sink) {
+  player.tapMicrophone(source, sink).catch((err) => console.warn("voice assistant: no microphone tap", err));
+}
 
 // Sends run one after another so that audio_start, every piece and audio_stop keep their order.
 function enqueue(task) {

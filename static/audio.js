@@ -48,13 +48,17 @@ export class Player {
     this.active = false; // audio of some turn is queued or playing
     this.played = new Map(); // turn -> samples played
     this.accepted = new Set(); // turns whose audio went to the worklet
+    // {turn, time}: the AudioContext time of each reply's first audible sample (one entry a reply).
+    this.heard = [];
+    this.micLevels = []; // the microphone tap's batches, where the page was opened with ?tap
+    this.loaded = null; // resolves with the worklet node once its module is in
   }
 
   /** Must run inside a user gesture (click, key, touch): browsers only let one start audio. */
   unlock() {
     if (!this.ctx) {
       this.ctx = createAudioContext(this.rate);
-      this.load();
+      this.loaded = this.load();
     }
     if (this.ctx.state !== "running") this.ctx.resume().catch(() => {});
   }
@@ -79,9 +83,20 @@ export class Player {
       this.meter = new LevelMeter(analyser);
       this.node = node;
       this.pending.splice(0).forEach((msg) => node.port.postMessage(msg));
+      return node;
     } catch (err) {
       this.onError(`Audio playback is unavailable: ${err.message}`);
+      return null;
     }
+  }
+
+  /** Listen to the microphone's `source` (a node of this context) on the playback clock: a measuring
+   * aid (?tap), not a part of normal use. The tap's silent output goes to `sink` so that it runs. */
+  async tapMicrophone(source, sink) {
+    if (!(await this.loaded) || source.context !== this.ctx) return;
+    const tap = new AudioWorkletNode(this.ctx, "mic-tap", { numberOfInputs: 1, outputChannelCount: [1] });
+    tap.port.onmessage = (event) => this.micLevels.push(event.data);
+    source.connect(tap).connect(sink);
   }
 
   post(msg, transfer) {
@@ -144,6 +159,10 @@ export class Player {
       this.played.set(msg.turn, msg.played);
       return;
     }
+    if (msg.type === "audible") {
+      this.heard.push({ turn: msg.turn, time: msg.frame / this.ctx.sampleRate });
+      return;
+    }
     this.active = msg.type === "playing";
     this.onChange(msg.type);
   }
@@ -161,7 +180,9 @@ function createAudioContext(rate) {
 
 /** The microphone: one stream kept while needed, one MediaRecorder (one container) per recording. */
 export class Mic {
-  constructor() {
+  /** onSource(context, source, sink), if given, is told of each microphone source node made. */
+  constructor({ onSource = null } = {}) {
+    this.onSource = onSource;
     this.stream = null;
     this.meter = null;
     this.meterCtx = null; // only when the player's context cannot take the mic (Firefox, other rate)
@@ -192,7 +213,9 @@ export class Mic {
         // user does not hear their own voice.
         const mute = context.createGain();
         mute.gain.value = 0;
-        context.createMediaStreamSource(this.stream).connect(analyser).connect(mute).connect(context.destination);
+        const source = context.createMediaStreamSource(this.stream);
+        source.connect(analyser).connect(mute).connect(context.destination);
+        if (this.onSource) this.onSource(context, source, mute);
         return new LevelMeter(analyser);
       } catch (err) {
         // Firefox refuses a stream whose rate differs from the context's: try a context of its own.

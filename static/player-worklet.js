@@ -1,11 +1,16 @@
-// AudioWorklet that plays the reply's mono PCM from a queue: ~80 ms jitter buffer, silence on underrun,
-// linear resampling, and a count of the samples of each turn actually played (for text reveal and barge-in).
+// AudioWorklets: the player of the reply's mono PCM from a queue (~80 ms jitter buffer, silence on underrun,
+// linear resampling, a count of the samples of each turn played, the frame where each turn became audible),
+// and a microphone tap that reports loudness on the same clock (for measuring latency as heard).
 "use strict";
 
 // Enough buffered audio to ride out network jitter without adding noticeable delay.
 const JITTER_SECONDS = 0.08;
 // Report progress about every 20 ms (blocks of 128 frames): smooth text reveal, few messages.
 const PROGRESS_EVERY_BLOCKS = Math.max(1, Math.round((0.02 * sampleRate) / 128));
+// A reply is heard from its first output sample above this (-60 dBFS): the faint start of a fade-in is not.
+const AUDIBLE = 1e-3;
+// The microphone tap sends its blocks' loudness in batches this long (~0.37 s at 22 kHz): few messages.
+const TAP_BATCH_BLOCKS = 64;
 
 class PcmPlayer extends AudioWorkletProcessor {
   constructor(options) {
@@ -18,6 +23,7 @@ class PcmPlayer extends AudioWorkletProcessor {
     this.turn = null; // turn of the samples being played
     this.played = 0; // input samples of this.turn played so far
     this.blocks = 0;
+    this.heardTurn = null; // the last turn whose first audible sample was reported
     this.setRate((options.processorOptions || {}).inputRate || sampleRate);
     this.resetInterpolation();
     this.port.onmessage = (event) => this.onMessage(event.data);
@@ -51,6 +57,7 @@ class PcmPlayer extends AudioWorkletProcessor {
       this.available = 0;
       this.playing = false;
       this.ended = false;
+      this.heardTurn = null; // a new session numbers its turns from 1 again
       this.resetInterpolation();
     } else if (msg.type === "rate") {
       this.setRate(msg.rate);
@@ -118,10 +125,45 @@ class PcmPlayer extends AudioWorkletProcessor {
         this.frac -= 1;
       }
       out[i] = this.a + (this.b - this.a) * this.frac;
+      if (this.turn !== this.heardTurn && Math.abs(out[i]) > AUDIBLE) this.reportHeard(currentFrame + i);
       this.frac += this.step;
+    }
+    return true;
+  }
+
+  // Once per turn, one message: the AudioContext frame of its first audible sample (voice-to-voice as heard).
+  reportHeard(frame) {
+    this.heardTurn = this.turn;
+    this.port.postMessage({ type: "audible", turn: this.turn, frame });
+  }
+}
+
+registerProcessor("pcm-player", PcmPlayer);
+
+/** The microphone's loudness per 128-frame block, on the AudioContext's clock: batches of
+ * {frame: the first block's first frame, rms: Float32Array}. Only made when the page is opened with
+ * ?tap (benchmarks/bench_heard.py), so that the microphone's time and the reply's are one clock. */
+class MicTap extends AudioWorkletProcessor {
+  constructor() {
+    super();
+    this.rms = new Float32Array(TAP_BATCH_BLOCKS);
+    this.count = 0;
+    this.first = 0;
+  }
+
+  process(inputs) {
+    const input = inputs[0][0]; // absent while the stream gives nothing: a silent block
+    let sum = 0;
+    if (input) for (let i = 0; i < input.length; i++) sum += input[i] * input[i];
+    if (this.count === 0) this.first = currentFrame;
+    this.rms[this.count++] = Math.sqrt(sum / 128);
+    if (this.count === TAP_BATCH_BLOCKS) {
+      this.port.postMessage({ frame: this.first, rms: this.rms }, [this.rms.buffer]);
+      this.rms = new Float32Array(TAP_BATCH_BLOCKS);
+      this.count = 0;
     }
     return true;
   }
 }
 
-registerProcessor("pcm-player", PcmPlayer);
+registerProcessor("mic-tap", MicTap);

@@ -94,6 +94,11 @@ def test_spoken_turn_then_barge_in(live_server: str, browser) -> None:
         # Chromium has WebCodecs: the page wrote the recording's Ogg/Opus itself (not MediaRecorder's WebM).
         assert [m["mime_type"] for m in frames.sent if m["type"] == "audio_start"][:1] == ["audio/ogg;codecs=opus"]
         assert seen["outputLevelMax"] > 0.2 and seen["micLevelMax"] > 0.05, seen  # levels drove the orb
+        # The reply's first audible sample is kept on the playback clock (benchmarks/bench_heard.py); the
+        # microphone is tapped only with ?tap.
+        heard = page.evaluate("() => window.voiceAssistant.heard")
+        assert [h["turn"] for h in heard] == [seen["turnEnds"][0]["turn"]] and heard[0]["time"] > 0, heard
+        assert page.evaluate("() => window.voiceAssistant.micLevels") == []
         # The reply text ran ahead of its voice on the wire, yet the page held it back until spoken...
         assert any(0 < shown < received for shown, received in reveal), reveal
         # ...and once played, all of it shows, with the turn's latency beside it.
