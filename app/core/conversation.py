@@ -172,10 +172,7 @@ class Conversation:
         """Stop the reply: cancel the running turn, or trim what the history says was heard.
         `played`: samples of its audio the listener heard; None: estimate by the playback clock."""
         if (cut := self._answering.cut_off(cause, played)) is not None:
-            turn, reply = cut
-            self._out.silenced.add(turn.id)  # queued audio stops now, not when the task unwinds
-            if cause == "speech" and not reply.samples and turn.audio is not None:
-                self._carry = turn.audio  # cut off before it spoke: the user was not done yet
+            self._out.silenced.add(cut[0].id)  # queued audio stops now, not when the task unwinds
         else:
             self.memory.cut_last(played)
         self.playback_end = 0.0
@@ -192,10 +189,15 @@ class Conversation:
 
     # ------------------------------------------------------------ what the listener found
 
-    def speech_started(self) -> None:
+    def speech_started(self, t_onset: float | None = None) -> None:
+        """The user speaks, since `t_onset` (perf_counter(); None: now)."""
+        t_onset = time.perf_counter() if t_onset is None else t_onset
         self._speaking_turn = next(self._turn_ids)
         self.emit(ev.SpeechStarted(self._speaking_turn))
-        if self._answering.busy or self.memory.still_playing():
+        if (carry := _ended_too_early(self._answering, self.memory, t_onset, self.turns.continue_within_s)) is not None:
+            self._carry = carry  # both parts are answered as one turn; the reply is void
+            self.interrupt(None, cause="continued")
+        elif self._answering.busy or self.memory.still_playing():
             self.interrupt(None, cause="speech")
         elif self.turns.speculate:
             self._ahead.prefill()
@@ -253,3 +255,14 @@ class Conversation:
             self._listener = None
             if not self._answering.busy:
                 self.set_state("idle")
+
+
+def _ended_too_early(answering: Answering, memory: Memory, t_onset: float, within_s: float) -> np.ndarray | None:
+    """Speech that began (at `t_onset`) before the reply played, or within `within_s` of its start,
+    means the user had not finished: their turn was ended too early. Returns that turn's speech, to
+    carry into the new one (None: a reply the user heard and now talks over, or none). A reply all sent
+    but playing then leaves the history here (the strict gate may accept the speech after it played)."""
+    if (active := answering.active) is not None:
+        turn, reply = active
+        return turn.audio if turn.audio is not None and reply.continued_by(t_onset, within_s) else None
+    return memory.take_back(t_onset, within_s)

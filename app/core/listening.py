@@ -33,7 +33,7 @@ class Heard(Protocol):
 
     playback_end: float  # perf_counter() until which the assistant's voice plays (read on the thread)
 
-    def speech_started(self) -> None: ...
+    def speech_started(self, t_onset: float) -> None: ...
 
     def interim(self, audio: np.ndarray) -> None: ...
 
@@ -120,7 +120,7 @@ class Listener:
 
     def _report(self, event: Event) -> None:
         if event is Event.SPEECH_STARTED:
-            self._post(self._conversation.speech_started)
+            self._post(self._conversation.speech_started, self._time_of(self.detector.onset))
         elif event is Event.INTERIM:
             self._post(self._conversation.interim, self.detector.snapshot())
         elif event is Event.QUIET:

@@ -282,3 +282,53 @@ def test_an_interim_transcript_is_read_ahead_by_the_reply_and_the_judge(engines,
         await until(lambda: holds(llm._llama, interim.text) and holds(llm._judge, interim.text))
 
     run(engines, script)
+
+
+async def say_in_real_time(listener, pcm: np.ndarray, piece_s: float = 0.1) -> None:
+    """Feed `pcm` as a microphone would: each `piece_s` piece once it has all been heard (the listener
+    times its turns by the stream running in real time)."""
+    step, start = int(piece_s * ASR_RATE), time.perf_counter()
+    for i in range(0, len(pcm), step):
+        piece = pcm[i : i + step]
+        await asyncio.sleep(max(0.0, start + (i + len(piece)) / ASR_RATE - time.perf_counter()))
+        listener.feed(piece)
+
+
+async def quiet_until(listener, events: list[ev.Event], predicate: Callable[[ev.Event], bool]) -> None:
+    """The microphone hears silence, on time, until an event matches."""
+    while not any(predicate(e) for e in events):
+        await say_in_real_time(listener, np.zeros(ASR_RATE // 10, np.float32))
+
+
+def test_going_on_as_the_reply_begins_makes_one_turn_of_both_parts(engines, jfk_pcm):
+    """The turn was ended too early: the person says the rest of the sentence just after the reply
+    began to play. The reply stops at once, both parts are answered as one turn (one transcript,
+    one user message in the history) and the cut reply is forgotten."""
+    part1, part2 = jfk_pcm[: int(2.9 * ASR_RATE)], jfk_pcm[int(2.9 * ASR_RATE) :]  # "...Americans," | "ask not..."
+    seen: dict[str, object] = {}
+
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        listener = conversation.listen()
+        await say_in_real_time(listener, part1)
+        await quiet_until(listener, events, lambda e: isinstance(e, ev.ReplyAudio))
+        seen["history before"] = list(conversation.memory.history)
+        await say_in_real_time(listener, np.concatenate([part2, np.zeros(2 * ASR_RATE, np.float32)]))
+        await quiet_until(listener, events, turn_end(2))
+        seen["history"] = list(conversation.memory.history)
+
+    events = run(engines, script)
+    first, second = of(events, ev.TurnEnd)
+    # Cut while it was still being written, or once all sent and playing: void either way.
+    assert (first.turn, first.reason) in ((1, "interrupted"), (1, "completed")), first
+    assert first.reason == "completed" or first.reply == ""
+    assert (second.turn, second.reason) == (2, "completed")
+    barge_in = events.index(ev.SpeechStarted(2))
+    assert not [e for e in events[barge_in:] if isinstance(e, ev.ReplyAudio) and e.turn == 1]  # stopped at once
+    (final,) = [t for t in of(events, ev.Transcript) if t.turn == 2 and t.final]
+    assert word_error_rate(final.text, JFK_TEXT) < 0.25, final.text  # both halves, "ask not" too
+    assert "americans" in final.text.lower() and "ask not" in final.text.lower(), final.text
+    users = [m for m in seen["history"] if m["role"] == "user"]
+    assert users == [{"role": "user", "content": final.text}]
+    assert seen["history"][-1] == {"role": "assistant", "content": second.reply}
+    written_1 = "".join(e.delta for e in of(events, ev.ReplyText) if e.turn == 1)
+    assert written_1 and all(written_1.strip() not in m["content"] for m in seen["history"])
