@@ -15,6 +15,7 @@ import numpy as np
 
 from app.core import events as ev
 from app.core.chunking import ChunkSettings
+from app.core.echo import EchoGuard
 from app.core.memory import Memory
 from app.core.metrics import Metrics
 from app.core.pending import PendingTurn
@@ -46,8 +47,10 @@ class Conversational(Protocol):
 
 
 class Answering:
-    def __init__(self, conversation: Conversational, *, max_queued: int, chunking: ChunkSettings) -> None:
+    def __init__(self, conversation: Conversational, *, max_queued: int, chunking: ChunkSettings,
+                 echo: EchoGuard) -> None:
         self._c = conversation
+        self.echo = echo  # the reply audio as it plays, for the listener to tell its echo from the user
         self._max_queued = max_queued  # limits.max_queued_turns
         self._chunking = chunking
         self._queue: asyncio.Queue[PendingTurn] = asyncio.Queue()
@@ -197,6 +200,7 @@ class Answering:
                 c.set_state("speaking")
             c.emit(ev.ReplyAudio(turn.id, chunk, sample_rate))
             c.playback_end = reply.playback_end()
+            self.echo.played(chunk, sample_rate, c.playback_end - len(chunk) / sample_rate)
 
         try:
             await make_reply(

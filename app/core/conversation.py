@@ -26,7 +26,9 @@ import numpy as np
 from app.audio import ASR_RATE
 from app.core import events as ev
 from app.core.answering import Answering
+from app.core.barge_in import cut_by_speech
 from app.core.chunking import ChunkSettings
+from app.core.echo import EchoGuard
 from app.core.limits import LimitSettings
 from app.core.listening import Listener
 from app.core.memory import Memory
@@ -66,7 +68,8 @@ class Conversation:
         self.memory = Memory(self.metrics)
         self.playback_end = 0.0  # perf_counter() when the listener will have played all reply audio
         self._out = Outbox(settings.limits.max_outgoing_bytes)
-        self._answering = Answering(self, max_queued=settings.limits.max_queued_turns, chunking=settings.chunking)
+        self._answering = Answering(self, max_queued=settings.limits.max_queued_turns, chunking=settings.chunking,
+                                    echo=EchoGuard(settings.turns.echo))
         self._ahead = ReadAhead(engines, self.turns, self.id, prompt_for=self._prompt_for, show=self._show_interim)
         self._turn_ids = itertools.count(1)
         self._listener: Listener | None = None
@@ -150,7 +153,8 @@ class Conversation:
     def listen(self) -> Listener:
         """A new recording: feed its PCM to the listener this returns."""
         self.stop_listening()
-        self._listener = Listener(self, self.engines.vad_model, self.turns, self.options, self.engines.smart_turn)
+        self._listener = Listener(self, self.engines.vad_model, self.turns, self.options, self.engines.smart_turn,
+                                  echo=self._answering.echo)
         if not self._answering.busy:
             self.set_state("listening")
         return self._listener
@@ -191,14 +195,13 @@ class Conversation:
 
     def speech_started(self, t_onset: float | None = None) -> None:
         """The user speaks, since `t_onset` (perf_counter(); None: now)."""
-        t_onset = time.perf_counter() if t_onset is None else t_onset
         self._speaking_turn = next(self._turn_ids)
         self.emit(ev.SpeechStarted(self._speaking_turn))
-        if (carry := _ended_too_early(self._answering, self.memory, t_onset, self.turns.continue_within_s)) is not None:
-            self._carry = carry  # both parts are answered as one turn; the reply is void
-            self.interrupt(None, cause="continued")
-        elif self._answering.busy or self.memory.still_playing():
-            self.interrupt(None, cause="speech")
+        cause, carry = cut_by_speech(self._answering, self.memory, t_onset, self.turns.continue_within_s)
+        if cause is not None:
+            self._carry = carry if carry is not None else self._carry
+            self.interrupt(None, cause=cause)
+            self.emit(ev.BargeIn(True))  # the page may have held its playback already: it stops for good
         elif self.turns.speculate:
             self._ahead.prefill()
 
@@ -256,13 +259,3 @@ class Conversation:
             if not self._answering.busy:
                 self.set_state("idle")
 
-
-def _ended_too_early(answering: Answering, memory: Memory, t_onset: float, within_s: float) -> np.ndarray | None:
-    """Speech that began (at `t_onset`) before the reply played, or within `within_s` of its start,
-    means the user had not finished: their turn was ended too early. Returns that turn's speech, to
-    carry into the new one (None: a reply the user heard and now talks over, or none). A reply all sent
-    but playing then leaves the history here (the strict gate may accept the speech after it played)."""
-    if (active := answering.active) is not None:
-        turn, reply = active
-        return turn.audio if turn.audio is not None and reply.continued_by(t_onset, within_s) else None
-    return memory.take_back(t_onset, within_s)

@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 
 from app.audio import ASR_RATE
+from app.core.echo import EchoSettings
 from app.engines.vad import WINDOW, StreamingVad
 
 # What ended a turn: Smart Turn at a pause, the longest silence, the length cap, or the recording's end.
@@ -67,6 +68,10 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # it was ended too early. The reply stops and both parts are answered as one turn
     # (app/core/conversation.py); the cut reply is not remembered.
     continue_within_s: float = 1.5
+    echo: EchoSettings = EchoSettings()  # the strict gate rejects the reply's own voice
+    # A run of speech this long over the reply may already have paused the page's playback (static/app.js
+    # holds it after ~130 ms): if the gate then rejects it, the listener says so, and the page plays on.
+    barge_in_notice_ms: int = 96
     interim_every_ms: int = 1000  # re-transcribe the growing turn this often (0: never)
 
     def __post_init__(self) -> None:
@@ -91,6 +96,7 @@ class Event(Enum):
     QUIET = "quiet"  # speculate_ms of silence: candidate() may be answered on speculation
     PAUSED = "paused"  # pause_ms of silence: the turn may end now (end_now())
     RESUMED = "resumed"  # speech again after QUIET: the candidate is void
+    REJECTED = "rejected"  # the strict gate turned down barge_in_notice_ms of speech-like sound (echo, a cough)
     TURN_ENDED = "turn_ended"
 
 
@@ -116,6 +122,7 @@ class TurnDetector:
         # stream position of its end) -> True rejects it; see app/core/echo.py.
         self.echo: Callable[[np.ndarray, int], bool] | None = None
         self._keep = int(settings.barge_in_keep_s * ASR_RATE)
+        self._notice = settings.barge_in_notice_ms * ms
         self._pad = settings.pad_ms * ms
         self._tail = settings.tail_ms * ms
         self._max_turn = int(settings.max_turn_s * ASR_RATE)
@@ -201,7 +208,9 @@ class TurnDetector:
             self._speech_run += WINDOW
             self._run_confidence += prob
         elif prob < self.settings.silence_threshold:
+            noticed = strict and self._speech_run >= self._notice
             self._speech_run, self._run_confidence = 0, 0.0
+            return Event.REJECTED if noticed else None  # too short, or not confident: a cough, a click
         if self._speech_run < needed:
             return None
         mean = self._run_confidence * WINDOW / self._speech_run
@@ -210,7 +219,7 @@ class TurnDetector:
         if strict and self.echo is not None and self.echo(np.concatenate(self._recent[-(needed // WINDOW):]),
                                                           self.position):
             self._speech_run, self._run_confidence = 0, 0.0  # its own voice: start counting afresh
-            return None
+            return Event.REJECTED
         return self._start_turn()
 
     def _track_utterance(self, prob: float, strict: bool) -> None:
