@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime
 
 from app.audio import ASR_RATE
-from app.core.echo import EchoGuard
+from app.core.echo import EchoCheck, EchoGuard
 from app.core.events import BargeIn, Options
 from app.core.turns import Event, TurnDetector, TurnSettings
 from app.engines.smart_turn import SmartTurn
@@ -80,7 +80,7 @@ class Listener:
         # A VAD state of its own: the previous recording's thread may still be draining.
         self.detector = TurnDetector(settings, StreamingVad(vad_model))
         if echo is not None:  # the assistant's voice, heard back, is not the user barging in
-            self.detector.echo = lambda audio, end: echo.is_echo(audio, self._time_of(end))
+            self.detector.echo = EchoCheck(echo, self._time_of)
         self._smart_turn = smart_turn if settings.end_of_turn == "smart" else None
         self._settings = settings
         self._candidate: np.ndarray | None = None  # the turn as it stands since the current silence

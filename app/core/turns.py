@@ -119,8 +119,8 @@ class TurnDetector:
         self._interim_every = settings.interim_every_ms * ms
         self.strict = False  # set while the assistant speaks: barge-in needs real speech
         # While strict: is this run of speech the assistant's own voice, heard back? (audio of the run,
-        # stream position of its end) -> True rejects it; see app/core/echo.py.
-        self.echo: Callable[[np.ndarray, int], bool] | None = None
+        # stream position of its end) -> True rejects it, None counts afresh; see app/core/echo.py.
+        self.echo: Callable[[np.ndarray, int], bool | None] | None = None
         self._keep = int(settings.barge_in_keep_s * ASR_RATE)
         self._notice = settings.barge_in_notice_ms * ms
         self._pad = settings.pad_ms * ms
@@ -216,10 +216,13 @@ class TurnDetector:
         mean = self._run_confidence * WINDOW / self._speech_run
         if strict and mean < self.settings.barge_in_threshold:
             return None
-        if strict and self.echo is not None and self.echo(np.concatenate(self._recent[-(needed // WINDOW):]),
-                                                          self.position):
-            self._speech_run, self._run_confidence = 0, 0.0  # its own voice: start counting afresh
-            return Event.REJECTED
+        if strict and self.echo is not None:
+            echo = self.echo(np.concatenate(self._recent[-(needed // WINDOW) :]), self.position)
+            if echo is not False:  # its own voice, or not sure yet: count afresh
+                # The utterance begins after the echo, or with the run in doubt: no reply words in the turn.
+                self._first_speech = None if echo else self.position - self._speech_run
+                self._speech_run, self._run_confidence = 0, 0.0
+                return Event.REJECTED if echo else None
         return self._start_turn()
 
     def _track_utterance(self, prob: float, strict: bool) -> None:
