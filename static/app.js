@@ -8,6 +8,11 @@ import { SettingsPanel, helloMessage, loadSettings } from "./settings.js";
 const MAX_RETRY_MS = 15000;
 const STARTING_RETRY_MS = 2000; // the server is up but its models still load: ask again soon
 const PTT_KEEP_MIC_MS = 30000; // push-to-talk keeps the mic open between presses, so no word is lost
+// The page pauses a reply as soon as its own detector hears the person; the server's stricter gate then says
+// whether it was them (`barge_in`). Over its own voice it wants two runs of ~0.4 s, plus the way there and
+// back: without a verdict by then, the reply plays on.
+const HOLD_MAX_MS = 1600;
+const TRUST_AFTER_REJECT_MS = 1000; // after "not the person", the page's detector is not trusted for a while
 const LABELS = {
   connecting: "Connecting…",
   idle: "Idle",
@@ -56,6 +61,7 @@ const record = {
   micLevel: 0,
   micLevelMax: 0,
   wakeLock: false,
+  bargeIns: [], // {onsetAt, quietAt, verdict}: what the page's detector heard over a reply (ctx seconds)
 };
 // refused: the error event of a connection the server turned away before `ready`.
 const conn = { ws: null, ready: null, refused: null, retries: 0, retryTimer: 0, lost: false };
@@ -65,9 +71,12 @@ const talk = { want: false, starting: false, keyHeld: false, chain: Promise.reso
 // discardUpTo: turns stopped here whose events and frames may still be on the wire.
 const view = { serverState: "idle", errorEvent: false, audioTurn: null, answering: -Infinity, discardUpTo: -Infinity };
 const wake = { lock: null, pending: false };
+// held: a reply paused on the page's own detector, awaiting the server's verdict.
+const barge = { held: null, timer: 0, distrustUntil: 0 };
 
 const chat = new Chat(ui.log, ui.chat);
 const mic = new Mic();
+mic.onVoice = onLocalVoice;
 const player = new Player({
   workletUrl: new URL("player-worklet.js", import.meta.url),
   onChange: onPlayerChange,
@@ -92,6 +101,7 @@ window.voiceAssistant = Object.freeze({
   get micLevel() { return record.micLevel; },
   get micLevelMax() { return record.micLevelMax; },
   get wakeLock() { return record.wakeLock; },
+  get bargeIns() { return record.bargeIns.map((b) => ({ ...b })); },
   get settings() { return { ...settings }; },
 });
 
@@ -229,6 +239,15 @@ const handlers = {
     if (player.active) stopReply();
   },
   speech_stopped() { delete document.body.dataset.hearing; },
+  barge_in(m) {
+    if (barge.held) barge.held.verdict = m.confirmed ? "confirmed" : "rejected";
+    if (m.confirmed) {
+      if (player.active) stopReply();
+    } else if (barge.held) {
+      barge.distrustUntil = performance.now() + TRUST_AFTER_REJECT_MS;
+      resumeReply();
+    }
+  },
   transcript(m) {
     (m.final ? record.transcripts : record.interims).push(m.text);
     chat.transcript(m);
@@ -300,8 +319,32 @@ function onPlayerChange(kind) {
   render();
 }
 
+/** The page's own detector heard the person over the reply: pause it now, while the server judges. */
+function onLocalVoice(message) {
+  if (message.type !== "voice" || barge.held || !player.active || player.held || !mic.recording) return;
+  if (performance.now() < barge.distrustUntil) return;
+  player.hold();
+  const quietAt = player.quietAt.length;
+  barge.held = { onsetAt: message.onsetAt, heardAt: message.at, quietAt: null, verdict: null };
+  record.bargeIns.push(barge.held);
+  const held = barge.held;
+  // The worklet says when it fell silent (its clock is the detector's: one AudioContext).
+  setTimeout(() => { held.quietAt = player.quietAt[quietAt] ?? null; }, 200);
+  barge.timer = setTimeout(() => { if (barge.held === held) { held.verdict = "timeout"; resumeReply(); } }, HOLD_MAX_MS);
+  render();
+}
+
+function resumeReply() {
+  clearTimeout(barge.timer);
+  barge.held = null;
+  if (player.held) player.resume();
+  render();
+}
+
 /** Stop the reply now (Stop button, Esc, barge-in, push-to-talk press): tell the server how much was heard. */
 function stopReply() {
+  clearTimeout(barge.timer);
+  barge.held = null;
   // The server's reply in progress is the newest turn; 0 played if its audio is still queued here.
   const current = Math.max(view.audioTurn ?? -Infinity, view.answering);
   const played = Number.isFinite(current) ? player.playedOf(current) : 0;

@@ -170,6 +170,12 @@ def barge_in(page, frames: Frames) -> None:
     assert interrupts and interrupts[0]["played_samples"] > 0, frames.sent  # what was heard, for the history
     ends = snapshot(page)["turnEnds"]
     assert [e["reason"] for e in ends[1:]] == ["interrupted", "completed"], ends
+    # The page paused the story itself as soon as its own detector heard the question begin, before the
+    # server's verdict, which then confirmed it. Both times are the page's AudioContext clock.
+    (heard,) = page.evaluate("() => window.voiceAssistant.bargeIns")
+    quiet_after = heard["quietAt"] - heard["onsetAt"]
+    print(f"the page was quiet {quiet_after * 1000:.0f} ms after the interrupting speech began: {heard}")
+    assert heard["verdict"] == "confirmed" and 0 < quiet_after <= 0.3, heard
     assert "interrupted" in page.locator(".bubble.assistant").nth(1).get_attribute("class").split()
     page.screenshot(path=str(SCREENSHOTS / "desktop-barge-in.png"))
 
