@@ -240,7 +240,12 @@ const handlers = {
   },
   speech_stopped() { delete document.body.dataset.hearing; },
   barge_in(m) {
-    if (barge.held) barge.held.verdict = m.confirmed ? "confirmed" : "rejected";
+    // The hold it answers (speech_started, just before a confirmation, may have stopped the reply already).
+    const last = record.bargeIns[record.bargeIns.length - 1];
+    if (last && !last.verdict) {
+      last.verdict = m.confirmed ? "confirmed" : "rejected";
+      last.verdictAt = player.ctx ? player.ctx.currentTime : null; // where a page without its detector stops
+    }
     if (m.confirmed) {
       if (player.active) stopReply();
     } else if (barge.held) {
@@ -325,7 +330,7 @@ function onLocalVoice(message) {
   if (performance.now() < barge.distrustUntil) return;
   player.hold();
   const quietAt = player.quietAt.length;
-  barge.held = { onsetAt: message.onsetAt, heardAt: message.at, quietAt: null, verdict: null };
+  barge.held = { onsetAt: message.onsetAt, heardAt: message.at, quietAt: null, verdict: null, verdictAt: null };
   record.bargeIns.push(barge.held);
   const held = barge.held;
   // The worklet says when it fell silent (its clock is the detector's: one AudioContext).

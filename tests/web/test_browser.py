@@ -174,7 +174,8 @@ def barge_in(page, frames: Frames) -> None:
     # server's verdict, which then confirmed it. Both times are the page's AudioContext clock.
     (heard,) = page.evaluate("() => window.voiceAssistant.bargeIns")
     quiet_after = heard["quietAt"] - heard["onsetAt"]
-    print(f"the page was quiet {quiet_after * 1000:.0f} ms after the interrupting speech began: {heard}")
+    print(f"the page was quiet {quiet_after * 1000:.0f} ms after the interrupting speech began, the server's "
+          f"verdict came after {(heard['verdictAt'] - heard['onsetAt']) * 1000:.0f} ms: {heard}")
     assert heard["verdict"] == "confirmed" and 0 < quiet_after <= 0.3, heard
     assert "interrupted" in page.locator(".bubble.assistant").nth(1).get_attribute("class").split()
     page.screenshot(path=str(SCREENSHOTS / "desktop-barge-in.png"))
