@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support import speak
+from tests.support import recording, resample, speak
 
 CHROMIUM = Path("/usr/bin/chromium")
 QUESTION = "What is the capital of France?"
@@ -110,6 +110,52 @@ def test_spoken_turn_then_barge_in(live_server: str, browser) -> None:
         raise
     finally:
         page.close()
+
+
+@pytest.fixture(scope="module")
+def coughing_browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A second Chromium whose fake microphone hears, 0.6 s after it opens, one short burst of a voice
+    (300 ms cut from a word of JFK's, as loud as he speaks): a cough's length, too short to be a turn."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    burst = resample(recording("jfk.flac")[int(1.2 * 16_000) : int(1.5 * 16_000)], 16_000, MIC_RATE)
+    path = tmp_path_factory.mktemp("cough") / "cough.wav"
+    write_wav(path, np.concatenate([np.zeros(int(0.6 * MIC_RATE)), burst, np.zeros(3 * MIC_RATE)]), MIC_RATE)
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+            *CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={path}%noloop"])
+        yield chromium
+        chromium.close()
+
+
+def test_a_cough_over_the_reply_pauses_it_only_until_the_server_says_it_was_not_the_user(
+    live_server: str, coughing_browser
+) -> None:
+    """The page's own detector pauses the reply on the burst; the server's gate turns the burst down
+    (`barge_in` not confirmed) and the reply plays on to its end, nothing of it cut."""
+    page = coughing_browser.new_page(viewport={"width": 1280, "height": 800})
+    errors, frames = watch_errors(page), Frames(page)
+    try:
+        page.goto(f"{live_server}/")
+        page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=60_000)
+        page.get_by_label("Type a message").fill(STORY)
+        page.get_by_label("Type a message").press("Enter")
+        page.wait_for_function("() => window.voiceAssistant.outputLevel > 0.05", timeout=TURN_TIMEOUT_MS)
+        page.get_by_role("button", name="Start talking").click()
+        page.wait_for_function("() => window.voiceAssistant.bargeIns.some((b) => b.verdict)", timeout=10_000)
+        (heard,) = page.evaluate("() => window.voiceAssistant.bargeIns")
+        assert heard["verdict"] == "rejected" and heard["quietAt"] is not None, heard
+        follow_turn(page, frames, turns=1)  # the story plays out
+        ends = snapshot(page)["turnEnds"]
+        assert [e["reason"] for e in ends] == ["completed"], ends
+        assert "interrupt" not in [m["type"] for m in frames.sent] and not of_kind(frames, "speech_started")
+        print(f"paused for {(heard['verdictAt'] - heard['quietAt']) * 1000:.0f} ms: {heard}")
+        assert not errors, f"console errors: {errors}"
+    finally:
+        page.close()
+
+
+def of_kind(frames: Frames, kind: str) -> list[dict]:
+    return [m for m in frames.received if m["type"] == kind]
 
 
 def test_a_recording_that_fails_is_said_in_words_and_the_microphone_goes_off(live_server: str, browser) -> None:
