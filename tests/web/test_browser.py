@@ -67,15 +67,21 @@ def question_wav(tmp_path_factory: pytest.TempPathFactory, engines) -> Path:
 
 
 @pytest.fixture(scope="module")
-def browser(question_wav: Path) -> Iterator[object]:
-    """One headless Chromium for the module; its fake microphone says the question each time it is opened."""
+def playwright() -> Iterator[object]:
+    """Playwright, once for the module (its sync API runs one instance at a time)."""
     sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(playwright, question_wav: Path) -> Iterator[object]:
+    """One headless Chromium for the module; its fake microphone says the question each time it is opened."""
     # %noloop: play the file once per opened microphone, then silence, so the question is not asked again and again.
     mic_flag = f"--use-file-for-fake-audio-capture={question_wav}%noloop"
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_FLAGS, mic_flag])
-        yield chromium
-        chromium.close()
+    chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_FLAGS, mic_flag])
+    yield chromium
+    chromium.close()
 
 
 def test_spoken_turn_then_barge_in(live_server: str, browser) -> None:
@@ -113,18 +119,16 @@ def test_spoken_turn_then_barge_in(live_server: str, browser) -> None:
 
 
 @pytest.fixture(scope="module")
-def coughing_browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+def coughing_browser(playwright, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A second Chromium whose fake microphone hears, 0.6 s after it opens, one short burst of a voice
     (300 ms cut from a word of JFK's, as loud as he speaks): a cough's length, too short to be a turn."""
-    sync_api = pytest.importorskip("playwright.sync_api")
     burst = resample(recording("jfk.flac")[int(1.2 * 16_000) : int(1.5 * 16_000)], 16_000, MIC_RATE)
     path = tmp_path_factory.mktemp("cough") / "cough.wav"
     write_wav(path, np.concatenate([np.zeros(int(0.6 * MIC_RATE)), burst, np.zeros(3 * MIC_RATE)]), MIC_RATE)
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
-            *CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={path}%noloop"])
-        yield chromium
-        chromium.close()
+    chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+        *CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={path}%noloop"])
+    yield chromium
+    chromium.close()
 
 
 def test_a_cough_over_the_reply_pauses_it_only_until_the_server_says_it_was_not_the_user(
