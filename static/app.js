@@ -9,9 +9,11 @@ const MAX_RETRY_MS = 15000;
 const STARTING_RETRY_MS = 2000; // the server is up but its models still load: ask again soon
 const PTT_KEEP_MIC_MS = 30000; // push-to-talk keeps the mic open between presses, so no word is lost
 // The page pauses a reply as soon as its own detector hears the person; the server's stricter gate then says
-// whether it was them (`barge_in`). Over its own voice it wants two runs of ~0.4 s, plus the way there and
-// back: without a verdict by then, the reply plays on.
-const HOLD_MAX_MS = 1600;
+// whether it was them (`barge_in`): after ~0.4 s of confident speech, twice that over its own voice, later
+// for soft speech (JFK's "ask not" passes 2.5 s on, with the words after it). Without a verdict, the reply
+// plays on once the page has heard nothing for a second, or after a few seconds at most.
+const HOLD_QUIET_MS = 1000;
+const HOLD_MAX_MS = 4000;
 const TRUST_AFTER_REJECT_MS = 1000; // after "not the person", the page's detector is not trusted for a while
 const LABELS = {
   connecting: "Connecting…",
@@ -72,7 +74,7 @@ const talk = { want: false, starting: false, keyHeld: false, chain: Promise.reso
 const view = { serverState: "idle", errorEvent: false, audioTurn: null, answering: -Infinity, discardUpTo: -Infinity };
 const wake = { lock: null, pending: false };
 // held: a reply paused on the page's own detector, awaiting the server's verdict.
-const barge = { held: null, timer: 0, distrustUntil: 0 };
+const barge = { held: null, timer: 0, quietTimer: 0, distrustUntil: 0 };
 
 const chat = new Chat(ui.log, ui.chat);
 const mic = new Mic();
@@ -326,7 +328,12 @@ function onPlayerChange(kind) {
 
 /** The page's own detector heard the person over the reply: pause it now, while the server judges. */
 function onLocalVoice(message) {
-  if (message.type !== "voice" || barge.held || !player.active || player.held || !mic.recording) return;
+  if (barge.held) {
+    clearTimeout(barge.quietTimer); // still talking: keep waiting; stopped: wait a second more
+    if (message.type === "quiet") barge.quietTimer = setTimeout(() => holdTimedOut(barge.held), HOLD_QUIET_MS);
+    return;
+  }
+  if (message.type !== "voice" || !player.active || player.held || !mic.recording) return;
   if (performance.now() < barge.distrustUntil) return;
   player.hold();
   const quietAt = player.quietAt.length;
@@ -335,12 +342,19 @@ function onLocalVoice(message) {
   const held = barge.held;
   // The worklet says when it fell silent (its clock is the detector's: one AudioContext).
   setTimeout(() => { held.quietAt = player.quietAt[quietAt] ?? null; }, 200);
-  barge.timer = setTimeout(() => { if (barge.held === held) { held.verdict = "timeout"; resumeReply(); } }, HOLD_MAX_MS);
+  barge.timer = setTimeout(() => holdTimedOut(held), HOLD_MAX_MS);
   render();
+}
+
+function holdTimedOut(held) {
+  if (!held || barge.held !== held) return;
+  held.verdict = "timeout";
+  resumeReply();
 }
 
 function resumeReply() {
   clearTimeout(barge.timer);
+  clearTimeout(barge.quietTimer);
   barge.held = null;
   if (player.held) player.resume();
   render();
@@ -349,6 +363,7 @@ function resumeReply() {
 /** Stop the reply now (Stop button, Esc, barge-in, push-to-talk press): tell the server how much was heard. */
 function stopReply() {
   clearTimeout(barge.timer);
+  clearTimeout(barge.quietTimer);
   barge.held = null;
   // The server's reply in progress is the newest turn; 0 played if its audio is still queued here.
   const current = Math.max(view.audioTurn ?? -Infinity, view.answering);
