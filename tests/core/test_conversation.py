@@ -300,35 +300,58 @@ async def quiet_until(listener, events: list[ev.Event], predicate: Callable[[ev.
         await say_in_real_time(listener, np.zeros(ASR_RATE // 10, np.float32))
 
 
-def test_going_on_as_the_reply_begins_makes_one_turn_of_both_parts(engines, jfk_pcm):
-    """The turn was ended too early: the person says the rest of the sentence just after the reply
-    began to play. The reply stops at once, both parts are answered as one turn (one transcript,
-    one user message in the history) and the cut reply is forgotten."""
-    part1, part2 = jfk_pcm[: int(2.9 * ASR_RATE)], jfk_pcm[int(2.9 * ASR_RATE) :]  # "...Americans," | "ask not..."
-    seen: dict[str, object] = {}
+STORYTELLER = "You tell stories. Whatever the user says, answer with a long story of at least ten sentences."
+
+
+def going_on(engines: Engines, pcm: np.ndarray, cut_s: float, *, long_replies: bool) -> tuple[list[ev.Event], list]:
+    """The person says pcm[:cut_s], their turn ends, and they say the rest as soon as the reply's first audio
+    is out; returns the events and the history at the end."""
+    part1, part2 = pcm[: int(cut_s * ASR_RATE)], pcm[int(cut_s * ASR_RATE) :]
+    history: list = []
 
     async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        if long_replies:  # written for seconds after its first audio: still being answered when cut
+            conversation.configure(ev.Options(system_prompt=STORYTELLER))
         listener = conversation.listen()
         await say_in_real_time(listener, part1)
         await quiet_until(listener, events, lambda e: isinstance(e, ev.ReplyAudio))
-        seen["history before"] = list(conversation.memory.history)
         await say_in_real_time(listener, np.concatenate([part2, np.zeros(2 * ASR_RATE, np.float32)]))
         await quiet_until(listener, events, turn_end(2))
-        seen["history"] = list(conversation.memory.history)
+        history.extend(conversation.memory.history)
 
-    events = run(engines, script)
-    first, second = of(events, ev.TurnEnd)
-    # Cut while it was still being written, or once all sent and playing: void either way.
-    assert (first.turn, first.reason) in ((1, "interrupted"), (1, "completed")), first
-    assert first.reason == "completed" or first.reply == ""
-    assert (second.turn, second.reason) == (2, "completed")
+    return run(engines, script), history
+
+
+def one_turn_of_both_parts(events: list[ev.Event], history: list) -> ev.Transcript:
+    """The reply stopped at once, the second turn's transcript holds both parts, and the history has one user
+    message, that one, and not the cut reply."""
     barge_in = events.index(ev.SpeechStarted(2))
     assert not [e for e in events[barge_in:] if isinstance(e, ev.ReplyAudio) and e.turn == 1]  # stopped at once
+    assert ev.BargeIn(True) in events[barge_in:]
     (final,) = [t for t in of(events, ev.Transcript) if t.turn == 2 and t.final]
-    assert word_error_rate(final.text, JFK_TEXT) < 0.25, final.text  # both halves, "ask not" too
+    assert word_error_rate(final.text, JFK_TEXT) < 0.25, final.text  # both parts, all their words
+    assert [m for m in history if m["role"] == "user"] == [{"role": "user", "content": final.text}]
+    second = of(events, ev.TurnEnd)[-1]
+    assert (second.turn, second.reason) == (2, "completed") and history[-1]["content"] == second.reply
+    written_1 = "".join(e.delta for e in of(events, ev.ReplyText) if e.turn == 1).strip()
+    assert written_1 and all(written_1 not in m["content"] for m in history)
+    return final
+
+
+def test_going_on_as_the_reply_plays_makes_one_turn_of_both_parts(engines, jfk_pcm):
+    """The turn was ended too early, after "And so my fellow Americans,": the person says the rest just after
+    the reply began to play. JFK's "ask not" is soft: the strict gate takes it 2.5 s on, with the words after
+    it, when the short reply has all been sent (it ended "completed"); its onset still makes it a continuation."""
+    events, history = going_on(engines, jfk_pcm, 2.9, long_replies=False)
+    final = one_turn_of_both_parts(events, history)
     assert "americans" in final.text.lower() and "ask not" in final.text.lower(), final.text
-    users = [m for m in seen["history"] if m["role"] == "user"]
-    assert users == [{"role": "user", "content": final.text}]
-    assert seen["history"][-1] == {"role": "assistant", "content": second.reply}
-    written_1 = "".join(e.delta for e in of(events, ev.ReplyText) if e.turn == 1)
-    assert written_1 and all(written_1.strip() not in m["content"] for m in seen["history"])
+    first = of(events, ev.TurnEnd)[0]
+    assert first.turn == 1 and (first.reason == "completed" or first.reply == ""), first
+
+
+def test_going_on_while_the_reply_is_still_written_cuts_it_and_makes_one_turn(engines, jfk_pcm):
+    """Cut after "ask not", the rest spoken firmly at once: the gate takes it while the long reply is still
+    being written; that turn ends interrupted, with nothing said."""
+    events, history = going_on(engines, jfk_pcm, 5.0, long_replies=True)
+    one_turn_of_both_parts(events, history)
+    assert of(events, ev.TurnEnd)[0] == ev.TurnEnd(1, "interrupted", "")
