@@ -79,6 +79,8 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("need 0 < silence_threshold <= speech_threshold < 1")
         if not self.speech_threshold <= self.barge_in_threshold < 1.0:
             raise ValueError("need speech_threshold <= barge_in_threshold < 1")
+        if self.continue_within_s < 0 or self.barge_in_keep_s < self.barge_in_min_speech_ms / 1000:
+            raise ValueError("need continue_within_s >= 0 and barge_in_keep_s >= barge_in_min_speech_ms")
         if self.end_silence_ms < 100 or self.min_speech_ms < 0 or self.max_turn_s < 1:
             raise ValueError("end_silence_ms >= 100, min_speech_ms >= 0, max_turn_s >= 1")
         if not self.tail_ms <= self.speculate_ms <= self.pause_ms:
@@ -86,8 +88,6 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("need tail_ms <= speculate_ms <= pause_ms")
         if not 0.0 < self.smart_turn_threshold < 1.0:
             raise ValueError("smart_turn_threshold must be between 0 and 1")
-        if self.continue_within_s < 0 or self.barge_in_keep_s < self.barge_in_min_speech_ms / 1000:
-            raise ValueError("need continue_within_s >= 0 and barge_in_keep_s >= barge_in_min_speech_ms")
 
 
 class Event(Enum):
