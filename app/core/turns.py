@@ -227,12 +227,13 @@ class TurnDetector:
 
     def _track_utterance(self, prob: float, strict: bool) -> None:
         """Where the utterance under the strict gate began: words closer than end_silence_ms are one
-        utterance, and a late-accepted one keeps its first words (barge_in_keep_s)."""
-        if prob >= self.settings.speech_threshold:
+        utterance, and a late-accepted one keeps its first words (barge_in_keep_s). It begins at the first
+        window that is not silence: soft first words ("ask" in JFK's "ask not") score 0.4-0.6."""
+        if prob >= self.settings.silence_threshold:
             self._idle_silence = 0
             if self._first_speech is None and strict:
                 self._first_speech = self.position - WINDOW
-        elif prob < self.settings.silence_threshold:
+        else:
             self._idle_silence += WINDOW
             if self._idle_silence >= self._end_silence:
                 self._first_speech = None
