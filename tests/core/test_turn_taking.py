@@ -296,6 +296,8 @@ def test_the_reply_heard_back_and_a_cough_do_not_cut_it_and_the_user_does(live_s
     print("barge_in verdicts (s, confirmed):", verdicts, "speech_started at", at.get("speech_started"))
     assert 4.0 < at["speech_started"] < 4.0 + 1.6, seen  # the user, and no sooner: not the echo, not the cough
     assert [e["turn"] for _, e in seen if e["type"] == "speech_started"] == [2]
+    # Heard as speech, and turned down: the echo and the cough were loud enough to count, and not the user.
+    assert [t for t, confirmed in verdicts if not confirmed and t < 4.0], verdicts
     assert (True in [c for _, c in verdicts]) and at["barge_in"] <= at["speech_started"] + 0.1
     # All sent before the test began to play it, the reply ended "completed"; the user's turn is answered.
     final = [e for _, e in seen if e["type"] == "transcript" and e["turn"] == 2][-1]["text"]
