@@ -34,7 +34,7 @@ class EchoSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # preset's voice and JFK (tests/core/test_echo.py, 384 ms runs): the reply heard back 0-400 ms late,
     # 10 dB down, over noise, scored 0.82-1.00 (median 0.99) where it held speech; JFK talking over it, the
     # echo 20 dB under him, 0.07-0.38 (median 0.24). With the coarser 12-band envelopes tried first, the
-    # person reached 0.70 and the echo fell to 0.11: voices share their loudness contour, not their harmonics.
+    # person reached 0.70, inside the echo's range: voices share their loudness contour, not their harmonics.
     echo_threshold: float = 0.5
     max_lag_ms: int = 400  # the microphone hears the page's playback this much later at most
     slack_ms: int = 60  # the page may play earlier than the server's clock says (its jitter buffer)
