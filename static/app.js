@@ -8,6 +8,13 @@ import { SettingsPanel, helloMessage, loadSettings } from "./settings.js";
 const MAX_RETRY_MS = 15000;
 const STARTING_RETRY_MS = 2000; // the server is up but its models still load: ask again soon
 const PTT_KEEP_MIC_MS = 30000; // push-to-talk keeps the mic open between presses, so no word is lost
+// The page pauses a reply as soon as its own detector hears the person; the server's stricter gate then says
+// whether it was them (`barge_in`): after ~0.4 s of confident speech, twice that over its own voice, later
+// for soft speech (JFK's "ask not" passes 2.5 s on, with the words after it). Without a verdict, the reply
+// plays on once the page has heard nothing for a second, or after a few seconds at most.
+const HOLD_QUIET_MS = 1000;
+const HOLD_MAX_MS = 4000;
+const TRUST_AFTER_REJECT_MS = 1000; // after "not the person", the page's detector is not trusted for a while
 const LABELS = {
   connecting: "Connecting…",
   idle: "Idle",
@@ -56,6 +63,7 @@ const record = {
   micLevel: 0,
   micLevelMax: 0,
   wakeLock: false,
+  bargeIns: [], // {onsetAt, quietAt, verdict}: what the page's detector heard over a reply (ctx seconds)
 };
 // refused: the error event of a connection the server turned away before `ready`.
 const conn = { ws: null, ready: null, refused: null, retries: 0, retryTimer: 0, lost: false };
@@ -65,11 +73,14 @@ const talk = { want: false, starting: false, keyHeld: false, chain: Promise.reso
 // discardUpTo: turns stopped here whose events and frames may still be on the wire.
 const view = { serverState: "idle", errorEvent: false, audioTurn: null, answering: -Infinity, discardUpTo: -Infinity };
 const wake = { lock: null, pending: false };
+// held: a reply paused on the page's own detector, awaiting the server's verdict.
+const barge = { held: null, timer: 0, quietTimer: 0, distrustUntil: 0 };
 
 const chat = new Chat(ui.log, ui.chat);
 // ?tap: the microphone is also tapped on the playback clock, for measuring latency as heard (bench_heard.py).
 const TAP_MIC = new URLSearchParams(location.search).has("tap");
 const mic = new Mic({ onSource: TAP_MIC ? tapMicrophone : null });
+mic.onVoice = onLocalVoice;
 const player = new Player({
   workletUrl: new URL("player-worklet.js", import.meta.url),
   onChange: onPlayerChange,
@@ -104,6 +115,7 @@ window.voiceAssistant = Object.freeze({
     return ctx && { sampleRate: ctx.sampleRate, baseLatency: ctx.baseLatency, outputLatency: ctx.outputLatency ?? null,
       micLatency: (track && track.getSettings().latency) ?? null };
   },
+  get bargeIns() { return record.bargeIns.map((b) => ({ ...b })); },
   get settings() { return { ...settings }; },
 });
 
@@ -241,6 +253,20 @@ const handlers = {
     if (player.active) stopReply();
   },
   speech_stopped() { delete document.body.dataset.hearing; },
+  barge_in(m) {
+    // The hold it answers (speech_started, just before a confirmation, may have stopped the reply already).
+    const last = record.bargeIns[record.bargeIns.length - 1];
+    if (last && !last.verdict) {
+      last.verdict = m.confirmed ? "confirmed" : "rejected";
+      last.verdictAt = player.ctx ? player.ctx.currentTime : null; // where a page without its detector stops
+    }
+    if (m.confirmed) {
+      if (player.active) stopReply();
+    } else if (barge.held) {
+      barge.distrustUntil = performance.now() + TRUST_AFTER_REJECT_MS;
+      resumeReply();
+    }
+  },
   transcript(m) {
     (m.final ? record.transcripts : record.interims).push(m.text);
     chat.transcript(m);
@@ -312,8 +338,45 @@ function onPlayerChange(kind) {
   render();
 }
 
+/** The page's own detector heard the person over the reply: pause it now, while the server judges. */
+function onLocalVoice(message) {
+  if (barge.held) {
+    clearTimeout(barge.quietTimer); // still talking: keep waiting; stopped: wait a second more
+    if (message.type === "quiet") barge.quietTimer = setTimeout(() => holdTimedOut(barge.held), HOLD_QUIET_MS);
+    return;
+  }
+  if (message.type !== "voice" || !player.active || player.held || !mic.recording) return;
+  if (performance.now() < barge.distrustUntil) return;
+  player.hold();
+  const quietAt = player.quietAt.length;
+  barge.held = { onsetAt: message.onsetAt, heardAt: message.at, quietAt: null, verdict: null, verdictAt: null };
+  record.bargeIns.push(barge.held);
+  const held = barge.held;
+  // The worklet says when it fell silent (its clock is the detector's: one AudioContext).
+  setTimeout(() => { held.quietAt = player.quietAt[quietAt] ?? null; }, 200);
+  barge.timer = setTimeout(() => holdTimedOut(held), HOLD_MAX_MS);
+  render();
+}
+
+function holdTimedOut(held) {
+  if (!held || barge.held !== held) return;
+  held.verdict = "timeout";
+  resumeReply();
+}
+
+function resumeReply() {
+  clearTimeout(barge.timer);
+  clearTimeout(barge.quietTimer);
+  barge.held = null;
+  if (player.held) player.resume();
+  render();
+}
+
 /** Stop the reply now (Stop button, Esc, barge-in, push-to-talk press): tell the server how much was heard. */
 function stopReply() {
+  clearTimeout(barge.timer);
+  clearTimeout(barge.quietTimer);
+  barge.held = null;
   // The server's reply in progress is the newest turn; 0 played if its audio is still queued here.
   const current = Math.max(view.audioTurn ?? -Infinity, view.answering);
   const played = Number.isFinite(current) ? player.playedOf(current) : 0;

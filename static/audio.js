@@ -52,6 +52,8 @@ export class Player {
     this.heard = [];
     this.micLevels = []; // the microphone tap's batches, where the page was opened with ?tap
     this.loaded = null; // resolves with the worklet node once its module is in
+    this.held = false; // paused while the server judges whether the person barged in
+    this.quietAt = []; // ctx.currentTime each time a hold or a flush silenced playing audio
   }
 
   /** Must run inside a user gesture (click, key, touch): browsers only let one start audio. */
@@ -144,6 +146,18 @@ export class Player {
   flush() {
     this.post({ type: "flush" });
     this.active = false;
+    this.held = false;
+  }
+
+  /** Pause where it is (silent at the next 128-sample block), keeping what is queued. */
+  hold() {
+    this.post({ type: "hold" });
+    this.held = true;
+  }
+
+  resume() {
+    this.post({ type: "resume" });
+    this.held = false;
   }
 
   playedOf(turn) {
@@ -161,6 +175,10 @@ export class Player {
     }
     if (msg.type === "audible") {
       this.heard.push({ turn: msg.turn, time: msg.frame / this.ctx.sampleRate });
+      return;
+    }
+    if (msg.type === "quiet") {
+      this.quietAt.push(msg.at);
       return;
     }
     this.active = msg.type === "playing";
@@ -188,6 +206,8 @@ export class Mic {
     this.meterCtx = null; // only when the player's context cannot take the mic (Firefox, other rate)
     this.recording = null;
     this.oggOpus = false; // record with OggOpusRecorder (WebCodecs), else MediaRecorder
+    this.onVoice = null; // (message) from the page's own voice detector: {type: "voice" | "quiet", ...}
+    this.detector = null;
   }
 
   get open() {
@@ -215,6 +235,7 @@ export class Mic {
         mute.gain.value = 0;
         const source = context.createMediaStreamSource(this.stream);
         source.connect(analyser).connect(mute).connect(context.destination);
+        this.listen(context, source, mute);
         if (this.onSource) this.onSource(context, source, mute);
         return new LevelMeter(analyser);
       } catch (err) {
@@ -222,6 +243,20 @@ export class Mic {
       }
     }
     return null;
+  }
+
+  /** The page's own voice detector (voice-worklet.js) on the echo-cancelled microphone, beside the meter. */
+  async listen(context, source, sink) {
+    try {
+      await context.audioWorklet.addModule(new URL("voice-worklet.js", import.meta.url));
+      if (!this.stream) return; // closed meanwhile
+      const node = new AudioWorkletNode(context, "voice-detector", { numberOfInputs: 1, numberOfOutputs: 1 });
+      node.port.onmessage = (event) => { if (this.onVoice) this.onVoice(event.data); };
+      source.connect(node).connect(sink); // to the muted gain: every engine runs a node that reaches the output
+      this.detector = node;
+    } catch (err) {
+      console.warn("voice assistant: no voice detector in the page; barge-in waits for the server", err);
+    }
   }
 
   /** Start a recording; onBlob(rec, blob) gets each piece in order. */
@@ -250,9 +285,11 @@ export class Mic {
   close() {
     if (this.stream) this.stream.getTracks().forEach((track) => track.stop());
     if (this.meterCtx) this.meterCtx.close().catch(() => {});
+    if (this.detector) this.detector.disconnect();
     this.stream = null;
     this.meter = null;
     this.meterCtx = null;
+    this.detector = null;
   }
 
   level() {

@@ -1,6 +1,7 @@
 // AudioWorklets: the player of the reply's mono PCM from a queue (~80 ms jitter buffer, silence on underrun,
 // linear resampling, a count of the samples of each turn played, the frame where each turn became audible),
-// and a microphone tap that reports loudness on the same clock (for measuring latency as heard).
+// and a microphone tap that reports loudness on the same clock (for measuring latency as heard). "hold"
+// pauses the player where it is (the page heard the person start to talk), "resume" plays on from there.
 "use strict";
 
 // Enough buffered audio to ride out network jitter without adding noticeable delay.
@@ -24,6 +25,7 @@ class PcmPlayer extends AudioWorkletProcessor {
     this.played = 0; // input samples of this.turn played so far
     this.blocks = 0;
     this.heardTurn = null; // the last turn whose first audible sample was reported
+    this.held = false;
     this.setRate((options.processorOptions || {}).inputRate || sampleRate);
     this.resetInterpolation();
     this.port.onmessage = (event) => this.onMessage(event.data);
@@ -50,7 +52,12 @@ class PcmPlayer extends AudioWorkletProcessor {
       this.ended = false;
     } else if (msg.type === "end") {
       this.ended = true;
+    } else if (msg.type === "hold" || msg.type === "resume") {
+      if (msg.type === "hold" && !this.held && this.playing) this.port.postMessage({ type: "quiet", at: currentTime });
+      this.held = msg.type === "hold";
     } else if (msg.type === "flush") {
+      if (this.playing && !this.held) this.port.postMessage({ type: "quiet", at: currentTime });
+      this.held = false;
       this.reportProgress();
       this.chunks = [];
       this.head = 0;
@@ -107,6 +114,10 @@ class PcmPlayer extends AudioWorkletProcessor {
 
   process(_inputs, outputs) {
     const out = outputs[0][0];
+    if (this.held) {
+      out.fill(0); // paused: nothing consumed, nothing counted as played
+      return true;
+    }
     if (!this.playing) {
       if (this.ended && this.available === 0) this.drained();
       if (!this.shouldStart()) {

@@ -15,6 +15,7 @@ import numpy as np
 
 from app.core import events as ev
 from app.core.chunking import ChunkSettings
+from app.core.echo import EchoGuard
 from app.core.memory import Memory
 from app.core.metrics import Metrics
 from app.core.pending import PendingTurn
@@ -46,8 +47,10 @@ class Conversational(Protocol):
 
 
 class Answering:
-    def __init__(self, conversation: Conversational, *, max_queued: int, chunking: ChunkSettings) -> None:
+    def __init__(self, conversation: Conversational, *, max_queued: int, chunking: ChunkSettings,
+                 echo: EchoGuard) -> None:
         self._c = conversation
+        self.echo = echo  # the reply audio as it plays, for the listener to tell its echo from the user
         self._max_queued = max_queued  # limits.max_queued_turns
         self._chunking = chunking
         self._queue: asyncio.Queue[PendingTurn] = asyncio.Queue()
@@ -87,10 +90,19 @@ class Answering:
             dropped.append(self._queue.get_nowait().id)
         return dropped
 
+    @property
+    def active(self) -> tuple[PendingTurn, Reply] | None:
+        """The turn being answered and its reply, while it runs."""
+        return None if self._current is None or self._current.done() else self._active
+
     def cut_off(self, cause: str, played: int | None) -> tuple[PendingTurn, Reply] | None:
-        """Cancel the turn being answered, if any (its TurnEnd follows); returns it and its reply."""
+        """Cancel the turn being answered, if any (its TurnEnd follows); returns it and its reply. A
+        second cut before it ends (the page's interrupt after the server's own) keeps the first cause
+        and adds what the page says it played."""
         if self._current is None or self._current.done() or self._active is None:
             return None
+        if self._cut is not None and cause != "reset":  # a reset forgets the turn, whatever cut it
+            cause, played = self._cut[0], self._cut[1] if played is None else played
         self._cut = (cause, played)
         self._current.cancel()
         return self._active
@@ -182,6 +194,7 @@ class Answering:
                 c.set_state("speaking")
             c.emit(ev.ReplyAudio(turn.id, chunk, sample_rate))
             c.playback_end = reply.playback_end()
+            self.echo.played(chunk, sample_rate, c.playback_end - len(chunk) / sample_rate)
 
         try:
             await make_reply(
@@ -205,9 +218,13 @@ class Answering:
             played = self._cut[1] if self._cut and self._cut[1] is not None else reply.played_estimate()
             said = reply.heard(played)
             c.metrics.barge_ins.inc()
-        # A reset cut this turn off: it belongs to the conversation that was just forgotten.
-        forgotten = self._cut is not None and self._cut[0] == "reset"
-        c.memory.turn_ended(None if forgotten else user_text, said, reply, interrupted=reason == "interrupted")
+        # A reset cut this turn off: it belongs to the conversation that was just forgotten. Or the user
+        # went on talking: their next turn holds this one's speech too, and this reply is void.
+        forgotten = self._cut is not None and self._cut[0] in ("reset", "continued")
+        if self._cut is not None and self._cut[0] == "continued":
+            said = ""
+        c.memory.turn_ended(None if forgotten else user_text, said, reply, interrupted=reason == "interrupted",
+                            audio=turn.audio)
         reply.mark("done")
         metrics = _metrics(turn, reply)
         c.metrics.observe_turn(metrics, reason)

@@ -26,7 +26,9 @@ import numpy as np
 from app.audio import ASR_RATE
 from app.core import events as ev
 from app.core.answering import Answering
+from app.core.barge_in import cut_by_speech
 from app.core.chunking import ChunkSettings
+from app.core.echo import EchoGuard
 from app.core.limits import LimitSettings
 from app.core.listening import Listener
 from app.core.memory import Memory
@@ -66,7 +68,8 @@ class Conversation:
         self.memory = Memory(self.metrics)
         self.playback_end = 0.0  # perf_counter() when the listener will have played all reply audio
         self._out = Outbox(settings.limits.max_outgoing_bytes)
-        self._answering = Answering(self, max_queued=settings.limits.max_queued_turns, chunking=settings.chunking)
+        self._answering = Answering(self, max_queued=settings.limits.max_queued_turns, chunking=settings.chunking,
+                                    echo=EchoGuard(settings.turns.echo))
         self._ahead = ReadAhead(engines, self.turns, self.id, prompt_for=self._prompt_for, show=self._show_interim)
         self._turn_ids = itertools.count(1)
         self._listener: Listener | None = None
@@ -150,7 +153,8 @@ class Conversation:
     def listen(self) -> Listener:
         """A new recording: feed its PCM to the listener this returns."""
         self.stop_listening()
-        self._listener = Listener(self, self.engines.vad_model, self.turns, self.options, self.engines.smart_turn)
+        self._listener = Listener(self, self.engines.vad_model, self.turns, self.options, self.engines.smart_turn,
+                                  echo=self._answering.echo)
         if not self._answering.busy:
             self.set_state("listening")
         return self._listener
@@ -172,10 +176,7 @@ class Conversation:
         """Stop the reply: cancel the running turn, or trim what the history says was heard.
         `played`: samples of its audio the listener heard; None: estimate by the playback clock."""
         if (cut := self._answering.cut_off(cause, played)) is not None:
-            turn, reply = cut
-            self._out.silenced.add(turn.id)  # queued audio stops now, not when the task unwinds
-            if cause == "speech" and not reply.samples and turn.audio is not None:
-                self._carry = turn.audio  # cut off before it spoke: the user was not done yet
+            self._out.silenced.add(cut[0].id)  # queued audio stops now, not when the task unwinds
         else:
             self.memory.cut_last(played)
         self.playback_end = 0.0
@@ -192,11 +193,15 @@ class Conversation:
 
     # ------------------------------------------------------------ what the listener found
 
-    def speech_started(self) -> None:
+    def speech_started(self, t_onset: float | None = None) -> None:
+        """The user speaks, since `t_onset` (perf_counter(); None: now)."""
         self._speaking_turn = next(self._turn_ids)
         self.emit(ev.SpeechStarted(self._speaking_turn))
-        if self._answering.busy or self.memory.still_playing():
-            self.interrupt(None, cause="speech")
+        cause, carry = cut_by_speech(self._answering, self.memory, t_onset, self.turns.continue_within_s)
+        if cause is not None:
+            self._carry = carry if carry is not None else self._carry
+            self.interrupt(None, cause=cause)
+            self.emit(ev.BargeIn(True))  # the page may have held its playback already: it stops for good
         elif self.turns.speculate:
             self._ahead.prefill()
 
@@ -253,3 +258,4 @@ class Conversation:
             self._listener = None
             if not self._answering.busy:
                 self.set_state("idle")
+

@@ -48,6 +48,14 @@ class SpeechStarted(msgspec.Struct):
     turn: int
 
 
+class BargeIn(msgspec.Struct):
+    """The verdict on speech heard over a reply: confirmed, the reply is cut off (a page that paused its
+    playback on hearing the user stops it); not confirmed, it was no person (the reply's own voice coming
+    back, a cough) and the reply plays on."""
+
+    confirmed: bool
+
+
 class SpeechStopped(msgspec.Struct):
     """The user's turn is over (silence long enough, the recording stopped, or the length cap)."""
 
@@ -141,6 +149,7 @@ Event = (
     StateChanged
     | SpeechStarted
     | SpeechStopped
+    | BargeIn
     | Transcript
     | ReplyText
     | ReplyAudioStart

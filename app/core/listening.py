@@ -21,8 +21,9 @@ import numpy as np
 import onnxruntime
 
 from app.audio import ASR_RATE
+from app.core.echo import EchoCheck, EchoGuard
 from app.core.end_rule import EndRule
-from app.core.events import Options
+from app.core.events import BargeIn, Options
 from app.core.turns import Event, TurnDetector, TurnSettings
 from app.engines.smart_turn import SmartTurn
 from app.engines.vad import WINDOW, StreamingVad
@@ -35,7 +36,9 @@ class Heard(Protocol):
 
     playback_end: float  # perf_counter() until which the assistant's voice plays (read on the thread)
 
-    def speech_started(self) -> None: ...
+    def emit(self, event: BargeIn) -> None: ...
+
+    def speech_started(self, t_onset: float) -> None: ...
 
     def interim(self, audio: np.ndarray) -> None: ...
 
@@ -73,11 +76,14 @@ class Listener:
         settings: TurnSettings,
         options: Options,
         smart_turn: SmartTurn | None = None,
+        echo: EchoGuard | None = None,
     ) -> None:
         self._conversation = conversation
         self._loop = asyncio.get_running_loop()
         # A VAD state of its own: the previous recording's thread may still be draining.
         self.detector = TurnDetector(settings, StreamingVad(vad_model))
+        if echo is not None:  # the assistant's voice, heard back, is not the user barging in
+            self.detector.echo = EchoCheck(echo, self._time_of)
         self._smart_turn = smart_turn if settings.end_of_turn == "smart" else None
         self._settings = settings
         self._candidate: np.ndarray | None = None  # the turn as it stands since the current silence
@@ -132,7 +138,7 @@ class Listener:
 
     def _report(self, event: Event) -> None:
         if event is Event.SPEECH_STARTED:
-            self._post(self._conversation.speech_started)
+            self._post(self._conversation.speech_started, self._time_of(self.detector.onset))
         elif event is Event.INTERIM:
             self._post(self._conversation.interim, self.detector.snapshot())
         elif event is Event.QUIET:
@@ -141,6 +147,10 @@ class Listener:
             self._post(self._conversation.paused, self, audio, self._time_of(speech_end))
         elif event is Event.PAUSED:
             self._judge_pause()
+        elif event is Event.REJECTED:
+            # Not the user (the reply's echo, a cough): a page that held its playback on it plays on.
+            if time.perf_counter() < self._conversation.playback_end:
+                self._post(self._conversation.emit, BargeIn(False))
         elif event is Event.RESUMED:
             self._candidate = None
             self._post(self._conversation.resumed)

@@ -6,6 +6,8 @@ after it was all sent, the history keeps only the words played by then (app/core
 
 from __future__ import annotations
 
+import numpy as np
+
 from app.core.metrics import Metrics
 from app.core.reply import Reply
 from app.engines.llm import Message
@@ -16,15 +18,19 @@ class Memory:
         self.history: list[Message] = []  # trimmed in place to fit the context (ChatModel.build_messages)
         self._metrics = metrics
         self._last_reply: Reply | None = None  # the latest reply that had audio, while it may still play
+        self._last_audio: np.ndarray | None = None  # the speech its user turn was, to take back (take_back)
 
-    def turn_ended(self, user_text: str | None, said: str, reply: Reply, *, interrupted: bool) -> None:
-        """Remember the exchange (none without user_text) and which reply may still be playing."""
+    def turn_ended(self, user_text: str | None, said: str, reply: Reply, *, interrupted: bool,
+                   audio: np.ndarray | None = None) -> None:
+        """Remember the exchange (none without user_text) and which reply may still be playing, with
+        the user's speech (`audio`) that it answered."""
         if user_text and said:
             self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": said}]
             reply.history_index = len(self.history) - 1
         if reply.samples:
             # An interrupted reply stopped playing with it: nothing of it can be cut off later.
             self._last_reply = None if interrupted else reply
+            self._last_audio = None if interrupted else audio
 
     def still_playing(self) -> bool:
         return self._last_reply is not None and self._last_reply.still_playing()
@@ -46,6 +52,24 @@ class Memory:
         reply.history_index = None
         self._metrics.barge_ins.inc()
 
+    def take_back(self, t_onset: float, within_s: float) -> np.ndarray | None:
+        """The user went on talking (from `t_onset`) before the last reply had played out, within
+        `within_s` of its start: their turn had been ended too early. Forget that exchange, cut reply and
+        all, and return the speech of the user's turn, to be answered again with what follows (None: no
+        such reply)."""
+        reply, audio = self._last_reply, self._last_audio
+        if reply is None or audio is None or t_onset >= reply.playback_end():
+            return None
+        if not reply.continued_by(t_onset, within_s):
+            return None
+        index = reply.history_index
+        if index is not None and index == len(self.history) - 1:
+            del self.history[index - 1 :]
+        reply.history_index = None
+        self._last_reply, self._last_audio = None, None
+        self._metrics.barge_ins.inc()
+        return audio
+
     def forget(self) -> None:
         self.history.clear()
-        self._last_reply = None
+        self._last_reply, self._last_audio = None, None

@@ -52,6 +52,12 @@ class Reply:
         start = self.marks.get("first_audio")
         return 0.0 if start is None else start + JITTER_BUFFER_S + self.samples / self.sample_rate
 
+    def continued_by(self, t_onset: float, within_s: float) -> bool:
+        """Speech that began at `t_onset` continues the user's turn: the reply had not begun to play
+        (no audio yet) or began less than `within_s` before, too soon for the user to be answering it."""
+        start = self.marks.get("first_audio")
+        return start is None or t_onset <= start + JITTER_BUFFER_S + within_s
+
     def still_playing(self, now: float | None = None) -> bool:
         return (time.perf_counter() if now is None else now) < self.playback_end()
 

@@ -8,6 +8,7 @@ turn, and the listener ends it (end_now()) once the silence is as long as app/co
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
 from typing import Literal
 
@@ -15,6 +16,7 @@ import msgspec
 import numpy as np
 
 from app.audio import ASR_RATE
+from app.core.echo import EchoSettings
 from app.engines.vad import WINDOW, StreamingVad
 
 # What ended a turn: Smart Turn at a pause, the longest silence, the length cap, or the recording's end.
@@ -75,6 +77,19 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # confident, sustained speech counts as the user barging in.
     barge_in_threshold: float = 0.7  # mean speech probability over the run
     barge_in_min_speech_ms: int = 400
+    # So the gate may accept an utterance late: JFK's "ask not" scores 0.4-0.75 and passes only with
+    # "what your country" 2.5 s later. Until then the pre-roll keeps the utterance from its first speech
+    # window (words less than end_silence_ms apart are one utterance), at most this much, so that the
+    # turn has all its words; the cap bounds what leaked echo can add to it.
+    barge_in_keep_s: float = 4.0
+    # Speech that starts within this long after the reply began to play continues the user's turn:
+    # it was ended too early. The reply stops and both parts are answered as one turn
+    # (app/core/conversation.py); the cut reply is not remembered.
+    continue_within_s: float = 1.5
+    echo: EchoSettings = EchoSettings()  # the strict gate rejects the reply's own voice
+    # A run of speech this long over the reply may already have paused the page's playback (static/app.js
+    # holds it after ~130 ms): if the gate then rejects it, the listener says so, and the page plays on.
+    barge_in_notice_ms: int = 96
     interim_every_ms: int = 1000  # re-transcribe the growing turn this often (0: never)
 
     def __post_init__(self) -> None:
@@ -82,6 +97,8 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("need 0 < silence_threshold <= speech_threshold < 1")
         if not self.speech_threshold <= self.barge_in_threshold < 1.0:
             raise ValueError("need speech_threshold <= barge_in_threshold < 1")
+        if self.continue_within_s < 0 or self.barge_in_keep_s < self.barge_in_min_speech_ms / 1000:
+            raise ValueError("need continue_within_s >= 0 and barge_in_keep_s >= barge_in_min_speech_ms")
         if self.end_silence_ms < 100 or self.min_speech_ms < 0 or self.max_turn_s < 1:
             raise ValueError("end_silence_ms >= 100, min_speech_ms >= 0, max_turn_s >= 1")
         if not self.tail_ms <= self.speculate_ms <= self.pause_ms:
@@ -99,6 +116,7 @@ class Event(Enum):
     QUIET = "quiet"  # speculate_ms of silence: candidate() may be answered on speculation
     PAUSED = "paused"  # pause_ms of silence: the turn may end now (end_now())
     RESUMED = "resumed"  # speech again after QUIET: the candidate is void
+    REJECTED = "rejected"  # the strict gate turned down barge_in_notice_ms of speech-like sound (echo, a cough)
     TURN_ENDED = "turn_ended"
 
 
@@ -120,6 +138,11 @@ class TurnDetector:
         self.set_end(push_to_talk=push_to_talk)
         self._interim_every = settings.interim_every_ms * ms
         self.strict = False  # set while the assistant speaks: barge-in needs real speech
+        # While strict: is this run of speech the assistant's own voice, heard back? (audio of the run,
+        # stream position of its end) -> True rejects it, None counts afresh; see app/core/echo.py.
+        self.echo: Callable[[np.ndarray, int], bool | None] | None = None
+        self._keep = int(settings.barge_in_keep_s * ASR_RATE)
+        self._notice = settings.barge_in_notice_ms * ms
         self._pad = settings.pad_ms * ms
         self._tail = settings.tail_ms * ms
         self._max_turn = int(settings.max_turn_s * ASR_RATE)
@@ -151,6 +174,9 @@ class TurnDetector:
         self.paused = False  # PAUSED too
         self._speech_end_at = 0
         self._next_interim = 0
+        self.onset = 0  # stream position where the speech of the turn in progress (or last) began
+        self._first_speech: int | None = None  # first speech window of the unaccepted utterance, if strict
+        self._idle_silence = 0  # silence since the last speech window, before a turn starts
         # Finished turns not yet taken, oldest first: one feed() of a long block can end several.
         self._finished: deque[tuple[np.ndarray, int, EndedBy]] = deque()
 
@@ -196,22 +222,60 @@ class TurnDetector:
         strict = self.strict
         needed = max(self._barge_in_speech if strict else self._min_speech, WINDOW)
         self._recent.append(window)
-        # Keep pre-roll for the pad plus the speech that is not yet confirmed.
-        del self._recent[: -((self._pad + needed) // WINDOW + 1)]
+        self._track_utterance(prob, strict)
+        del self._recent[: -self._pre_roll(needed)]
         if prob >= self.settings.speech_threshold:
             self._speech_run += WINDOW
             self._run_confidence += prob
         elif prob < self.settings.silence_threshold:
+            noticed = strict and self._speech_run >= self._notice
             self._speech_run, self._run_confidence = 0, 0.0
+            return Event.REJECTED if noticed else None  # too short, or not confident: a cough, a click
         if self._speech_run < needed:
             return None
         mean = self._run_confidence * WINDOW / self._speech_run
         if strict and mean < self.settings.barge_in_threshold:
             return None
+        if strict and self.echo is not None:
+            echo = self.echo(np.concatenate(self._recent[-(needed // WINDOW) :]), self.position)
+            if echo is not False:  # its own voice, or not sure yet: count afresh
+                # The utterance begins after the echo, or with the run in doubt: no reply words in the turn.
+                self._first_speech = None if echo else self.position - self._speech_run
+                self._speech_run, self._run_confidence = 0, 0.0
+                return Event.REJECTED if echo else None
+        return self._start_turn()
+
+    def _track_utterance(self, prob: float, strict: bool) -> None:
+        """Where the utterance under the strict gate began: words closer than end_silence_ms are one
+        utterance, and a late-accepted one keeps its first words (barge_in_keep_s). It begins at the first
+        window that is not silence: soft first words ("ask" in JFK's "ask not") score 0.4-0.6."""
+        if prob >= self.settings.silence_threshold:
+            self._idle_silence = 0
+            if self._first_speech is None and strict:
+                self._first_speech = self.position - WINDOW
+        else:
+            self._idle_silence += WINDOW
+            if self._idle_silence >= self._end_silence:
+                self._first_speech = None
+
+    def _pre_roll(self, needed: int) -> int:
+        """Windows of pre-roll to keep: the pad and the run not yet confirmed, or, under the strict
+        gate, back to the utterance's first speech window."""
+        windows = (self._pad + needed) // WINDOW + 1
+        if self._first_speech is not None:
+            since = min(self.position - self._first_speech + self._pad, self._keep)
+            windows = max(windows, since // WINDOW + 1)
+        return windows
+
+    def _start_turn(self) -> Event:
+        speech = self._speech_run if self._first_speech is None else self.position - self._first_speech
+        kept = len(self._recent) * WINDOW
+        self.onset = self.position - min(kept, speech)
         self.in_speech = True
         self._next_interim = self._interim_every
         self._turn = list(self._recent)
         self._recent = []
+        self._first_speech = None
         self._silence_run = 0
         self._speech_end_at = self.position
         return Event.SPEECH_STARTED

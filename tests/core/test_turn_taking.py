@@ -16,7 +16,7 @@ from app.audio import ASR_RATE
 from app.config import Settings
 from app.core.chunking import speakable
 from app.core.metrics import STAGES
-from tests.support import JFK_TEXT, encode_webm_opus, serving, speak, word_error_rate
+from tests.support import JFK_TEXT, encode_webm_opus, resample, serving, speak, word_error_rate
 from tests.web.test_server import (
     TIMEOUT,
     events_until_turn_end,
@@ -227,3 +227,80 @@ def test_metrics_endpoint_counts_exactly_the_turns_made(cpu_settings, engines):
     assert during[("voice_turns_total", (("reason", "completed"),))] == 2.0
     assert during[("voice_turns_total", (("reason", "no_speech"),))] == 1.0
     assert during[("voice_sessions_active", ())] == 1.0
+
+
+def reply_until_all_sent(ws) -> tuple[list[dict], np.ndarray, int, float]:
+    """Events, the reply's voice (float), its rate, and when its first chunk arrived (perf_counter()),
+    once the server has sent all of it (it sends faster than real time)."""
+    events, pcm, first = [], bytearray(), 0.0
+    while not of_type(events, "audio_end"):
+        message = ws.recv(timeout=TIMEOUT)
+        if isinstance(message, bytes):
+            first, pcm = first or time.perf_counter(), pcm + message
+        else:
+            events.append(json.loads(message))
+    rate = of_type(events, "audio_start")[0]["sample_rate"]
+    return events, np.frombuffer(bytes(pcm), "<i2").astype(np.float32) / 32768, rate, first
+
+
+def heard_back(reply: np.ndarray, rate: int, played_from: float, start: float, seconds: float) -> np.ndarray:
+    """What a microphone beside the speaker hears of the reply from `start` for `seconds`: the page plays it
+    from `played_from`, the microphone gets it ECHO_DELAY_S later and ECHO_GAIN as loud, over room noise."""
+    voice = resample(reply, rate, ASR_RATE)
+    begin = int((start - played_from - ECHO_DELAY_S) * ASR_RATE)
+    out = np.zeros(int(seconds * ASR_RATE), np.float32)
+    part = voice[max(0, begin) : max(0, begin) + len(out)]
+    out[: len(part)] = part * ECHO_GAIN
+    return out + np.random.default_rng(1).normal(0, 0.002, len(out)).astype(np.float32)
+
+
+def cough() -> np.ndarray:
+    """A short loud burst: 200 ms of noise shaped like a cough (sharp onset, quick decay, chest-low)."""
+    n = int(0.2 * ASR_RATE)
+    noise = np.random.default_rng(2).normal(0, 1, n).astype(np.float32)
+    low = np.convolve(noise, np.ones(8) / 8, mode="same")  # most of a cough's energy is below 2 kHz
+    envelope = np.minimum(1.0, np.arange(n) / 160) * np.exp(-np.arange(n) / (0.06 * ASR_RATE))
+    return (0.8 * low / np.abs(low).max() * envelope).astype(np.float32)
+
+
+ECHO_DELAY_S = 0.12  # loudspeaker -> microphone -> capture -> Opus -> server
+ECHO_GAIN = 0.3  # a laptop's speaker at a normal volume, heard by its own microphone
+
+
+def test_the_reply_heard_back_and_a_cough_do_not_cut_it_and_the_user_does(live_server, jfk_pcm):
+    """The page's microphone hears the reply it plays (fed back at 16 kHz, delayed and quieter, through
+    Opus like the page's own recording), then a cough over it: the reply plays on. Then the user talks
+    over it: it stops, and the server confirms the barge-in."""
+    with session(live_server) as ws:
+        ws.send(json.dumps({"type": "text", "text": "Tell me a long story about a brave dragon and a knight."}))
+        before, reply, rate, first = reply_until_all_sent(ws)
+        played_from = first + 0.08  # the page's jitter buffer
+        start = time.perf_counter() + 0.05
+        left = len(reply) / rate - (start - played_from)
+        assert left > 7.5, f"the reply has {left:.1f} s left to play: too short for the test"
+        mic = heard_back(reply, rate, played_from, start, 9.0)
+        mic[int(5.8 * ASR_RATE) :] *= 0.01  # the page has stopped playing by then: only room noise
+        mic[int(2.0 * ASR_RATE) : int(2.2 * ASR_RATE)] += cough()
+        user = jfk_pcm[: int(2.9 * ASR_RATE)]  # "And so my fellow Americans", from 4.3 s
+        mic[int(4.0 * ASR_RATE) : int(4.0 * ASR_RATE) + len(user)] += user
+        while time.perf_counter() < start:
+            pass
+        sender = speak_in_real_time(ws, mic)
+        seen: list[tuple[float, dict]] = []
+        while not [e for _, e in seen if e["type"] == "turn_end" and e["turn"] == 2]:
+            message = ws.recv(timeout=TIMEOUT)
+            if isinstance(message, str):
+                seen.append((time.perf_counter() - start, json.loads(message)))
+        sender.join()
+    at = {e["type"]: t for t, e in reversed(seen)}  # when each kind first arrived, in seconds of the mic
+    verdicts = [(round(t, 2), e["confirmed"]) for t, e in seen if e["type"] == "barge_in"]
+    print("barge_in verdicts (s, confirmed):", verdicts, "speech_started at", at.get("speech_started"))
+    assert 4.0 < at["speech_started"] < 4.0 + 1.6, seen  # the user, and no sooner: not the echo, not the cough
+    assert [e["turn"] for _, e in seen if e["type"] == "speech_started"] == [2]
+    # Heard as speech, and turned down: the echo and the cough were loud enough to count, and not the user.
+    assert [t for t, confirmed in verdicts if not confirmed and t < 4.0], verdicts
+    assert (True in [c for _, c in verdicts]) and at["barge_in"] <= at["speech_started"] + 0.1
+    # All sent before the test began to play it, the reply ended "completed"; the user's turn is answered.
+    final = [e for _, e in seen if e["type"] == "transcript" and e["turn"] == 2][-1]["text"]
+    print("the user's turn:", final)
+    assert "americans" in final.lower() and word_error_rate(final, "And so my fellow Americans") < 0.5, final

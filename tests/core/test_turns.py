@@ -89,7 +89,8 @@ def test_interim_snapshots_come_during_speech_only(jfk_pcm):
 
 def test_barge_in_needs_confident_sustained_speech(jfk_pcm):
     burst = jfk_pcm[int(1.2 * ASR_RATE) : int(1.65 * ASR_RATE)]  # 450 ms cut from a word
-    for strict, expected in ((False, [Event.SPEECH_STARTED]), (True, [])):
+    # Strict, it is turned down, and said to be (a page that held its playback on it plays on).
+    for strict, expected in ((False, [Event.SPEECH_STARTED]), (True, [Event.REJECTED])):
         detector = TurnDetector(TurnSettings(end_silence_ms=2000), StreamingVad())
         detector.strict = strict
         events = feed_stream(detector, np.concatenate([silence(0.5), burst, silence(0.5)]))
@@ -206,3 +207,17 @@ def test_no_pause_is_reported_in_push_to_talk_or_past_the_end_silence(jfk_pcm):
     detector.set_end(end_silence_ms=250)  # the silence rule ends the turn before any pause
     events = [e for e, _ in feed_stream(detector, stream, pauses=True)]
     assert Event.PAUSED not in events and Event.QUIET in events  # speculation still helps it
+
+
+def test_a_late_accepted_barge_in_keeps_its_first_words_and_onset(jfk_pcm):
+    """Under the strict gate JFK's weak "ask not" (3.3-4.3 s, Silero 0.4-0.75) is accepted only with
+    "what your country" (5.4 s): the turn still starts at "ask", and says its speech began there."""
+    rest = jfk_pcm[int(2.9 * ASR_RATE) :]
+    detector = TurnDetector(TurnSettings(), StreamingVad())
+    detector.strict = True
+    events = feed_stream(detector, rest)
+    started = [at for e, at in events if e is Event.SPEECH_STARTED][0]
+    assert started / ASR_RATE + 2.9 > 5.4  # accepted late...
+    assert detector.onset / ASR_RATE + 2.9 == pytest.approx(3.3, abs=0.1)  # ...with the onset of "ask"
+    before_start = len(detector.snapshot()) - (detector.position - started)  # pre-roll the turn began with
+    assert before_start >= started - detector.onset + detector.settings.pad_ms * ASR_RATE // 1000 - WINDOW

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support import speak
+from tests.support import recording, resample, speak
 
 CHROMIUM = Path("/usr/bin/chromium")
 QUESTION = "What is the capital of France?"
@@ -67,15 +67,21 @@ def question_wav(tmp_path_factory: pytest.TempPathFactory, engines) -> Path:
 
 
 @pytest.fixture(scope="module")
-def browser(question_wav: Path) -> Iterator[object]:
-    """One headless Chromium for the module; its fake microphone says the question each time it is opened."""
+def playwright() -> Iterator[object]:
+    """Playwright, once for the module (its sync API runs one instance at a time)."""
     sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser(playwright, question_wav: Path) -> Iterator[object]:
+    """One headless Chromium for the module; its fake microphone says the question each time it is opened."""
     # %noloop: play the file once per opened microphone, then silence, so the question is not asked again and again.
     mic_flag = f"--use-file-for-fake-audio-capture={question_wav}%noloop"
-    with sync_api.sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_FLAGS, mic_flag])
-        yield chromium
-        chromium.close()
+    chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[*CHROMIUM_FLAGS, mic_flag])
+    yield chromium
+    chromium.close()
 
 
 def test_spoken_turn_then_barge_in(live_server: str, browser) -> None:
@@ -115,6 +121,50 @@ def test_spoken_turn_then_barge_in(live_server: str, browser) -> None:
         raise
     finally:
         page.close()
+
+
+@pytest.fixture(scope="module")
+def coughing_browser(playwright, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A second Chromium whose fake microphone hears, 0.6 s after it opens, one short burst of a voice
+    (300 ms cut from a word of JFK's, as loud as he speaks): a cough's length, too short to be a turn."""
+    burst = resample(recording("jfk.flac")[int(1.2 * 16_000) : int(1.5 * 16_000)], 16_000, MIC_RATE)
+    path = tmp_path_factory.mktemp("cough") / "cough.wav"
+    write_wav(path, np.concatenate([np.zeros(int(0.6 * MIC_RATE)), burst, np.zeros(3 * MIC_RATE)]), MIC_RATE)
+    chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+        *CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={path}%noloop"])
+    yield chromium
+    chromium.close()
+
+
+def test_a_cough_over_the_reply_pauses_it_only_until_the_server_says_it_was_not_the_user(
+    live_server: str, coughing_browser
+) -> None:
+    """The page's own detector pauses the reply on the burst; the server's gate turns the burst down
+    (`barge_in` not confirmed) and the reply plays on to its end, nothing of it cut."""
+    page = coughing_browser.new_page(viewport={"width": 1280, "height": 800})
+    errors, frames = watch_errors(page), Frames(page)
+    try:
+        page.goto(f"{live_server}/")
+        page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=60_000)
+        page.get_by_label("Type a message").fill(STORY)
+        page.get_by_label("Type a message").press("Enter")
+        page.wait_for_function("() => window.voiceAssistant.outputLevel > 0.05", timeout=TURN_TIMEOUT_MS)
+        page.get_by_role("button", name="Start talking").click()
+        page.wait_for_function("() => window.voiceAssistant.bargeIns.some((b) => b.verdict)", timeout=10_000)
+        (heard,) = page.evaluate("() => window.voiceAssistant.bargeIns")
+        assert heard["verdict"] == "rejected" and heard["quietAt"] is not None, heard
+        follow_turn(page, frames, turns=1)  # the story plays out
+        ends = snapshot(page)["turnEnds"]
+        assert [e["reason"] for e in ends] == ["completed"], ends
+        assert "interrupt" not in [m["type"] for m in frames.sent] and not of_kind(frames, "speech_started")
+        print(f"paused for {(heard['verdictAt'] - heard['quietAt']) * 1000:.0f} ms: {heard}")
+        assert not errors, f"console errors: {errors}"
+    finally:
+        page.close()
+
+
+def of_kind(frames: Frames, kind: str) -> list[dict]:
+    return [m for m in frames.received if m["type"] == kind]
 
 
 def test_a_recording_that_fails_is_said_in_words_and_the_microphone_goes_off(live_server: str, browser) -> None:
@@ -175,6 +225,13 @@ def barge_in(page, frames: Frames) -> None:
     assert interrupts and interrupts[0]["played_samples"] > 0, frames.sent  # what was heard, for the history
     ends = snapshot(page)["turnEnds"]
     assert [e["reason"] for e in ends[1:]] == ["interrupted", "completed"], ends
+    # The page paused the story itself as soon as its own detector heard the question begin, before the
+    # server's verdict, which then confirmed it. Both times are the page's AudioContext clock.
+    (heard,) = page.evaluate("() => window.voiceAssistant.bargeIns")
+    quiet_after = heard["quietAt"] - heard["onsetAt"]
+    print(f"the page was quiet {quiet_after * 1000:.0f} ms after the interrupting speech began, the server's "
+          f"verdict came after {(heard['verdictAt'] - heard['onsetAt']) * 1000:.0f} ms: {heard}")
+    assert heard["verdict"] == "confirmed" and 0 < quiet_after <= 0.3, heard
     assert "interrupted" in page.locator(".bubble.assistant").nth(1).get_attribute("class").split()
     page.screenshot(path=str(SCREENSHOTS / "desktop-barge-in.png"))
 
