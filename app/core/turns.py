@@ -287,13 +287,12 @@ class TurnDetector:
         return None
 
     def end_now(self) -> Event:
-        """End the turn in progress here (Smart Turn judged the paused candidate finished)."""
+        """End the turn in progress here (the end rule judged its pause long enough)."""
         assert self.in_speech, "end_now() without a turn in progress"
         return self._finish("smart")
 
     @property
-    def silence_ms(self) -> int:
-        """How long the speaker has been quiet in the turn in progress."""
+    def silence_ms(self) -> int:  # how long the speaker has been quiet in the turn in progress
         return self._silence_run * 1000 // ASR_RATE
 
     def candidate(self) -> tuple[np.ndarray, int]:
@@ -318,7 +317,6 @@ class TurnDetector:
         return np.concatenate(self._turn) if self._turn else np.zeros(0, np.float32)
 
     def take_turn(self) -> tuple[np.ndarray, int, EndedBy]:
-        """(audio of the finished turn, stream position in samples where its speech ended, and
-        what ended it)."""
+        """(audio of the finished turn, stream position in samples where its speech ended, what ended it)."""
         assert self._finished, "take_turn() without a TURN_ENDED event"
         return self._finished.popleft()
