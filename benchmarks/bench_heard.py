@@ -11,7 +11,8 @@ message a reply), and a tap on the microphone in the same AudioContext reports i
 Both are on one clock. Where each utterance lies on that clock is found by matching the file's loudness to
 the tap's (correlation of the dB envelopes, a block's resolution: the page's gain control lifts a quiet start
 by 10-20 dB within the first second, so no fixed threshold finds the same onset in both), and checked: the
-onset alone, matched the same way, must land within 50 ms of where the whole utterance put it. Not seen by that clock, so given apart ("unseen"):
+onset alone, matched the same way, must land within 50 ms of where the whole utterance put it. Not seen by
+that clock, so given apart ("unseen"):
 the microphone's buffer before the tap (the track's `latency`: Chromium's fake device hands the file over in
 10 ms buffers; a probe of AudioData timestamps found the tap ~0-5 ms after a buffer's capture time) and the
 output's buffers after the worklet (the context's baseLatency + outputLatency: 10 + 30 ms in headless
@@ -351,7 +352,8 @@ def print_summary(report: dict) -> None:
         for kind, s in r["summary"].items():
             print(f"{rule:3} {kind:9}: median {s['median_ms']} ms, p90 {s['p90_ms']} ms heard (n {s['n']}, "
                   f"missing {s['missing']}, replied mid-utterance {s['replied_mid_utterance']}) | server: end of "
-                  f"turn {s['server_end_of_turn_median_ms']}, first audio {s['server_first_audio_median_ms']} ms; heard "
+                  f"turn {s['server_end_of_turn_median_ms']}, "
+                  f"first audio {s['server_first_audio_median_ms']} ms; heard "
                   f"{s['heard_after_server_median_ms']} ms after it")
         print(f"{rule:3} tap check: {r['tap']}; turns {r['turns']}, barge-ins {r['barge_ins']}; "
               f"not seen by the clock: {r['unseen_ms']} ms")

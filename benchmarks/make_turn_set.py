@@ -82,7 +82,8 @@ def pause_point(audio: np.ndarray, words: list[tuple[str, float, float]], heard:
         if word.strip().lower() not in FUNCTION_WORDS:
             continue
         a, b = int((end - 0.03) * ASR_RATE), int((words[i + 1][1] + 0.03) * ASR_RATE)
-        energies = [(float(np.mean(audio[k : k + FRAME] ** 2)), k + FRAME // 2) for k in range(a, b - FRAME, FRAME // 2)]
+        starts = range(a, b - FRAME, FRAME // 2)
+        energies = [(float(np.mean(audio[k : k + FRAME] ** 2)), k + FRAME // 2) for k in starts]
         if energies:
             points.append((*min(energies), word, words[i + 1][0]))
     for _, at, word, after in sorted(points):
