@@ -52,8 +52,9 @@ class TurnSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Under it the turn ends after unsure_silence_ms, and under unsure_score after end_silence_ms: after "a",
     # "with" or "the" the LLM reads 0.000 and 13 of the 17 thinking pauses score under -6 (3 of the 41
     # finished sentences do). These three thresholds and pause_ms were chosen together on the tuning half
-    # (benchmarks/bench_turns.py's verdicts): of the rules that keep the worst kind's median added delay
-    # under 400 ms, the one that cuts fewest utterances (2 of 41 sentences, 3 of 17 thinking pauses).
+    # (benchmarks/bench_turns.py's verdicts, on an idle machine): of the rules that keep every kind's p90
+    # added delay within 700 ms, the one that cuts fewest utterances (2 of 41 sentences, 3 of 17 thinking
+    # pauses; the next fewer, 1 and 3, waits 938 ms at p90).
     unsure_score: float = -6.0
     # Smart Turn alone ("sound", or no verdict on the words): from this probability a turn ends after
     # unsure_silence_ms, under it only the longest silence ends it. 12 of the 17 thinking pauses score
