@@ -15,7 +15,8 @@ The rules: "silence" (a fixed 500 ms, the old default), "sound" (Smart Turn alon
 "words" (the LLM alone there, at 0.1: the rule tuned on synthetic questions; both wait 1.6 s otherwise),
 "default-sound" (app/core/end_rule.py without the words: the gpu preset's) and "default" (end_rule.py as
 the listener runs it on the cpu preset). Per kind (question, statement, command, paused) and overall, for each
-half: the median and p90 added delay and the cuts. JSON to --out; the last line is the default rule on the held-out half.
+half: the median and p90 added delay and the cuts. JSON to --out; the last line is the default rule on the
+held-out half.
 
     uv run python benchmarks/bench_turns.py --out bench-results/turns.json
 """
