@@ -456,7 +456,8 @@ async function micOff({ tellServer = true, close = false } = {}) {
   const stopping = mic.stopRecording(); // "stop" fires after the last piece, so audio_stop follows it
   render();
   const rec = await stopping;
-  if (close) mic.close();
+  // Talk pressed again while the recorder flushed: the new recording runs on this stream, keep it.
+  if (close && !talk.want) mic.close();
   if (rec && tellServer) {
     enqueue(() => {
       if (rec.started && rec.ws === conn.ws) sendJson({ type: "audio_stop" });
