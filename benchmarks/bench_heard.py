@@ -380,8 +380,7 @@ def main() -> None:
     with ExitStack() as stack:
         urls, playwright = {}, None
         if not args.from_pages:
-            _, _, urls = start_both_rules(args.preset, stack, {"llm": {"temperature": 0.0,
-                                                                       "max_tokens": args.max_tokens}})
+            urls = start_both_rules(args.preset, stack, {"llm": {"temperature": 0.0, "max_tokens": args.max_tokens}})
             playwright = stack.enter_context(sync_playwright())
         chunks = [run_chunk(playwright, urls, utterances[i : i + args.chunk], i // args.chunk, args)
                   for i in range(0, len(utterances), args.chunk)]

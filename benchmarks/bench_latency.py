@@ -74,7 +74,7 @@ OLD_RULE = {"end_of_turn": "silence", "end_silence_ms": 500, "speculate": False}
 
 def start_both_rules(preset: str, stack: ExitStack, overrides: dict | None = None):
     """One set of models, served twice: with the old end-of-turn rule and with the new (default)
-    one. Returns (the new rule's engines, its settings, {rule: /ws URL}); turns are run one at a time.
+    one. Returns {rule: /ws URL}; turns are run one at a time.
     `overrides` are settings of both (by default greedy replies)."""
     import msgspec
 
@@ -89,7 +89,7 @@ def start_both_rules(preset: str, stack: ExitStack, overrides: dict | None = Non
     old_settings = msgspec.structs.replace(settings, turns=msgspec.structs.replace(settings.turns, **OLD_RULE))
     old = Engines(new.asr, new.llm, new.tts)  # the same models behind worker threads of its own
     stack.callback(old.close)
-    return new, settings, {"old": serve(old, old_settings, stack), "new": serve(new, settings, stack)}
+    return {"old": serve(old, old_settings, stack), "new": serve(new, settings, stack)}
 
 
 def speech_end_seconds(pcm: np.ndarray) -> float:
@@ -334,7 +334,7 @@ def main() -> None:
     cases = pause_cases()
     report: dict = {"transport": args.transport, "questions": {}, "paused_sentences": {}}
     with ExitStack() as stack:
-        engines, settings, urls = start_both_rules(args.preset, stack)
+        urls = start_both_rules(args.preset, stack)
         # The talking client runs in a process of its own, as the page runs in the browser's: in this one
         # it would wait for the server's threads at every send and receive (one Python lock for all).
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
