@@ -303,4 +303,8 @@ def test_the_reply_heard_back_and_a_cough_do_not_cut_it_and_the_user_does(live_s
     # All sent before the test began to play it, the reply ended "completed"; the user's turn is answered.
     final = [e for _, e in seen if e["type"] == "transcript" and e["turn"] == 2][-1]["text"]
     print("the user's turn:", final)
-    assert "americans" in final.lower() and word_error_rate(final, "And so my fellow Americans") < 0.5, final
+    # Whole, not its second half: the words from its start ("my") to its end ("fellow America...") are there.
+    # Only the spelling of single words may vary: the echo still plays under its first 1.8 s, and on the CI
+    # machine tiny Whisper once heard "And stole my fellow America." in it.
+    words = final.lower()
+    assert "my fellow america" in words and word_error_rate(final, "And so my fellow Americans") < 0.5, final
