@@ -19,11 +19,12 @@ from app.core.echo import EchoGuard
 from app.core.memory import Memory
 from app.core.metrics import Metrics
 from app.core.pending import PendingTurn
-from app.core.pipeline import StageError, make_reply
+from app.core.pipeline import StageError, Writing, make_reply
 from app.core.reply import Reply
 from app.core.speculation import Gate, Guess, Guesses
 from app.engines.llm import Message
 from app.engines.loaded import Engines
+from app.engines.tools import CallDelta
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,11 @@ class Conversational(Protocol):
     memory: Memory
     metrics: Metrics
     playback_end: float  # perf_counter() when the listener will have played all reply audio
+    defaults: ev.ReplyRequest  # how a turn's reply is made where the turn does not say
 
     def emit(self, event: ev.Event) -> None: ...
+
+    def history(self) -> list[Message]: ...
 
     def set_state(self, state: ev.State) -> None: ...
 
@@ -140,16 +144,18 @@ class Answering:
     async def _answer(self, turn: PendingTurn, reply: Reply, gate: Gate) -> None:
         c = self._c
         reply.marks["end_of_turn"] = turn.t_decided
+        turn.request = turn.request or c.defaults  # read once: a change meanwhile applies to the next turn
         reason, user_text = "completed", turn.text
         try:
             gate.do(c.set_state, "thinking")
-            if user_text is None:
+            if user_text is None and turn.audio is not None:
                 user_text = await self._transcribe(turn.audio)
                 reply.mark("transcript")
-            if not user_text:
+            if turn.has_words and not user_text:
                 reason = "no_speech"
                 return
-            gate.do(c.emit, ev.Transcript(turn.id, user_text))
+            if user_text:
+                gate.do(c.emit, ev.Transcript(turn.id, user_text))
             await self._reply(turn, user_text, reply, gate)
         except asyncio.CancelledError:
             reason = "interrupted"
@@ -176,10 +182,13 @@ class Answering:
         except Exception as exc:
             raise StageError("asr", exc) from exc
 
-    async def _reply(self, turn: PendingTurn, user_text: str, reply: Reply, gate: Gate) -> None:
+    async def _reply(self, turn: PendingTurn, user_text: str | None, reply: Reply, gate: Gate) -> None:
         """The options are read once here: a change sent meanwhile applies from the next reply."""
         c, (options, voice) = self._c, self._c.reply_options()
-        messages = c.engines.llm.build_messages(c.memory.history, user_text, options.system_prompt)
+        request = turn.request or c.defaults
+        history = c.history() if request.context is None else list(request.context)
+        messages = c.engines.llm.build_messages(history, user_text, request.instructions or options.system_prompt)
+        writing = Writing(options.temperature, request.tools, request.max_tokens)
         sample_rate = c.engines.tts.sample_rate
         # The words are judged beside the reply, as soon as they are known: the end of the turn waits for
         # the verdict (app/core/end_rule.py), and the judge's one thread costs the reply little.
@@ -187,6 +196,9 @@ class Answering:
 
         def wrote(piece: str) -> None:
             gate.do(c.emit, ev.ReplyText(turn.id, piece))
+
+        def called(call: CallDelta) -> None:
+            gate.do(c.emit, ev.ReplyCall(turn.id, call))
 
         def sent(chunk: np.ndarray, first: bool) -> None:
             if first:
@@ -198,23 +210,27 @@ class Answering:
 
         try:
             await make_reply(
-                c.engines, messages, reply, chunking=self._chunking, temperature=options.temperature, voice=voice,
-                on_text=wrote, on_audio=lambda chunk, first: gate.do(sent, chunk, first), confirmed=gate.confirmed,
+                c.engines, messages, reply, chunking=self._chunking, writing=writing, voice=voice,
+                on_text=wrote, on_call=called, confirmed=gate.confirmed,
+                on_audio=(lambda chunk, first: gate.do(sent, chunk, first)) if request.voice else None,
             )
             if judging is not None:
                 await judging  # a short reply is written before its turn is confirmed
         finally:
             if judging is not None:
                 judging.cancel()
-        if not reply.phrases:
+        if not reply.phrases and not reply.calls:
             raise StageError("llm", RuntimeError("it returned an empty reply"))
 
     def _finish(self, turn: PendingTurn, user_text: str | None, reply: Reply, reason: str) -> None:
         c = self._c
         if reply.samples:
             c.emit(ev.ReplyAudioEnd(turn.id, reply.samples))
+        request = turn.request or c.defaults
         said = reply.spoken
-        if reason == "interrupted":
+        if not request.voice:  # text only: what was sent was read, as far as it went
+            said = reply.text.strip()
+        elif reason == "interrupted":
             played = self._cut[1] if self._cut and self._cut[1] is not None else reply.played_estimate()
             said = reply.heard(played)
             c.metrics.barge_ins.inc()
@@ -223,8 +239,9 @@ class Answering:
         forgotten = self._cut is not None and self._cut[0] in ("reset", "continued")
         if self._cut is not None and self._cut[0] == "continued":
             said = ""
-        c.memory.turn_ended(None if forgotten else user_text, said, reply, interrupted=reason == "interrupted",
-                            audio=turn.audio)
+        if request.remembered:
+            c.memory.turn_ended(None if forgotten else user_text, said, reply, interrupted=reason == "interrupted",
+                                audio=turn.audio)
         reply.mark("done")
         metrics = _metrics(turn, reply)
         c.metrics.observe_turn(metrics, reason)
@@ -260,4 +277,6 @@ def _metrics(turn: PendingTurn, reply: Reply) -> ev.TurnMetrics:
         first_phrase_ms=ms("first_phrase"),
         first_audio_ms=ms("first_audio"),
         total_ms=ms("done"),
+        input_tokens=reply.input_tokens,
+        output_tokens=reply.output_tokens,
     )

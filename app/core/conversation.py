@@ -65,6 +65,7 @@ class Conversation:
         self.metrics = metrics or Metrics()
         self.id = uuid.uuid4().hex[:12]
         self.options = ev.Options()
+        self.defaults = ev.ReplyRequest()  # how replies are made where a turn does not say (an adapter's session)
         self.memory = Memory(self.metrics)
         self.playback_end = 0.0  # perf_counter() when the listener will have played all reply audio
         self._out = Outbox(settings.limits.max_outgoing_bytes)
@@ -78,6 +79,7 @@ class Conversation:
         self._state: ev.State | None = None
         self._speaking_turn: int | None = None  # id given to the user's turn when speech began
         self._carry: np.ndarray | None = None  # speech of a turn the user went on talking over
+        self._history: Callable[[], list[Message]] | None = None  # an adapter's own history (follow())
 
     # ------------------------------------------------------------ life and events
 
@@ -137,6 +139,17 @@ class Conversation:
     def resting_state(self) -> ev.State:
         return "listening" if self._listener is not None else "idle"
 
+    def follow(self, history: Callable[[], list[Message]]) -> None:
+        """The adapter keeps the conversation's history itself (the Realtime protocol's items, which its
+        client edits): replies read the messages before the user's words from `history()`, and the memory
+        records no exchanges. The adapter learns what was said from Transcript and TurnEnd."""
+        self._history = history
+        self.memory.recording = False
+
+    def history(self) -> list[Message]:
+        """The messages before the next user words: the memory's (trimmed in place), or the adapter's."""
+        return self.memory.history if self._history is None else self._history()
+
     def reply_options(self) -> tuple[ev.Options, object | None]:
         """The options and voice for a reply about to start."""
         return self.options, self._voice
@@ -172,14 +185,25 @@ class Conversation:
         self.interrupt(None, cause="client")
         self._answering.add(PendingTurn(next(self._turn_ids), now, now, text=text.strip()))
 
-    def interrupt(self, played: int | None, *, cause: str = "client") -> None:
+    def respond(self, request: ev.ReplyRequest, *, text: str | None = None, audio: np.ndarray | None = None) -> None:
+        """A reply the adapter asks for, made as `request` says: to typed `text`, to spoken `audio` (a turn
+        of exactly that audio), or with neither to the history as it is (a greeting, the answer after a
+        function's result). It waits its turn behind the others."""
+        now = time.perf_counter()
+        self._answering.add(PendingTurn(next(self._turn_ids), now, now, audio=audio, text=text, request=request))
+
+    def interrupt(self, played: int | None, *, cause: str = "client") -> str | None:
         """Stop the reply: cancel the running turn, or trim what the history says was heard.
-        `played`: samples of its audio the listener heard; None: estimate by the playback clock."""
+        `played`: samples of its audio the listener heard; None: estimate by the playback clock.
+        Returns what was heard of a finished reply that this cut (None: there was none to cut;
+        a running turn says it in its TurnEnd)."""
+        heard = None
         if (cut := self._answering.cut_off(cause, played)) is not None:
             self._out.silenced.add(cut[0].id)  # queued audio stops now, not when the task unwinds
         else:
-            self.memory.cut_last(played)
+            heard = self.memory.cut_last(played)
         self.playback_end = 0.0
+        return heard
 
     def reset(self) -> None:
         """New conversation: stop the reply, drop queued turns, forget the history."""
@@ -216,7 +240,7 @@ class Conversation:
         return True
 
     def _prompt_for(self, words: str) -> list[Message]:
-        return self.engines.llm.build_messages(list(self.memory.history), words, self.options.system_prompt)
+        return self.engines.llm.build_messages(list(self.history()), words, self.options.system_prompt)
 
     def paused(self, listener: Listener, audio: np.ndarray, t_speech_end: float) -> None:
         """The user paused: if the turn ends here, `audio` is all of it. Transcribe it and start the

@@ -6,10 +6,12 @@ gives each event its /ws name.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
+
+from app.engines.tools import CallDelta, ToolSet
 
 Mode = Literal["hands_free", "push_to_talk"]
 State = Literal["idle", "listening", "thinking", "speaking"]
@@ -35,6 +37,23 @@ class Options(msgspec.Struct, frozen=True):
             raise ValueError("temperature must be between 0 and 2")
         if self.system_prompt is not None and len(self.system_prompt) > 4000:
             raise ValueError("system_prompt is longer than 4000 characters")
+
+
+class ReplyRequest(msgspec.Struct, frozen=True):
+    """How one reply is to be made, where an adapter asks for more than the conversation's Options (the
+    Realtime protocol's per-response settings). The defaults are a reply like any other."""
+
+    instructions: str | None = None  # this reply's system prompt (None: the options')
+    tools: ToolSet | None = None  # functions the reply may call instead of answering in words
+    voice: bool = True  # False: text only, no voice work at all
+    max_tokens: int | None = None  # at most this many tokens (None: the model's setting)
+    # The whole context, in place of the conversation's history (an out-of-band reply), which it then
+    # leaves as it was.
+    context: list[dict[str, Any]] | None = None
+
+    @property
+    def remembered(self) -> bool:
+        return self.context is None
 
 
 class StateChanged(msgspec.Struct):
@@ -75,6 +94,13 @@ class ReplyText(msgspec.Struct):
     delta: str
 
 
+class ReplyCall(msgspec.Struct):
+    """One more piece of a function call the reply makes (a ReplyRequest's tools): the client runs it."""
+
+    turn: int
+    call: CallDelta
+
+
 class ReplyAudioStart(msgspec.Struct):
     """ReplyAudio chunks of this turn follow, until ReplyAudioEnd."""
 
@@ -105,6 +131,8 @@ class TurnMetrics(msgspec.Struct):
     first_phrase_ms: float | None = None
     first_audio_ms: float | None = None  # voice-to-voice latency
     total_ms: float | None = None
+    input_tokens: int = 0  # the prompt the LLM read, in its tokens
+    output_tokens: int = 0  # what it wrote, words and calls
 
 
 class TurnEnd(msgspec.Struct):
@@ -152,6 +180,7 @@ Event = (
     | BargeIn
     | Transcript
     | ReplyText
+    | ReplyCall
     | ReplyAudioStart
     | ReplyAudio
     | ReplyAudioEnd

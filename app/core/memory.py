@@ -19,12 +19,13 @@ class Memory:
         self._metrics = metrics
         self._last_reply: Reply | None = None  # the latest reply that had audio, while it may still play
         self._last_audio: np.ndarray | None = None  # the speech its user turn was, to take back (take_back)
+        self.recording = True  # False: an adapter keeps the history (Conversation.follow); this only times replies
 
     def turn_ended(self, user_text: str | None, said: str, reply: Reply, *, interrupted: bool,
                    audio: np.ndarray | None = None) -> None:
         """Remember the exchange (none without user_text) and which reply may still be playing, with
         the user's speech (`audio`) that it answered."""
-        if user_text and said:
+        if user_text and said and self.recording:
             self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": said}]
             reply.history_index = len(self.history) - 1
         if reply.samples:
@@ -35,22 +36,24 @@ class Memory:
     def still_playing(self) -> bool:
         return self._last_reply is not None and self._last_reply.still_playing()
 
-    def cut_last(self, played: int | None) -> None:
+    def cut_last(self, played: int | None) -> str | None:
         """The finished reply was stopped after `played` samples (None: by the playback clock, and
-        only if it is still playing): keep only what was heard of it."""
+        only if it is still playing): keep only what was heard of it. Returns those words (None: no
+        reply to cut)."""
         reply = self._last_reply
         if reply is None or (played is None and not reply.still_playing()):
-            return
-        index = reply.history_index
-        if index is None or index != len(self.history) - 1:
-            return  # a newer exchange followed; this one is no longer the last word
+            return None
         heard = reply.heard(reply.played_estimate() if played is None else played)
-        if heard:
-            self.history[index]["content"] = heard
-        else:
-            del self.history[index - 1 :]  # nothing heard: the exchange never happened
+        index = reply.history_index
+        # Unless a newer exchange followed: then this one is no longer the last word.
+        if index is not None and index == len(self.history) - 1:
+            if heard:
+                self.history[index]["content"] = heard
+            else:
+                del self.history[index - 1 :]  # nothing heard: the exchange never happened
+            self._metrics.barge_ins.inc()
         reply.history_index = None
-        self._metrics.barge_ins.inc()
+        return heard
 
     def take_back(self, t_onset: float, within_s: float) -> np.ndarray | None:
         """The user went on talking (from `t_onset`) before the last reply had played out, within
@@ -58,6 +61,8 @@ class Memory:
         all, and return the speech of the user's turn, to be answered again with what follows (None: no
         such reply)."""
         reply, audio = self._last_reply, self._last_audio
+        if not self.recording:  # the adapter's client owns the history: the server does not rewrite it
+            return None
         if reply is None or audio is None or t_onset >= reply.playback_end():
             return None
         if not reply.continued_by(t_onset, within_s):

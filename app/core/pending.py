@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.core.events import ReplyRequest
+
 
 @dataclass
 class PendingTurn:
@@ -17,6 +19,13 @@ class PendingTurn:
     text: str | None = None
     # A guess reports here how likely its words end the turn (None: no words, or no way to judge).
     on_words: Callable[[float | None], None] | None = None
+    request: ReplyRequest | None = None  # how its reply is to be made, where an adapter says (else as any)
+
+    @property
+    def has_words(self) -> bool:
+        """Whether the user said or typed something; a turn without is a reply to the context as it is
+        (a greeting, the answer after a function's result)."""
+        return self.audio is not None or self.text is not None
 
     def words_judged(self, probability: float | None) -> None:
         """Report once: a guess that fails or stops early reports None from its `finally`."""

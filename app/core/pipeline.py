@@ -11,6 +11,7 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import msgspec
 import numpy as np
 
 from app.core.chunking import ChunkSettings, PhraseChunker
@@ -18,6 +19,7 @@ from app.core.reply import Reply
 from app.engines.llm import ChatModel, Message, Prompt
 from app.engines.llm_remote import ChatRequest, RemoteChatModel
 from app.engines.loaded import Engines
+from app.engines.tools import CallDelta, ToolSet
 from app.engines.workers import Worker
 
 
@@ -29,27 +31,41 @@ class StageError(Exception):
         self.stage = stage
 
 
+class Writing(msgspec.Struct, frozen=True):
+    """What the LLM is asked for beyond the messages: a ReplyRequest's tools and length, the temperature."""
+
+    temperature: float | None = None
+    tools: ToolSet | None = None
+    max_tokens: int | None = None
+
+
 async def make_reply(
     engines: Engines,
     messages: list[Message],
     reply: Reply,
     *,
     chunking: ChunkSettings,
-    temperature: float | None,
+    writing: Writing,
     voice: object | None,
     on_text: Callable[[str], None],
-    on_audio: Callable[[np.ndarray, bool], None],
+    on_audio: Callable[[np.ndarray, bool], None] | None,
+    on_call: Callable[[CallDelta], None] = lambda call: None,
     confirmed: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
-    """Write and speak the reply to `messages`. on_text gets each piece of text; on_audio each
-    int16 chunk of voice and whether it is the reply's first. A reply to a turn that is not yet
-    certain (app/core/answering.py) speaks its first phrase, then awaits `confirmed()` before the next.
+    """Write and speak the reply to `messages`. on_text gets each piece of text, on_call each piece of a
+    function call (never spoken); on_audio each int16 chunk of voice and whether it is the reply's first
+    (None: a text-only reply, no voice work). A reply to a turn that is not yet certain
+    (app/core/answering.py) speaks its first phrase, then awaits `confirmed()` before the next.
     Raises StageError."""
     phrases: asyncio.Queue[str | None] = asyncio.Queue()
     chunker = PhraseChunker(chunking)
-    writer = asyncio.create_task(_write(engines, messages, temperature, chunker, phrases, reply, on_text))
+    writer = asyncio.create_task(_write(engines, messages, writing, chunker, phrases, reply, on_text, on_call))
     try:
-        await _speak(engines, phrases, voice, reply, on_audio, confirmed)
+        if on_audio is None:
+            while (phrase := await phrases.get()) is not None:
+                reply.end_phrase(phrase)
+        else:
+            await _speak(engines, phrases, voice, reply, on_audio, confirmed)
         await writer  # raises what the LLM raised
     finally:
         writer.cancel()
@@ -58,16 +74,23 @@ async def make_reply(
 async def _write(
     engines: Engines,
     messages: list[Message],
-    temperature: float | None,
+    writing: Writing,
     chunker: PhraseChunker,
     phrases: asyncio.Queue[str | None],
     reply: Reply,
     on_text: Callable[[str], None],
+    on_call: Callable[[CallDelta], None],
 ) -> None:
+    llm = engines.llm
     try:
-        prompt = await engines.llm_worker.run(engines.llm.prompt, messages)
-        async for piece in write_reply(engines.llm, engines.llm_worker, prompt, temperature):
+        prompt = await engines.llm_worker.run(llm.prompt, messages, writing.tools)
+        reply.input_tokens = prompt_tokens(llm, prompt, messages)
+        async for piece in write_reply(llm, engines.llm_worker, prompt, writing.temperature, writing.max_tokens):
             reply.mark("first_token")
+            if isinstance(piece, CallDelta):
+                reply.calls += piece.arguments
+                on_call(piece)
+                continue
             reply.text += piece
             on_text(piece)
             for phrase in chunker.push(piece):
@@ -76,10 +99,20 @@ async def _write(
         for phrase in chunker.flush():
             reply.mark("first_phrase")
             phrases.put_nowait(phrase)
+        reply.output_tokens = llm.count_tokens(reply.text + reply.calls) if reply.text or reply.calls else 0
     except Exception as exc:
         raise StageError("llm", exc) from exc
     finally:
         phrases.put_nowait(None)
+
+
+def prompt_tokens(llm: ChatModel | RemoteChatModel, prompt: Prompt | ChatRequest, messages: list[Message]) -> int:
+    """The prompt's length in the model's tokens: exact in process; estimated for a server, which applies
+    the template itself (the same estimate that trims the history for it)."""
+    tokens = getattr(prompt, "tokens", None)
+    if tokens is not None:
+        return len(tokens)
+    return sum(llm.count_tokens(str(m.get("content") or "")) for m in messages)
 
 
 async def write_reply(

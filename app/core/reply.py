@@ -21,6 +21,9 @@ class Reply:
     samples: int = 0  # audio samples sent so far
     marks: dict[str, float] = field(default_factory=dict)  # stage -> perf_counter()
     history_index: int | None = None  # where its text sits in the session history
+    calls: str = ""  # the arguments of the function calls it made, all together (for the token count)
+    input_tokens: int = 0  # the prompt, in the LLM's tokens
+    output_tokens: int = 0  # what it wrote
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, time.perf_counter())

@@ -93,17 +93,17 @@ class ContextWindow(ABC):
     def count_tokens(self, text: str) -> int: ...
 
     def build_messages(
-        self, history: list[Message], user_text: str, system_prompt: str | None = None
+        self, history: list[Message], user_text: str | None, system_prompt: str | None = None
     ) -> list[Message]:
-        """System prompt + the example exchange + the history + the new user message, trimming
-        `history` in place so that the prompt and the longest reply fit the context."""
+        """System prompt + the example exchange + the history + the new user message (none: a reply to the
+        history as it is), trimming `history` in place so that the prompt and the longest reply fit."""
         system = {"role": "system", "content": system_prompt or self.settings.system_prompt}
         roles = ("user", "assistant")
         example = [{"role": role, "content": text} for role, text in zip(roles, self.settings.example, strict=False)]
-        user = {"role": "user", "content": user_text}
-        reserved = self._count_tokens([system, *example, user]) + self.settings.max_tokens + TEMPLATE_TOKENS
+        user = [] if user_text is None else [{"role": "user", "content": user_text}]
+        reserved = self._count_tokens([system, *example, *user]) + self.settings.max_tokens + TEMPLATE_TOKENS
         self.trim_history(history, budget=self.settings.n_ctx - reserved)
-        return [system, *example, *history, user]
+        return [system, *example, *history, *user]
 
     def trim_history(self, history: list[Message], budget: int) -> None:
         """Keep the history within `budget` tokens and history_turns exchanges, oldest out first.

@@ -75,7 +75,8 @@ class Ready(msgspec.Struct, tag="ready"):
 EVENT_TYPES: dict[type, str] = {
     ev.StateChanged: "state", ev.SpeechStarted: "speech_started", ev.SpeechStopped: "speech_stopped",
     ev.BargeIn: "barge_in",
-    ev.Transcript: "transcript", ev.ReplyText: "reply_text", ev.ReplyAudioStart: "audio_start",
+    ev.Transcript: "transcript", ev.ReplyText: "reply_text", ev.ReplyCall: "reply_call",
+    ev.ReplyAudioStart: "audio_start",
     ev.ReplyAudioEnd: "audio_end", ev.TurnMetrics: "metrics", ev.TurnEnd: "turn_end", ev.Error: "error",
 }
 ServerEvent = Ready | ev.Event

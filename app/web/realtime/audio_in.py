@@ -13,7 +13,8 @@ from app.core.conversation import Conversation
 from app.core.listening import Listener
 from app.web.realtime import protocol as rt
 from app.web.realtime.errors import Refused
-from app.web.realtime.replies import Resampler, UserItem, new_id
+from app.web.realtime.history import Entry
+from app.web.realtime.replies import Resampler, new_id
 from app.web.ws import MAX_AUDIO_FRAME
 
 
@@ -48,7 +49,7 @@ class InputAudio:
         else:
             self._buffer.append(heard)
 
-    def commit(self) -> UserItem:
+    def commit(self) -> Entry:
         """Manual turns: the buffer becomes a user item, which response.create answers."""
         if self._input is not None:
             self._buffer.append(self._input.flush())
@@ -57,7 +58,7 @@ class InputAudio:
         self._buffer = []
         if not len(audio):
             raise Refused("input_audio_buffer_commit_empty")
-        return UserItem(new_id("item"), audio=audio, seconds=len(audio) / ASR_RATE)
+        return Entry(new_id("item"), spoken=True, audio=audio, seconds=len(audio) / ASR_RATE, status="in_progress")
 
     def clear(self) -> None:
         self._buffer, self._input = [], None

@@ -11,14 +11,15 @@ MESSAGES = {
     "unknown_event": "This server does not know that event type; it was skipped.",
     "unsupported": "This server does not support that (see the README's OpenAI Realtime section).",
     "invalid_value": "A setting is out of range (silence_duration_ms: 100 to 5000; instructions: at most 4000 "
-                     "characters).",
+                     "characters; max_output_tokens: 1 to 4096 or \"inf\"; tool_choice: auto, none, required or "
+                     "one of the tools; tools: distinct names).",
     "invalid_audio": "The audio is not base64 PCM16 at 24 kHz, or is too long for one event.",
     "input_audio_buffer_commit_empty": "There is no audio to commit.",
     "buffer_full": "The input audio buffer holds the longest turn already; commit or clear it first.",
-    "no_input": "Nothing new to answer: add a user message or commit audio first.",
+    "item_exists": "An item with that id is already in the conversation.",
     "conversation_already_has_active_response": "A response is in progress; cancel it first.",
     "response_cancel_not_active": "There is no response in progress to cancel.",
-    "item_not_found": "Only the latest assistant reply can be truncated.",
+    "item_not_found": "There is no such item (and only the latest assistant reply can be truncated).",
 }
 
 

@@ -1,5 +1,5 @@
-"""conversation.item.* and response.*: the user items the client adds, and the responses that answer
-them, each as one turn of the conversation core."""
+"""conversation.item.* and response.*: the items the client adds, reads and deletes, and the responses it
+asks for, each one turn of the conversation core."""
 
 from __future__ import annotations
 
@@ -7,76 +7,155 @@ import msgspec
 import numpy as np
 
 from app.audio import ASR_RATE
+from app.core import events as ev
 from app.core.conversation import Conversation
 from app.core.limits import LimitSettings
+from app.engines.tools import Tool, ToolSet
 from app.web.realtime import protocol as rt
 from app.web.realtime.audio_in import InputAudio, pcm16
 from app.web.realtime.errors import Refused
-from app.web.realtime.replies import Replies, Resampler, UserItem, new_id
+from app.web.realtime.history import Entry, History
+from app.web.realtime.replies import Replies, Resampler, Response, new_id
 
 
 class Items:
-    """The user items waiting for a response, and the client's ways to answer, cancel and truncate."""
+    """The conversation's items, the audio ones waiting for a response, and the client's ways to answer,
+    cancel and truncate. `defaults` gives the session's settings for a response (tools, modalities, length)."""
 
-    def __init__(self, conversation: Conversation, replies: Replies, audio: InputAudio, limits: LimitSettings) -> None:
+    def __init__(self, conversation: Conversation, replies: Replies, audio: InputAudio, limits: LimitSettings,
+                 history: History) -> None:
         self.conversation = conversation
         self.replies = replies
         self.audio = audio
         self.limits = limits
-        self._pending: list[UserItem] = []  # user items that response.create will answer
+        self.history = history
+        self.defaults = ev.ReplyRequest()
+        self._pending: list[Entry] = []  # user audio that the next response.create will hear
 
-    def create(self, wanted: rt.ItemIn) -> list[rt.ServerEvent]:
-        if wanted.type != "message" or wanted.role != "user" or len(wanted.content) != 1:
+    # ------------------------------------------------------------ conversation.item.*
+
+    def create(self, wanted: rt.ItemIn, previous_item_id: str | None = None) -> list[rt.ServerEvent]:
+        entry = self.entry(wanted, new_id("item"))
+        previous = self.history.add(entry, previous_item_id)
+        if entry.audio is not None:
+            self._pending.append(entry)
+            return [rt.ItemAdded(item=entry.info(), previous_item_id=previous)]  # done once it is heard
+        return [rt.ItemAdded(item=entry.info(), previous_item_id=previous),
+                rt.ItemDone(item=entry.info(), previous_item_id=previous)]
+
+    def add_committed(self, entry: Entry) -> list[rt.ServerEvent]:
+        """The input audio buffer, committed by the client: a user item to hear at the next response."""
+        previous = self.history.add(entry)
+        self._pending.append(entry)
+        return [rt.Committed(item_id=entry.id, previous_item_id=previous),
+                rt.ItemAdded(item=entry.info(), previous_item_id=previous)]
+
+    def entry(self, wanted: rt.ItemIn, default_id: str) -> Entry:
+        """The item a client sent, checked; Refused where it is not one we can hold."""
+        item_id = wanted.id or default_id
+        if len(item_id) > 64:
+            raise Refused("invalid_value", "item.id")
+        if wanted.type == "function_call":
+            if not wanted.call_id or not wanted.name:
+                raise Refused("invalid_event", "item.call_id" if not wanted.call_id else "item.name")
+            return Entry(item_id, "function_call", call_id=wanted.call_id, name=wanted.name,
+                         arguments=self._short(wanted.arguments or "{}"))
+        if wanted.type == "function_call_output":
+            if not wanted.call_id or wanted.output is None:
+                raise Refused("invalid_event", "item.call_id" if not wanted.call_id else "item.output")
+            return Entry(item_id, "function_call_output", call_id=wanted.call_id, output=self._short(wanted.output))
+        if wanted.type != "message" or wanted.role not in ("user", "assistant", "system") or not wanted.content:
             raise Refused("unsupported", "item")
-        (part,) = wanted.content
-        item_id = wanted.id or new_id("item")
-        if part.type == "input_text" and part.text and part.text.strip():
-            if len(part.text) > self.limits.max_text_chars:
-                raise Refused("too_long", "item.content")
-            return self.add(UserItem(item_id, text=part.text.strip()))
-        if part.type == "input_audio" and part.audio:
-            pcm = Resampler(rt.RATE, ASR_RATE, "flt").all(pcm16(part.audio))
+        return self._message(item_id, wanted.role, wanted.content)
+
+    def _message(self, item_id: str, role: str, content: list[rt.ContentIn]) -> Entry:
+        audio = [part for part in content if part.type == "input_audio"]
+        if audio and (role != "user" or len(content) != 1):
+            raise Refused("unsupported", "item.content")  # one audio part, from the user
+        if audio and audio[0].audio:
+            pcm = Resampler(rt.RATE, ASR_RATE, "flt").all(pcm16(audio[0].audio))
             if len(pcm) > self.audio.max_turn_s * ASR_RATE:
                 raise Refused("too_long", "item.content")
-            return self.add(UserItem(item_id, audio=pcm, seconds=len(pcm) / ASR_RATE))
-        raise Refused("invalid_event", "item.content")
+            return Entry(item_id, role=role, spoken=True, audio=pcm, seconds=len(pcm) / ASR_RATE,
+                         status="in_progress")
+        texts = [part.text if part.text is not None else part.transcript for part in content]
+        if any(t is None for t in texts) or not "".join(t or "" for t in texts).strip():
+            raise Refused("invalid_event", "item.content")
+        spoken = any(part.type in ("input_audio", "output_audio") for part in content)
+        return Entry(item_id, role=role, text=self._short("\n".join(t or "" for t in texts).strip()), spoken=spoken)
 
-    def add(self, item: UserItem) -> list[rt.ServerEvent]:
-        self._pending.append(item)
-        return self.replies.user_item_added(item)
+    def _short(self, text: str) -> str:
+        if len(text) > self.limits.max_text_chars:
+            raise Refused("too_long", "item.content")
+        return text
+
+    def retrieve(self, item_id: str) -> list[rt.ServerEvent]:
+        return [rt.ItemRetrieved(item=self.history.get(item_id).info())]
+
+    def delete(self, item_id: str) -> list[rt.ServerEvent]:
+        entry = self.history.get(item_id)
+        self.history.delete(item_id)
+        if entry in self._pending:
+            self._pending.remove(entry)
+        return [rt.ItemDeleted(item_id=item_id)]
+
+    # ------------------------------------------------------------ response.*
 
     def respond(self, params: rt.ResponseParams | None) -> None:
-        """Answer the user items added since the last response, as one turn of the core."""
-        if params is not None and (params.conversation == "none" or params.input is not None):
-            raise Refused("unsupported", "response.conversation" if params.conversation == "none"
-                          else "response.input")
+        """Answer the audio added since the last response (if any), or the conversation as it stands (a
+        greeting, the answer after a function's output), as one turn of the core."""
+        params = params or rt.ResponseParams()
         if self.replies.active:
             raise Refused("conversation_already_has_active_response")
-        items, self._pending = self._pending, []
-        if not items:
-            raise Refused("no_input")
-        audio = [item.audio for item in items if item.audio is not None]
-        if audio and len(audio) < len(items):
-            raise Refused("unsupported", "item.content")  # typed and spoken in one turn: not in the core
+        request = self._request(params)
+        out_of_band = params.conversation == "none"
+        heard, self._pending = ([], self._pending) if out_of_band else (self._pending, [])
         if self.conversation.memory.still_playing():
             # The protocol's rule: a reply the client did not truncate was heard whole. Without this
             # the core would cut it by its playback clock, as for the page's typing over its voice.
             self.conversation.interrupt(self.replies.last_reply_samples)
-        self.replies.request(items, spoken=bool(audio))
-        if audio:
-            self._answer_audio(np.concatenate(audio))
-        else:
-            self.conversation.say("\n".join(item.text or "" for item in items))
+        conversation_id = None if out_of_band else self.replies.conversation_id
+        self.replies.request(Response(new_id("resp"), heard, bool(heard), conversation_id, voice=request.voice,
+                                      metadata=params.metadata))
+        audio = np.concatenate([e.audio for e in heard if e.audio is not None]) if heard else None
+        for entry in heard:
+            entry.audio = None  # the turn has it now
+        if audio is not None:
+            self.audio.stop_listening()  # its turn is exactly this audio
+        self.conversation.respond(request, audio=audio)
 
-    def _answer_audio(self, pcm: np.ndarray) -> None:
-        self.audio.stop_listening()
-        options = self.conversation.options
-        self.conversation.configure(msgspec.structs.replace(options, mode="push_to_talk"))
-        listener = self.conversation.listen()  # push-to-talk: the turn is exactly this audio
-        listener.feed(pcm)
-        listener.end()
-        self.conversation.stop_listening()
-        self.conversation.configure(options)  # the ended listener keeps push-to-talk
+    def _request(self, params: rt.ResponseParams) -> ev.ReplyRequest:
+        """The core's request for a response: the session's defaults, with what this response changes."""
+        request = self.defaults
+        if params.instructions is not None:
+            request = msgspec.structs.replace(request, instructions=self._short(params.instructions) or None)
+        if params.output_modalities is not None:
+            request = msgspec.structs.replace(request, voice=speaks(params.output_modalities, "response"))
+        if params.max_output_tokens is not None:
+            request = msgspec.structs.replace(request, max_tokens=token_cap(params.max_output_tokens, "response"))
+        if params.tools is not None or params.tool_choice is not None:
+            base = request.tools or ToolSet()
+            tools = base.tools if params.tools is None else tool_list(params.tools, "response")
+            choice = base.choice if params.tool_choice is None else params.tool_choice
+            request = msgspec.structs.replace(request, tools=tool_set(tools, choice, "response"))
+        if params.conversation not in (None, "auto", "none"):
+            raise Refused("unsupported", "response.conversation")
+        if params.conversation == "none":
+            request = msgspec.structs.replace(request, context=self._context(params.input))
+        elif params.input is not None:
+            raise Refused("unsupported", "response.input")  # only out of band: with conversation "none"
+        return request
+
+    def _context(self, given: list[rt.ItemIn] | None) -> list[dict]:
+        """An out-of-band response's context: the items given (new ones, or references to the
+        conversation's), or else the conversation as it stands."""
+        if given is None:
+            return self.history.messages()
+        entries = [self.history.get(item.id or "") if item.type == "item_reference" else self.entry(item, "")
+                   for item in given]
+        if any(e.audio is not None for e in entries):
+            raise Refused("unsupported", "response.input")  # audio to hear, out of band: not in the core
+        return self.history.messages(entries)
 
     def cancel(self) -> None:
         if not self.replies.active:
@@ -90,6 +169,45 @@ class Items:
         if event.item_id != self.replies.last_reply_item or event.audio_end_ms < 0:
             raise Refused("item_not_found", "item_id")
         if self.replies.truncating(event.item_id):
-            self.conversation.interrupt(event.audio_end_ms * sample_rate // 1000)
+            heard = self.conversation.interrupt(event.audio_end_ms * sample_rate // 1000)
+            if heard is not None:  # a finished reply: its item keeps what was heard (a running one: at its end)
+                self.history.get(event.item_id).text = heard
         return [rt.ItemTruncated(item_id=event.item_id, content_index=event.content_index,
                                  audio_end_ms=event.audio_end_ms)]
+
+
+MAX_TOOLS = 64
+
+
+def speaks(modalities: list[str], where: str) -> bool:
+    """output_modalities: ["audio"] (with its transcript) or ["text"]."""
+    if modalities in (["audio"], ["text", "audio"], ["audio", "text"]):
+        return True
+    if modalities == ["text"]:
+        return False
+    raise Refused("unsupported", f"{where}.output_modalities")
+
+
+def token_cap(value: int | str, where: str) -> int | None:
+    if value == "inf":
+        return None
+    if isinstance(value, int) and 1 <= value <= 4096:
+        return value
+    raise Refused("invalid_value", f"{where}.max_output_tokens")
+
+
+def tool_list(tools: list[rt.FunctionTool], where: str) -> tuple[Tool, ...]:
+    if len(tools) > MAX_TOOLS or any(t.type != "function" for t in tools):
+        raise Refused("unsupported", f"{where}.tools")
+    if len({t.name for t in tools}) != len(tools) or not all(t.name for t in tools):
+        raise Refused("invalid_value", f"{where}.tools")
+    return tuple(Tool(t.name, t.description, t.parameters) for t in tools)
+
+
+def tool_set(tools: tuple[Tool, ...], choice: rt.ToolChoice, where: str) -> ToolSet | None:
+    name = choice.name if isinstance(choice, rt.NamedChoice) else choice
+    if name not in ("auto", "none", "required") and name not in {t.name for t in tools}:
+        raise Refused("invalid_value", f"{where}.tool_choice")
+    if name == "required" and not tools:
+        raise Refused("invalid_value", f"{where}.tool_choice")
+    return ToolSet(tools, name) if tools else None

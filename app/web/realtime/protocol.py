@@ -51,12 +51,33 @@ class AudioConfig(msgspec.Struct):
     output: AudioOutputConfig | UnsetType = UNSET
 
 
+class FunctionTool(msgspec.Struct):
+    """A function the model may call; the client runs it and sends its output back as an item."""
+
+    name: str
+    type: str = "function"
+    description: str = ""
+    parameters: dict[str, Any] = {}
+
+
+class NamedChoice(msgspec.Struct):
+    """tool_choice naming one function: {"type": "function", "name": ...}."""
+
+    name: str
+    type: str = "function"
+
+
+ToolChoice = str | NamedChoice  # "auto" | "none" | "required", or one function
+
+
 class SessionConfig(msgspec.Struct):
     type: str = "realtime"
     instructions: str | UnsetType = UNSET
     audio: AudioConfig | UnsetType = UNSET
     output_modalities: list[str] | UnsetType = UNSET
-    tools: list[Any] | UnsetType = UNSET
+    tools: list[FunctionTool] | UnsetType = UNSET
+    tool_choice: ToolChoice | UnsetType = UNSET
+    max_output_tokens: int | str | UnsetType = UNSET  # a number, or "inf"
 
 
 class SessionUpdate(msgspec.Struct, tag="session.update"):
@@ -81,13 +102,21 @@ class ContentIn(msgspec.Struct):
     type: str
     text: str | None = None
     audio: str | None = None  # base64, for input_audio
+    transcript: str | None = None  # of input_audio or output_audio, when the client knows it
 
 
 class ItemIn(msgspec.Struct):
-    role: str
-    content: list[ContentIn]
+    """Any item a client may create: a message (user, assistant, system), a function call, or its output."""
+
     type: str = "message"
+    role: str | None = None
+    content: list[ContentIn] = []
     id: str | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | None = None
+    status: str | None = None  # ignored: an item the client adds is complete
 
 
 class ItemCreate(msgspec.Struct, tag="conversation.item.create"):
@@ -103,9 +132,30 @@ class ItemTruncate(msgspec.Struct, tag="conversation.item.truncate"):
     event_id: str | None = None
 
 
+class ItemRetrieve(msgspec.Struct, tag="conversation.item.retrieve"):
+    item_id: str
+    event_id: str | None = None
+
+
+class ItemDelete(msgspec.Struct, tag="conversation.item.delete"):
+    item_id: str
+    event_id: str | None = None
+
+
+class ItemReference(msgspec.Struct, tag="item_reference"):
+    id: str
+
+
 class ResponseParams(msgspec.Struct):
-    conversation: str | None = None
-    input: list[Any] | None = None
+    conversation: str | None = None  # "auto" (the default) or "none": out of band
+    input: list[ItemIn] | None = None  # the context of an out-of-band response (items or item_reference)
+    instructions: str | None = None
+    output_modalities: list[str] | None = None
+    metadata: dict[str, str] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: ToolChoice | None = None
+    max_output_tokens: int | str | None = None
+    audio: Any = None  # its output voice and format: the session's are used
 
 
 class ResponseCreate(msgspec.Struct, tag="response.create"):
@@ -119,8 +169,8 @@ class ResponseCancel(msgspec.Struct, tag="response.cancel"):
 
 
 ClientEvent = (
-    SessionUpdate | BufferAppend | BufferCommit | BufferClear | ItemCreate | ItemTruncate | ResponseCreate
-    | ResponseCancel
+    SessionUpdate | BufferAppend | BufferCommit | BufferClear | ItemCreate | ItemTruncate | ItemRetrieve
+    | ItemDelete | ResponseCreate | ResponseCancel
 )
 
 
@@ -192,26 +242,52 @@ class SessionInfo(msgspec.Struct):
     type: str = "realtime"
     object: str = "realtime.session"
     output_modalities: list[str] = msgspec.field(default_factory=lambda: ["audio"])
-    tools: list[Any] = msgspec.field(default_factory=list)
-    tool_choice: str = "auto"
+    tools: list[FunctionTool] = msgspec.field(default_factory=list)
+    tool_choice: ToolChoice = "auto"
     max_output_tokens: int | str = "inf"
 
 
 class Content(msgspec.Struct, omit_defaults=True):
-    """One content part of an item: input_text, input_audio (user) or output_audio (assistant)."""
+    """One content part of an item: input_text, input_audio (user, system), output_text or output_audio
+    (assistant)."""
 
     type: str
     text: str | None = None
     transcript: str | None = None
 
 
+ItemStatus = Literal["completed", "incomplete", "in_progress"]
+
+
 class Item(msgspec.Struct):
     id: str
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]
     content: list[Content]
-    status: Literal["completed", "incomplete", "in_progress"] = "completed"
+    status: ItemStatus = "completed"
     type: str = "message"
     object: str = "realtime.item"
+
+
+class CallItem(msgspec.Struct):
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: ItemStatus = "completed"
+    type: str = "function_call"
+    object: str = "realtime.item"
+
+
+class CallOutputItem(msgspec.Struct):
+    id: str
+    call_id: str
+    output: str
+    status: ItemStatus = "completed"
+    type: str = "function_call_output"
+    object: str = "realtime.item"
+
+
+AnyItem = Item | CallItem | CallOutputItem
 
 
 class ErrorInfo(msgspec.Struct):
@@ -228,17 +304,39 @@ class StatusDetails(msgspec.Struct, omit_defaults=True):
     error: ErrorInfo | None = None
 
 
+class InputDetails(msgspec.Struct):
+    text_tokens: int = 0
+    audio_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class OutputDetails(msgspec.Struct):
+    text_tokens: int = 0
+    audio_tokens: int = 0
+
+
+class ResponseUsage(msgspec.Struct):
+    """Tokens of one response: the text ones counted by the language model, the audio ones estimated
+    (app/web/realtime/usage.py says how)."""
+
+    total_tokens: int
+    input_tokens: int
+    output_tokens: int
+    input_token_details: InputDetails
+    output_token_details: OutputDetails
+
+
 class ResponseInfo(msgspec.Struct):
     id: str
-    status: Literal["in_progress", "completed", "cancelled", "failed"]
-    output: list[Item]
-    conversation_id: str
+    status: Literal["in_progress", "completed", "cancelled", "failed", "incomplete"]
+    output: list[AnyItem]
+    conversation_id: str | None
     status_details: StatusDetails | None = None
     object: str = "realtime.response"
     output_modalities: list[str] = msgspec.field(default_factory=lambda: ["audio"])
     max_output_tokens: int | str = "inf"
-    usage: None = None
-    metadata: None = None
+    usage: ResponseUsage | None = None
+    metadata: dict[str, str] | None = None
 
 
 class Usage(msgspec.Struct):
@@ -282,13 +380,21 @@ class Cleared(ServerEvent, tag="input_audio_buffer.cleared"):
 
 
 class ItemAdded(ServerEvent, tag="conversation.item.added"):
-    item: Item
+    item: AnyItem
     previous_item_id: str | None = None
 
 
 class ItemDone(ServerEvent, tag="conversation.item.done"):
-    item: Item
+    item: AnyItem
     previous_item_id: str | None = None
+
+
+class ItemRetrieved(ServerEvent, tag="conversation.item.retrieved"):
+    item: AnyItem
+
+
+class ItemDeleted(ServerEvent, tag="conversation.item.deleted"):
+    item_id: str
 
 
 class ItemTruncated(ServerEvent, tag="conversation.item.truncated"):
@@ -314,19 +420,20 @@ class ResponseDone(ServerEvent, tag="response.done"):
 
 class OutputItemAdded(ServerEvent, tag="response.output_item.added"):
     response_id: str
-    item: Item
+    item: AnyItem
     output_index: int = 0
 
 
 class OutputItemDone(ServerEvent, tag="response.output_item.done"):
     response_id: str
-    item: Item
+    item: AnyItem
     output_index: int = 0
 
 
-class Part(msgspec.Struct):
-    type: str = "audio"
-    transcript: str = ""
+class Part(msgspec.Struct, omit_defaults=True):
+    type: str  # audio or text
+    transcript: str | None = None  # of audio
+    text: str | None = None  # of text
 
 
 class InContent(ServerEvent):
@@ -361,6 +468,31 @@ class TranscriptDelta(InContent, tag="response.output_audio_transcript.delta", k
 
 class TranscriptDone(InContent, tag="response.output_audio_transcript.done", kw_only=True):
     transcript: str
+
+
+class TextDelta(InContent, tag="response.output_text.delta", kw_only=True):
+    delta: str
+
+
+class TextDone(InContent, tag="response.output_text.done", kw_only=True):
+    text: str
+
+
+class ArgumentsDelta(ServerEvent, tag="response.function_call_arguments.delta"):
+    response_id: str
+    item_id: str
+    call_id: str
+    delta: str
+    output_index: int = 0
+
+
+class ArgumentsDone(ServerEvent, tag="response.function_call_arguments.done"):
+    response_id: str
+    item_id: str
+    call_id: str
+    name: str
+    arguments: str
+    output_index: int = 0
 
 
 class Error(ServerEvent, tag="error"):

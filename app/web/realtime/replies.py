@@ -8,7 +8,6 @@ response.create is the next new turn of the core, in order (one response at a ti
 from __future__ import annotations
 
 import base64
-import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,12 +18,11 @@ import numpy as np
 from app.core import events as ev
 from app.web.realtime import protocol as rt
 from app.web.realtime.errors import error_event
+from app.web.realtime.history import Entry, History, new_id
+from app.web.realtime.usage import usage
 
 NO_SPEECH = "Nothing was heard in the audio."
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+__all__ = ["Replies", "Resampler", "Response", "new_id"]
 
 
 class Resampler:
@@ -57,60 +55,57 @@ class Resampler:
 
 
 @dataclass
-class UserItem:
-    id: str
-    text: str | None = None  # typed
-    audio: np.ndarray | None = None  # spoken (16 kHz float32), once committed
-    seconds: float = 0.0
-    transcript: str | None = None
-
-    def info(self) -> rt.Item:
-        if self.text is not None:
-            return rt.Item(self.id, "user", [rt.Content("input_text", text=self.text)])
-        status = "completed" if self.transcript is not None else "in_progress"
-        return rt.Item(self.id, "user", [rt.Content("input_audio", transcript=self.transcript)], status)
-
-
-@dataclass
 class Response:
+    """One response: the user items it answers, how it was asked for, and the items it makes."""
+
     id: str
-    items: list[UserItem]
-    spoken: bool
-    conversation_id: str
-    item_id: str = field(default_factory=lambda: new_id("item"))
-    running: bool = False  # the core answers its turn (its transcript is out)
-    started: bool = False  # its assistant item has been announced
-    text: str = ""  # the transcript deltas sent
-    voice: Resampler | None = None  # the reply's voice -> 24 kHz
+    items: list[Entry]  # the user items it answers; spoken ones get its transcript
+    spoken: bool  # it answers audio, which the core transcribes
+    conversation_id: str | None  # None: out of band, it stays out of the conversation's items
+    voice: bool = True  # it speaks; False: text only
+    metadata: dict[str, str] | None = None
+    running: bool = False  # the core answers its turn
     cancel_reason: str | None = None  # client_cancelled, else a cut is the user's speech
     error: ev.Error | None = None
+    message: Entry | None = None  # its assistant message, once it says something
+    calls: dict[int, Entry] = field(default_factory=dict)  # its function calls, by the model's index
+    outputs: list[Entry] = field(default_factory=list)  # all it made, in order: the output_index
+    audio_out: Resampler | None = None  # the reply's voice -> 24 kHz
+    tokens: tuple[int, int] = (0, 0)  # the language model's input and output tokens
+    audio_s: float = 0.0  # seconds of voice sent
 
     def info(self, status: str = "in_progress", details: rt.StatusDetails | None = None,
-             output: list[rt.Item] | None = None) -> rt.ResponseInfo:
-        return rt.ResponseInfo(self.id, status, output or [], self.conversation_id, details)  # type: ignore[arg-type]
+             usage: rt.ResponseUsage | None = None) -> rt.ResponseInfo:
+        output = [entry.info() for entry in self.outputs] if status != "in_progress" else []
+        modalities = ["audio"] if self.voice else ["text"]
+        return rt.ResponseInfo(self.id, status, output, self.conversation_id, details,  # type: ignore[arg-type]
+                               output_modalities=modalities, usage=usage, metadata=self.metadata)
 
-    def item(self, transcript: str, status: str = "in_progress") -> rt.Item:
-        return rt.Item(self.item_id, "assistant", [rt.Content("output_audio", transcript=transcript)],
-                       status)  # type: ignore[arg-type]
+    def where(self) -> dict[str, str | int]:
+        assert self.message is not None
+        return {"response_id": self.id, "item_id": self.message.id, "output_index": self.outputs.index(self.message)}
 
-    def where(self) -> dict[str, str]:
-        return {"response_id": self.id, "item_id": self.item_id}
+    def usage(self) -> rt.ResponseUsage:
+        heard_s = sum(item.seconds for item in self.items if item.spoken)
+        return usage(self.tokens, heard_s, self.audio_s)
 
 
 class Replies:
-    """Turns the conversation's events into server events; keeps which response is which turn.
-    `stop` cuts off the turn the conversation is answering (a cancel that came before it ran)."""
+    """Turns the conversation's events into server events; keeps which response is which turn, and puts
+    what each response makes into the history. `stop` cuts off the turn the conversation is answering
+    (a cancel that came before it ran)."""
 
-    def __init__(self, conversation_id: str, stop: Callable[[], None]) -> None:
+    def __init__(self, conversation_id: str, history: History, stop: Callable[[], None]) -> None:
         self._stop = stop
+        self.history = history
         self.conversation_id = f"conv_{conversation_id}"
         self.transcribe = True  # send input transcription events (session's audio.input.transcription)
-        self.last_item_id: str | None = None
+        self.voice = True  # the session's output modality for the responses its VAD starts
         self.last_reply_item: str | None = None  # the latest assistant item
         self.last_reply_samples = 0  # how long its voice is, in the voice's own samples
         self._requests: deque[Response] = deque()  # asked for, its turn not seen yet
         self._turns: dict[int, Response] = {}  # turn -> its response, until the turn ends
-        self._vad_items: dict[int, UserItem] = {}  # turns the VAD started, until they stop
+        self._vad_items: dict[int, Entry] = {}  # turns the VAD started, until they stop
         self._speaking: int | None = None
 
     @property
@@ -119,15 +114,8 @@ class Replies:
 
     # ------------------------------------------------------------ what the client did
 
-    def user_item_added(self, item: UserItem) -> list[rt.ServerEvent]:
-        out: list[rt.ServerEvent] = [rt.ItemAdded(item=item.info(), previous_item_id=self.last_item_id)]
-        if item.text is not None:
-            out.append(rt.ItemDone(item=item.info(), previous_item_id=self.last_item_id))
-        self.last_item_id = item.id
-        return out
-
-    def request(self, items: list[UserItem], *, spoken: bool) -> None:
-        self._requests.append(Response(new_id("resp"), items, spoken, self.conversation_id))
+    def request(self, response: Response) -> None:
+        self._requests.append(response)
 
     def cancel(self) -> bool:
         """Mark the response in progress as cancelled by the client (there is one: see `active`).
@@ -143,7 +131,7 @@ class Replies:
         response that started since."""
         answering = [*self._turns.values(), *self._requests]
         for response in answering:
-            if response.item_id == item_id:
+            if response.message is not None and response.message.id == item_id:
                 response.cancel_reason = "client_cancelled"
                 return True
         return not answering
@@ -160,17 +148,22 @@ class Replies:
                 return self._transcript(event)
             case ev.ReplyText():
                 return self._reply_text(event)
+            case ev.ReplyCall():
+                return self._reply_call(event)
             case ev.ReplyAudioStart():
                 return self._audio_start(event)
             case ev.ReplyAudio():
                 return self._audio(event)
+            case ev.TurnMetrics():
+                if (response := self._turns.get(event.turn)) is not None:
+                    response.tokens = (event.input_tokens, event.output_tokens)
             case ev.TurnEnd():
                 return self._turn_end(event)
             case ev.Error():
                 return self._error(event)
             case ev.ReplyAudioEnd():
                 self.last_reply_samples = event.samples  # its 24 kHz tail goes out at TurnEnd
-        return []  # states, interim transcripts and metrics
+        return []  # states, interim transcripts
 
     def _find(self, turn: int, *, silent: bool = False) -> tuple[Response | None, list[rt.ServerEvent]]:
         """The response of `turn`; a new turn of the core is the next one asked for (a turn that
@@ -181,12 +174,15 @@ class Replies:
             return None, []
         response = self._requests.popleft()
         self._turns[turn] = response
+        response.running = True
+        if response.cancel_reason is not None:
+            self._stop()  # cancelled before its turn ran; its TurnEnd follows
         return response, [rt.ResponseCreated(response=response.info())]
 
     def _speech_started(self, turn: int, in_ms: int) -> list[rt.ServerEvent]:
         if self._requests and self._requests[0].spoken:  # the committed audio asked for: no VAD events
             return self._find(turn)[1]
-        item = UserItem(new_id("item"), seconds=in_ms / 1000)  # its start, until it stops
+        item = Entry(new_id("item"), spoken=True, seconds=in_ms / 1000, status="in_progress")  # its start, for now
         self._vad_items[turn], self._speaking = item, turn
         return [rt.SpeechStarted(audio_start_ms=in_ms, item_id=item.id)]
 
@@ -196,9 +192,9 @@ class Replies:
         if turn is None or (item := self._vad_items.pop(turn, None)) is None:
             return []  # a committed recording's end: nothing to announce
         item.seconds = max(0.0, in_ms / 1000 - item.seconds)
-        response = Response(new_id("resp"), [item], True, self.conversation_id)
+        response = Response(new_id("resp"), [item], True, self.conversation_id, voice=self.voice, running=True)
         self._turns[turn] = response
-        previous, self.last_item_id = self.last_item_id, item.id
+        previous = self.history.add(item)
         return [rt.SpeechStopped(audio_end_ms=in_ms, item_id=item.id),
                 rt.Committed(item_id=item.id, previous_item_id=previous),
                 rt.ItemAdded(item=item.info(), previous_item_id=previous),
@@ -206,59 +202,80 @@ class Replies:
 
     def _transcript(self, event: ev.Transcript) -> list[rt.ServerEvent]:
         response, out = self._find(event.turn)
-        if response is None:
+        if response is None or not response.spoken:
             return out
-        response.running = True
-        if response.cancel_reason is not None:
-            self._stop()  # cancelled before its turn ran; its TurnEnd follows
-        return out + (self._heard(response, event.text) if response.spoken else [])
+        return out + self._heard(response, event.text)
 
     def _heard(self, response: Response, text: str) -> list[rt.ServerEvent]:
         """The transcript of a spoken turn: it belongs to the last audio item it answers."""
         item = response.items[-1]
-        item.transcript = text
+        item.text, item.status = text, "completed"
         out: list[rt.ServerEvent] = []
         if self.transcribe:
             out.append(rt.TranscriptionCompleted(item_id=item.id, transcript=text,
                                                  usage=rt.Usage(round(item.seconds, 3))))
         return out + [rt.ItemDone(item=item.info())]
 
+    def _new_output(self, response: Response, entry: Entry) -> list[rt.ServerEvent]:
+        """An item the response makes: announced, and in the conversation unless it is out of band."""
+        response.outputs.append(entry)
+        out: list[rt.ServerEvent] = [rt.OutputItemAdded(response_id=response.id, item=entry.info(),
+                                                        output_index=len(response.outputs) - 1)]
+        if response.conversation_id is not None:
+            previous = self.history.add(entry)
+            out.append(rt.ItemAdded(item=entry.info(), previous_item_id=previous))
+        return out
+
     def _output(self, response: Response) -> list[rt.ServerEvent]:
-        """Announce the reply's assistant item once, before its first text or audio."""
-        if response.started or response.cancel_reason is not None:
+        """Announce the reply's assistant message once, before its first text or audio."""
+        if response.message is not None or response.cancel_reason is not None:
             return []
-        response.started = True
-        previous, self.last_item_id = self.last_item_id, response.item_id
-        self.last_reply_item = response.item_id
-        item = response.item("")
-        return [rt.OutputItemAdded(response_id=response.id, item=item),
-                rt.ItemAdded(item=item, previous_item_id=previous),
-                rt.PartAdded(part=rt.Part(), **response.where())]
+        response.message = Entry(new_id("item"), role="assistant", text="", spoken=response.voice,
+                                 status="in_progress")
+        if response.voice:
+            self.last_reply_item = response.message.id
+        part = rt.Part("audio", transcript="") if response.voice else rt.Part("text", text="")
+        return self._new_output(response, response.message) + [rt.PartAdded(part=part, **response.where())]
 
     def _reply_text(self, event: ev.ReplyText) -> list[rt.ServerEvent]:
         response, out = self._find(event.turn)
         if response is None:
             return out
         out += self._output(response)
-        if not response.started:
+        if response.message is None:
             return out  # cancelled before it began: it says nothing
-        response.text += event.delta
-        return out + [rt.TranscriptDelta(delta=event.delta, **response.where())]
+        response.message.text = (response.message.text or "") + event.delta
+        delta = rt.TranscriptDelta if response.voice else rt.TextDelta
+        return out + [delta(delta=event.delta, **response.where())]
+
+    def _reply_call(self, event: ev.ReplyCall) -> list[rt.ServerEvent]:
+        response, out = self._find(event.turn)
+        if response is None or response.cancel_reason is not None:
+            return out
+        call = event.call
+        if (entry := response.calls.get(call.index)) is None:
+            entry = Entry(new_id("item"), kind="function_call", call_id=call.call_id, name=call.name,
+                          status="in_progress")
+            response.calls[call.index] = entry
+            out += self._new_output(response, entry)
+        entry.arguments += call.arguments
+        return out + [rt.ArgumentsDelta(response_id=response.id, item_id=entry.id, call_id=entry.call_id,
+                                        delta=call.arguments, output_index=response.outputs.index(entry))]
 
     def _audio_start(self, event: ev.ReplyAudioStart) -> list[rt.ServerEvent]:
         response, out = self._find(event.turn)
         if response is None:
             return out
         out += self._output(response)
-        if response.started:
-            response.voice = Resampler(event.sample_rate, rt.RATE)
+        if response.message is not None:
+            response.audio_out = Resampler(event.sample_rate, rt.RATE)
         return out
 
     def _audio(self, event: ev.ReplyAudio) -> list[rt.ServerEvent]:
         response = self._turns.get(event.turn)
-        if response is None or response.voice is None:
+        if response is None or response.audio_out is None:
             return []
-        return _delta(response, response.voice.feed(event.pcm))
+        return _delta(response, response.audio_out.feed(event.pcm))
 
     def _error(self, event: ev.Error) -> list[rt.ServerEvent]:
         response, out = self._find(event.turn) if event.turn is not None else (None, [])
@@ -272,32 +289,54 @@ class Replies:
         if response is None:
             return out
         del self._turns[event.turn]
-        if response.spoken and response.items[-1].transcript is None and event.reason == "no_speech":
+        if response.spoken and response.items[-1].text is None and event.reason == "no_speech":
             out += self._heard(response, "")
-        if response.started:
-            out += self._close_output(response, event)
-        status, details = _status(response, event.reason)
-        output = [response.item(event.reply, "completed" if status == "completed" else "incomplete")]
-        return out + [rt.ResponseDone(response=response.info(status, details, output if response.started else []))]
+        status = "completed" if event.reason == "completed" else "incomplete"
+        if response.message is not None:
+            out += _close_message(response, event, status)
+        for entry in response.calls.values():
+            out += _close_call(response, entry, status)
+        done, details = _status(response, event.reason)
+        return out + [rt.ResponseDone(response=response.info(done, details, response.usage()))]
 
-    def _close_output(self, response: Response, end: ev.TurnEnd) -> list[rt.ServerEvent]:
-        """The reply's audio, transcript, part and item are done; a cut reply's voice stops where it was."""
-        out: list[rt.ServerEvent] = []
-        if response.voice is not None and end.reason == "completed":
-            out += _delta(response, response.voice.flush())
-        if response.voice is not None:
-            out.append(rt.AudioDone(**response.where()))
-        status = "completed" if end.reason == "completed" else "incomplete"
-        item = response.item(end.reply, status)
-        return out + [rt.TranscriptDone(transcript=response.text, **response.where()),
-                      rt.PartDone(part=rt.Part(transcript=end.reply), **response.where()),
-                      rt.OutputItemDone(response_id=response.id, item=item),
-                      rt.ItemDone(item=item)]
+
+def _close_message(response: Response, end: ev.TurnEnd, status: str) -> list[rt.ServerEvent]:
+    """The reply's audio, transcript (or text), part and item are done; a cut reply stops where it was."""
+    message, out = response.message, []
+    assert message is not None
+    if response.audio_out is not None and end.reason == "completed":
+        out += _delta(response, response.audio_out.flush())
+    if response.audio_out is not None:
+        out.append(rt.AudioDone(**response.where()))
+    sent, message.text, message.status = message.text or "", end.reply, status
+    if response.voice:
+        out += [rt.TranscriptDone(transcript=sent, **response.where()),
+                rt.PartDone(part=rt.Part("audio", transcript=end.reply), **response.where())]
+    else:
+        out += [rt.TextDone(text=sent, **response.where()),
+                rt.PartDone(part=rt.Part("text", text=end.reply), **response.where())]
+    return out + _item_done(response, message)
+
+
+def _close_call(response: Response, entry: Entry, status: str) -> list[rt.ServerEvent]:
+    entry.status = status
+    done = rt.ArgumentsDone(response_id=response.id, item_id=entry.id, call_id=entry.call_id, name=entry.name,
+                            arguments=entry.arguments, output_index=response.outputs.index(entry))
+    return [done, *_item_done(response, entry)]
+
+
+def _item_done(response: Response, entry: Entry) -> list[rt.ServerEvent]:
+    out: list[rt.ServerEvent] = [rt.OutputItemDone(response_id=response.id, item=entry.info(),
+                                                   output_index=response.outputs.index(entry))]
+    if response.conversation_id is not None:
+        out.append(rt.ItemDone(item=entry.info()))
+    return out
 
 
 def _delta(response: Response, pcm: np.ndarray) -> list[rt.ServerEvent]:
     if not len(pcm):
         return []
+    response.audio_s += len(pcm) / rt.RATE
     data = base64.b64encode(pcm.astype("<i2").tobytes()).decode()
     return [rt.AudioDelta(delta=data, **response.where())]
 

@@ -24,7 +24,8 @@ from app.engines.loaded import Engines
 from app.web.realtime import protocol as rt
 from app.web.realtime.audio_in import InputAudio
 from app.web.realtime.errors import Refused, error_event, refusal
-from app.web.realtime.items import Items
+from app.web.realtime.history import History
+from app.web.realtime.items import Items, speaks, token_cap, tool_list, tool_set
 from app.web.realtime.replies import Replies
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,17 @@ class Setup:
     server_vad: bool = True
     silence_ms: int | None = None
     transcription: rt.Transcription | None = rt.Transcription(model="whisper")
+    tools: tuple[rt.FunctionTool, ...] = ()
+    tool_choice: rt.ToolChoice = "auto"
+    modalities: tuple[str, ...] = ("audio",)
+    max_output_tokens: int | str = "inf"
+
+    def request(self) -> ev.ReplyRequest:
+        """What every response of the session is, unless response.create says otherwise."""
+        tools = tool_list(list(self.tools), "session")
+        return ev.ReplyRequest(tools=tool_set(tools, self.tool_choice, "session"),
+                               voice=speaks(list(self.modalities), "session"),
+                               max_tokens=token_cap(self.max_output_tokens, "session"))
 
 
 class RealtimeSession:
@@ -53,9 +65,12 @@ class RealtimeSession:
         self.id = self.conversation.id
         self.limits = settings.limits
         self.setup = Setup(instructions=engines.llm.settings.system_prompt, voice="default")
-        self.replies = Replies(self.conversation.id, stop=lambda: self.conversation.interrupt(None, cause="client"))
+        self.history = History()
+        self.conversation.follow(self.history.messages)  # the client may edit the history: it is the items
+        self.replies = Replies(self.conversation.id, self.history,
+                               stop=lambda: self.conversation.interrupt(None, cause="client"))
         self.audio = InputAudio(self.conversation, settings.turns.max_turn_s)
-        self.items = Items(self.conversation, self.replies, self.audio, self.limits)
+        self.items = Items(self.conversation, self.replies, self.audio, self.limits, self.history)
         self._send_text: Callable[[str], Awaitable[None]] | None = None
         self._send_lock = asyncio.Lock()
         self._events = 0
@@ -156,7 +171,11 @@ class RealtimeSession:
                 self.audio.clear()
                 return [rt.Cleared()]
             case rt.ItemCreate():
-                return self.items.create(event.item)
+                return self.items.create(event.item, event.previous_item_id)
+            case rt.ItemRetrieve():
+                return self.items.retrieve(event.item_id)
+            case rt.ItemDelete():
+                return self.items.delete(event.item_id)
             case rt.ItemTruncate():
                 return self.items.truncate(event, self.engines.tts.sample_rate)
             case rt.ResponseCreate():
@@ -171,8 +190,7 @@ class RealtimeSession:
         if self.setup.server_vad:
             self.audio.stop_listening()
             return []
-        item = self.audio.commit()
-        return [rt.Committed(item_id=item.id, previous_item_id=self.replies.last_item_id), *self.items.add(item)]
+        return self.items.add_committed(self.audio.commit())
 
     # ------------------------------------------------------------ session.update
 
@@ -180,9 +198,8 @@ class RealtimeSession:
         """All or nothing, like /ws's hello: a value we cannot honour leaves the session as it was."""
         if wanted.type != "realtime":
             raise Refused("unsupported", "session.type")
-        if wanted.tools or (wanted.output_modalities and wanted.output_modalities != ["audio"]):
-            raise Refused("unsupported", "session.tools" if wanted.tools else "session.output_modalities")
         setup = self._merged(wanted)
+        request = setup.request()  # Refused where the tools, modalities or length are not ones we can do
         try:
             options = self._options(setup)
         except ValueError as exc:  # the Options' own checks (silence, prompt length)
@@ -191,7 +208,9 @@ class RealtimeSession:
         if not self._prompt_fits(options.system_prompt):
             raise Refused("too_long", "session.instructions")
         self.setup = setup
+        self.items.defaults = self.conversation.defaults = request
         self.replies.transcribe = setup.transcription is not None
+        self.replies.voice = request.voice
         self.conversation.configure(options)
         if not setup.server_vad:
             self.audio.stop_listening()  # speech in progress ends its turn, as when /ws's microphone stops
@@ -201,6 +220,14 @@ class RealtimeSession:
         setup = self.setup
         if wanted.instructions is not msgspec.UNSET:
             setup = replace(setup, instructions=wanted.instructions)
+        if wanted.tools is not msgspec.UNSET:
+            setup = replace(setup, tools=tuple(wanted.tools))
+        if wanted.tool_choice is not msgspec.UNSET:
+            setup = replace(setup, tool_choice=wanted.tool_choice)
+        if wanted.output_modalities is not msgspec.UNSET:
+            setup = replace(setup, modalities=tuple(wanted.output_modalities))
+        if wanted.max_output_tokens is not msgspec.UNSET:
+            setup = replace(setup, max_output_tokens=wanted.max_output_tokens)
         audio = wanted.audio if wanted.audio is not msgspec.UNSET else rt.AudioConfig()
         audio_in = audio.input if audio.input is not msgspec.UNSET else rt.AudioInputConfig()
         audio_out = audio.output if audio.output is not msgspec.UNSET else rt.AudioOutputConfig()
@@ -236,7 +263,8 @@ class RealtimeSession:
         audio = rt.AudioInfo(input=rt.InputInfo(rt.Format(), vad, s.transcription),
                              output=rt.OutputInfo(rt.Format(), s.voice))
         return rt.SessionInfo(id=f"sess_{self.id}", model=self.settings.models()["llm"],
-                              instructions=s.instructions, audio=audio)
+                              instructions=s.instructions, audio=audio, output_modalities=list(s.modalities),
+                              tools=list(s.tools), tool_choice=s.tool_choice, max_output_tokens=s.max_output_tokens)
 
 
 _HANDLED = {cls.__struct_config__.tag for cls in rt.ClientEvent.__args__}  # type: ignore[attr-defined]
