@@ -3,18 +3,22 @@ backend `openai`, a model on an OpenAI-compatible server: llm_remote.py), with t
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 
 from app.engines import models
+from app.engines.tools import CALL_CLOSE, CALL_OPEN, ToolSet, call_grammar, describe
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +77,21 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 USER_WORDS_MARK = "\u2063"  # where the user's words go, when only the prompt before them is wanted
 TEMPLATE_TOKENS = 64  # what the chat template adds around the messages, kept free in the context
 
-Message = dict[str, str]  # {"role": ..., "content": ...}, the shape llama.cpp's chat API takes
+# The OpenAI chat shape, as llama.cpp's chat API takes it: {"role": ..., "content": ...}; an assistant's calls
+# as {"role": "assistant", "content": "", "tool_calls": [{"id", "type": "function", "function": {"name",
+# "arguments": "<json text>"}}]}; a call's result as {"role": "tool", "tool_call_id": ..., "content": ...}.
+Message = dict[str, Any]
 
 
 class Prompt(msgspec.Struct, frozen=True):
-    """A chat turned into the model's own template: the tokens to continue, and its stop strings."""
+    """A chat turned into the model's own template: the tokens to continue, and its stop strings; with tools
+    offered, the tools (the output is then read by tools.ToolReader) and, when a call is forced, the GBNF
+    grammar that makes the output exactly one well-formed call."""
 
     tokens: list[int]
     stop: list[str]
+    grammar: str | None = None
+    tools: ToolSet | None = None
 
 
 class ContextWindow(ABC):
@@ -93,33 +104,57 @@ class ContextWindow(ABC):
     def count_tokens(self, text: str) -> int: ...
 
     def build_messages(
-        self, history: list[Message], user_text: str | None, system_prompt: str | None = None
+        self, history: list[Message], user_text: str | None, system_prompt: str | None = None,
+        tools: ToolSet | None = None,
     ) -> list[Message]:
         """System prompt + the example exchange + the history + the new user message (none: a reply to the
-        history as it is), trimming `history` in place so that the prompt and the longest reply fit."""
+        history as it is), trimming `history` in place so that the prompt, the `tools` offered and the
+        longest reply fit the context."""
         system = {"role": "system", "content": system_prompt or self.settings.system_prompt}
         roles = ("user", "assistant")
         example = [{"role": role, "content": text} for role, text in zip(roles, self.settings.example, strict=False)]
         user = [] if user_text is None else [{"role": "user", "content": user_text}]
         reserved = self._count_tokens([system, *example, *user]) + self.settings.max_tokens + TEMPLATE_TOKENS
+        if tools is not None and tools.offered():
+            reserved += self.count_tokens(describe(tools))
         self.trim_history(history, budget=self.settings.n_ctx - reserved)
         return [system, *example, *history, *user]
 
     def trim_history(self, history: list[Message], budget: int) -> None:
         """Keep the history within `budget` tokens and history_turns exchanges, oldest out first.
 
+        An exchange runs from a user message to the next: with its calls and their results, it goes
+        whole, so the history never starts with a tool result or a call without its result.
         Once over, it is cut to half, not just below the limit: then the prompt's prefix stays
         the same for the next few turns and llama.cpp (or the server's prefix cache) reuses its
         cached state for it.
         """
-        max_messages = 2 * self.settings.history_turns
-        if len(history) <= max_messages and self._count_tokens(history) <= budget:
+        turns = self.settings.history_turns
+        if _exchanges(history) <= turns and self._count_tokens(history) <= budget:
             return
-        while history and (len(history) > max_messages // 2 or self._count_tokens(history) > budget // 2):
-            del history[:2]
+        while history and (_exchanges(history) > turns // 2 or self._count_tokens(history) > budget // 2):
+            del history[: _first_exchange_size(history)]
 
     def _count_tokens(self, messages: list[Message]) -> int:
-        return self.count_tokens("\n".join(m["content"] for m in messages)) + 8 * len(messages)
+        return self.count_tokens("\n".join(map(_message_text, messages))) + 8 * len(messages)
+
+
+def _exchanges(history: list[Message]) -> int:
+    """How many exchanges: one per user message, and one for what comes before the first."""
+    users = sum(m["role"] == "user" for m in history)
+    return users + (1 if history and history[0]["role"] != "user" else 0)
+
+
+def _first_exchange_size(history: list[Message]) -> int:
+    return next((i for i, m in enumerate(history) if i > 0 and m["role"] == "user"), len(history))
+
+
+def _message_text(message: Message) -> str:
+    """All the text of a message that the model reads: its content and its calls."""
+    content = message.get("content") or ""
+    text = content if isinstance(content, str) else json.dumps(content)
+    calls = message.get("tool_calls") or ()
+    return text + "".join(call["function"]["name"] + call["function"].get("arguments", "") for call in calls)
 
 
 class ChatModel(ContextWindow):
@@ -142,6 +177,9 @@ class ChatModel(ContextWindow):
         template = llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise ValueError(f"llm model '{settings.model}' has no chat template in its GGUF metadata")
+        # A template that reads `tools` (Llama 3.x, Qwen, SmolLM3) renders them, the calls and their results
+        # itself; SmolLM2's knows only a role and a text per message (see _plain_messages).
+        self._native_tools = re.search(r"\btools\b", template) is not None
         eos, bos = llama.token_eos(), llama.token_bos()
         self._format = Jinja2ChatFormatter(
             template=template,
@@ -169,13 +207,24 @@ class ChatModel(ContextWindow):
         log.info("llm: loaded %s in %.1f s", settings.model, time.perf_counter() - t0)
         return cls(settings, llama, judge)
 
-    def prompt(self, messages: list[Message]) -> Prompt:
-        result = self._format(messages=messages)
+    def prompt(self, messages: list[Message], tools: ToolSet | None = None) -> Prompt:
+        """The prompt for the reply to `messages`. With no tools offered (none, or choice "none") the tokens
+        are those of the messages alone, as prefill() and llama.cpp's prefix cache expect."""
+        offered = tools is not None and bool(tools.offered())
+        result = self._render(messages, tools if offered else None)
         tokens = self._llama.tokenize(
             result.prompt.encode(), add_bos=not result.added_special, special=True
         )
         stop = [] if result.stop is None else [result.stop] if isinstance(result.stop, str) else result.stop
-        return Prompt(tokens, list(stop))
+        grammar = call_grammar(tools) if offered and tools.forced() else None
+        return Prompt(tokens, list(stop), grammar, tools if offered else None)
+
+    def _render(self, messages: list[Message], tools: ToolSet | None):  # -> ChatFormatterResponse
+        if self._native_tools:
+            shown = [_with_parsed_arguments(m) if m.get("tool_calls") else m for m in messages]
+            listed = [tool.as_openai() for tool in tools.offered()] if tools is not None else None
+            return self._format(messages=shown, tools=listed)
+        return self._format(messages=_plain_messages(messages, tools))
 
     def stream_slice(
         self,
@@ -189,6 +238,10 @@ class ChatModel(ContextWindow):
         """Continue the reply `so_far` by at most `max_new` tokens: yields (text, finished) per
         token; finished is True on the token where the model ends its reply by itself."""
         s = self.settings
+        if prompt.grammar is not None and so_far:
+            # llama.cpp starts a grammar afresh with each completion (the sampler is built per call) and
+            # cannot be put mid-way through it: a forced call is written in one job (pipeline.write_reply).
+            raise ValueError("a reply under a grammar cannot be continued in another slice")
         tokens = prompt.tokens + (self._llama.tokenize(so_far.encode(), add_bos=False) if so_far else [])
         chunks = self._llama.create_completion(
             tokens,
@@ -198,6 +251,7 @@ class ChatModel(ContextWindow):
             temperature=s.temperature if temperature is None else temperature,
             top_p=s.top_p,
             repeat_penalty=s.repeat_penalty,
+            grammar=None if prompt.grammar is None else _llama_grammar(prompt.grammar),
         )
         try:
             for chunk in chunks:
@@ -259,7 +313,7 @@ class ChatModel(ContextWindow):
         prompt, the history and the user's words heard so far (messages[-1], "" at the start of a turn,
         an interim transcript later). Then the turn itself evaluates only the words that came after."""
         so_far = {"role": "user", "content": messages[-1]["content"] + USER_WORDS_MARK}
-        text = self._format(messages=[*messages[:-1], so_far]).prompt
+        text = self._render([*messages[:-1], so_far], None).prompt
         head = text[: text.rfind(USER_WORDS_MARK)]
         self._evaluate(self._llama, self._llama.tokenize(head.encode(), add_bos=False, special=True))
 
@@ -273,6 +327,60 @@ class ChatModel(ContextWindow):
         llama.n_tokens = kept
         llama.eval(tokens[kept:])
 
+
+@functools.lru_cache(maxsize=16)
+def _llama_grammar(text: str):  # -> llama_cpp.LlamaGrammar, built once per grammar, not per slice
+    from llama_cpp import LlamaGrammar
+
+    return LlamaGrammar.from_string(text, verbose=False)
+
+
+def _with_parsed_arguments(message: Message) -> Message:
+    """An assistant's calls with their arguments as objects, as Hugging Face templates expect them."""
+    calls = []
+    for call in message["tool_calls"]:
+        function = call["function"]
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except ValueError:
+            arguments = function.get("arguments")
+        calls.append({**call, "function": {**function, "arguments": arguments}})
+    return {**message, "tool_calls": calls}
+
+
+def _plain_messages(messages: list[Message], tools: ToolSet | None) -> list[Message]:
+    """The chat for a template that knows only a role and a text per message: the tools offered described
+    in the system message, an assistant's calls written in the format it is told to call in, and the calls'
+    results as a user message in <tool_response> tags. User, not a role "tool" of its own: the template
+    would print any role, but a model trained on system/user/assistant alone has seen what follows its own
+    message come only from the user, and the turns keep alternating user/assistant as the template's
+    training data did. Messages without calls stay as they are (same tokens as without tools)."""
+    out: list[Message] = []
+    results_at = -1  # the user message that holds the latest run of tool results
+    for m in messages:
+        if m["role"] == "tool":
+            text = f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"
+            if results_at == len(out) - 1 and out:
+                out[-1] = {"role": "user", "content": out[-1]["content"] + "\n" + text}
+            else:
+                out.append({"role": "user", "content": text})
+                results_at = len(out) - 1
+        elif m.get("tool_calls"):
+            calls = "".join(_written_call(call["function"]) for call in m["tool_calls"])
+            out.append({"role": m["role"], "content": (m.get("content") or "") + calls})
+        else:
+            out.append(m)
+    if tools is not None:
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + describe(tools)}
+        else:
+            out.insert(0, {"role": "system", "content": describe(tools).strip()})
+    return out
+
+
+def _written_call(function: dict[str, Any]) -> str:
+    arguments = function.get("arguments") or "{}"
+    return f'{CALL_OPEN}{{"name": {json.dumps(function["name"])}, "arguments": {arguments}}}{CALL_CLOSE}'
 
 
 def system_prompt_budget(settings: LlmSettings, room: int) -> int:
