@@ -187,7 +187,8 @@ class Answering:
         c, (options, voice) = self._c, self._c.reply_options()
         request = turn.request or c.defaults
         history = c.history() if request.context is None else list(request.context)
-        messages = c.engines.llm.build_messages(history, user_text, request.instructions or options.system_prompt)
+        messages = c.engines.llm.build_messages(history, user_text, request.instructions or options.system_prompt,
+                                                request.tools)
         writing = Writing(options.temperature, request.tools, request.max_tokens)
         sample_rate = c.engines.tts.sample_rate
         # The words are judged beside the reply, as soon as they are known: the end of the turn waits for

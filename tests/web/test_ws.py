@@ -23,6 +23,7 @@ from app.core.events import ERROR_MESSAGES
 from app.engines.asr import Transcriber
 from app.engines.llm import ChatModel, Message, Prompt
 from app.engines.loaded import Engines
+from app.engines.tools import ToolSet
 from app.engines.tts.base import TtsEngine
 from app.engines.workers import Worker
 from app.web.server import create_app
@@ -51,14 +52,18 @@ class SpyLlm:
         self.turns: list[list[Message]] = []  # what each reply was built from, as it was then
 
     def build_messages(
-        self, history: list[Message], user_text: str, system_prompt: str | None = None
+        self, history: list[Message], user_text: str | None, system_prompt: str | None = None,
+        tools: ToolSet | None = None,
     ) -> list[Message]:
-        messages = self._real.build_messages(history, user_text, system_prompt)
+        messages = self._real.build_messages(history, user_text, system_prompt, tools)
         self.turns.append(copy.deepcopy(messages))  # the session edits its history in place later
         return messages
 
-    def prompt(self, messages: list[Message]) -> Prompt:
-        return self._real.prompt(messages)
+    def prompt(self, messages: list[Message], tools: ToolSet | None = None) -> Prompt:
+        return self._real.prompt(messages, tools)
+
+    def count_tokens(self, text: str) -> int:
+        return self._real.count_tokens(text)
 
     def stream_slice(self, prompt: Prompt, so_far: str, **options) -> Iterator[tuple[str, bool]]:
         return self._real.stream_slice(prompt, so_far, **options)
