@@ -285,3 +285,29 @@ def test_calls_count_toward_the_budget(chat):
     call = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "note", "arguments": json.dumps({"t": "word " * 200})}}]}
     assert chat._count_tokens([call]) > 200 > chat._count_tokens([{"role": "assistant", "content": "hi"}])
+
+
+# A chat template that knows tools, in the style of Qwen's and Llama 3.x's (written here, small).
+NATIVE = (
+    "{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_knows_tools_renders_them_itself(chat):
+    chat._llama.metadata["tokenizer.chat_template"], original = NATIVE, chat._llama.metadata["tokenizer.chat_template"]
+    try:
+        native = ChatModel(chat.settings, chat._llama, chat._judge)
+    finally:
+        chat._llama.metadata["tokenizer.chat_template"] = original
+    history = _exchange(0)
+    messages = [{"role": "system", "content": "Be brief."}, *history]
+    text = chat._llama.detokenize(native.prompt(messages, ToolSet(BOTH)).tokens, special=True).decode()
+    assert 'Tools: [{"type": "function", "function": {"name": "get_weather"' in text
+    assert 'CALL get_weather {"city": "X"}' in text  # the arguments as an object, as such templates expect
+    assert "<|im_start|>tool\nresult 0<|im_end|>" in text and "<tool_call>" not in text
+    plain = native.prompt(messages)
+    assert native.prompt(messages, ToolSet(BOTH, "none")) == plain
+    assert "Tools:" not in chat._llama.detokenize(plain.tokens, special=True).decode()
