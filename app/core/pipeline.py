@@ -111,6 +111,13 @@ async def write_reply(
         async for piece in own(prompt, temperature):
             yield piece
         return
+    async for piece in _write_in_process(llm, worker, prompt, temperature, budget):
+        yield piece
+
+
+async def _write_in_process(
+    llm: ChatModel, worker: Worker, prompt: Prompt, temperature: float | None, budget: int
+) -> AsyncIterator[str | CallDelta]:
     reader = ToolReader(prompt.tools)
     slice_tokens = budget if prompt.grammar is not None else llm.settings.slice_tokens
     text, used, finished = "", 0, False
