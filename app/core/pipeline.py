@@ -19,7 +19,7 @@ from app.core.reply import Reply
 from app.engines.llm import ChatModel, Message, Prompt
 from app.engines.llm_remote import ChatRequest, RemoteChatModel
 from app.engines.loaded import Engines
-from app.engines.tools import CallDelta, ToolSet
+from app.engines.tools import CallDelta, ToolReader, ToolSet
 from app.engines.workers import Worker
 
 
@@ -120,31 +120,50 @@ async def write_reply(
     worker: Worker,
     prompt: Prompt | ChatRequest,
     temperature: float | None = None,
-) -> AsyncIterator[str]:
-    """The reply to `prompt`, piece by piece as the model writes it.
+    max_tokens: int | None = None,
+) -> AsyncIterator[str | CallDelta]:
+    """The reply to `prompt`, piece by piece as the model writes it: speakable text (str) and the pieces
+    of the calls it makes (CallDelta), in at most `max_tokens` tokens (None: the settings' max_tokens).
 
     A model on a server (RemoteChatModel) streams it itself: its server schedules the replies of
     every session at once, and reading the stream is network I/O that suits the event loop, so it
     needs no worker. In-process, one worker job per slice of `slice_tokens` tokens, so that other
-    sessions' jobs interleave with a long reply's.
+    sessions' jobs interleave with a long reply's; its raw text goes through a ToolReader. A forced
+    call (a grammar) is one job: llama.cpp cannot resume a grammar in a later slice (ChatModel.stream_slice).
+    Raises ValueError if the model wrote a malformed call.
     """
+    budget = llm.settings.max_tokens if max_tokens is None else max_tokens
     own = getattr(llm, "write", None)
     if own is not None:
+        if budget != prompt.max_tokens:
+            prompt = msgspec.structs.replace(prompt, max_tokens=budget)
         async for piece in own(prompt, temperature):
             yield piece
         return
+    async for piece in _write_in_process(llm, worker, prompt, temperature, budget):
+        yield piece
+
+
+async def _write_in_process(
+    llm: ChatModel, worker: Worker, prompt: Prompt, temperature: float | None, budget: int
+) -> AsyncIterator[str | CallDelta]:
+    reader = ToolReader(prompt.tools)
+    slice_tokens = budget if prompt.grammar is not None else llm.settings.slice_tokens
     text, used, finished = "", 0, False
-    while not finished and used < llm.settings.max_tokens:
-        size = min(llm.settings.slice_tokens, llm.settings.max_tokens - used)
+    while not finished and used < budget:
+        size = min(slice_tokens, budget - used)
         make = functools.partial(_slice_job, llm, prompt, text, size, temperature)
         got = 0
         async for piece, stop in worker.stream(make):
             got, finished = got + 1, finished or stop
             if piece:
                 text += piece
-                yield piece
+                for out in reader.feed(piece):
+                    yield out
         used += got
         finished = finished or got < size  # a stop string or a full context ends it too
+    for out in reader.finish():
+        yield out
 
 
 def _slice_job(llm, prompt, so_far, size, temperature, cancel):  # runs on the LLM worker thread

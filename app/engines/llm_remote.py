@@ -15,6 +15,7 @@ import httpx
 import msgspec
 
 from app.engines.llm import ContextWindow, LlmSettings, Message
+from app.engines.tools import CallDelta, ToolSet, new_call_id
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per reply in the server's log at info
@@ -29,9 +30,12 @@ class LlmServerError(RuntimeError):
 
 
 class ChatRequest(msgspec.Struct, frozen=True):
-    """A reply to write: the messages as they go to /chat/completions (the server applies the template)."""
+    """A reply to write: the messages as they go to /chat/completions (the server applies the template), the
+    tools it may call, and its length in tokens (None: the settings' max_tokens)."""
 
     messages: list[Message]
+    tools: ToolSet | None = None
+    max_tokens: int | None = None
 
 
 def estimate_tokens(text: str) -> int:
@@ -51,8 +55,19 @@ def estimate_tokens(text: str) -> int:
     return math.ceil(words / 2.5) + (ascii_chars - words) + (len(text.encode()) - ascii_chars)
 
 
+class _FunctionDelta(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _CallPiece(msgspec.Struct):
+    index: int = 0
+    function: _FunctionDelta = msgspec.field(default_factory=_FunctionDelta)
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_CallPiece] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -116,16 +131,17 @@ class RemoteChatModel(ContextWindow):
                                  "llm.base_url should be the API root of an OpenAI-compatible server (ending in /v1)")
         return [str(entry.get("id", "")) for entry in listing["data"] if isinstance(entry, dict)]
 
-    def prompt(self, messages: list[Message]) -> ChatRequest:
-        return ChatRequest(messages)
+    def prompt(self, messages: list[Message], tools: ToolSet | None = None) -> ChatRequest:
+        return ChatRequest(messages, tools if tools is not None and tools.tools else None)
 
     def count_tokens(self, text: str) -> int:
         return estimate_tokens(text)
 
-    async def write(self, prompt: ChatRequest, temperature: float | None = None) -> AsyncIterator[str]:
-        """The reply to `prompt`, piece by piece as the server streams it (app/core/pipeline.py's
-        write_reply calls this)."""
-        body = self._body(prompt.messages, temperature)
+    async def write(self, prompt: ChatRequest, temperature: float | None = None) -> AsyncIterator[str | CallDelta]:
+        """The reply to `prompt`, piece by piece as the server streams it: text, and the pieces of the calls
+        it makes (app/core/pipeline.py's write_reply calls this)."""
+        body = self._body(prompt.messages, temperature, prompt)
+        calls = _Calls()
         try:
             # A client per reply: its connection closes with the reply, and none is bound to an event loop
             # that may be gone (the TLS context is shared; a localhost connect costs well under 1 ms).
@@ -135,10 +151,10 @@ class RemoteChatModel(ContextWindow):
                         await response.aread()
                         self._check(response, "/chat/completions")
                     async for line in response.aiter_lines():
-                        piece = self._piece(line)
-                        if piece is None:
+                        pieces = self._pieces(line, calls)
+                        if pieces is None:
                             return
-                        if piece:
+                        for piece in pieces:
                             yield piece
                     raise self._cut_short()
         except httpx.HTTPError as exc:
@@ -153,6 +169,7 @@ class RemoteChatModel(ContextWindow):
     ) -> Iterator[str]:
         """The same stream, blocking (warm-up, tools, tests); the server's sessions use `write`."""
         body = self._body(messages, temperature)
+        calls = _Calls()  # none: no tools are offered here
         try:
             with httpx.Client(**self._client_options()) as client:
                 with client.stream("POST", self._url + "/chat/completions", json=body) as response:
@@ -160,11 +177,10 @@ class RemoteChatModel(ContextWindow):
                         response.read()
                         self._check(response, "/chat/completions")
                     for line in response.iter_lines():
-                        piece = self._piece(line)
-                        if piece is None or (cancel is not None and cancel.is_set()):
+                        pieces = self._pieces(line, calls)
+                        if pieces is None or (cancel is not None and cancel.is_set()):
                             return
-                        if piece:
-                            yield piece
+                        yield from (piece for piece in pieces if isinstance(piece, str))
                     raise self._cut_short()
         except httpx.HTTPError as exc:
             raise LlmServerError(self._failure(exc, mid_reply=True)) from exc
@@ -181,13 +197,16 @@ class RemoteChatModel(ContextWindow):
         timeout = httpx.Timeout(self.settings.timeout_s, connect=min(self.settings.timeout_s, CONNECT_TIMEOUT_S))
         return {"headers": self._headers, "timeout": timeout, "verify": self._tls}
 
-    def _body(self, messages: list[Message], temperature: float | None) -> dict[str, Any]:
+    def _body(
+        self, messages: list[Message], temperature: float | None, request: ChatRequest | None = None
+    ) -> dict[str, Any]:
         s = self.settings
+        max_tokens = request.max_tokens if request is not None and request.max_tokens is not None else s.max_tokens
         body: dict[str, Any] = {
             "model": s.model,
             "messages": messages,
             "stream": True,
-            "max_tokens": s.max_tokens,
+            "max_tokens": max_tokens,
             "temperature": s.temperature if temperature is None else temperature,
             "top_p": s.top_p,
         }
@@ -195,12 +214,16 @@ class RemoteChatModel(ContextWindow):
             # Not in OpenAI's API, and small models loop without it: llama.cpp's servers read the first
             # name, vLLM and SGLang the second, and each ignores the other's.
             body["repeat_penalty"] = body["repetition_penalty"] = s.repeat_penalty
+        if request is not None and request.tools is not None:
+            body["tools"] = [tool.as_openai() for tool in request.tools.tools]
+            body["tool_choice"] = request.tools.wire_choice()
         return body
 
-    def _piece(self, line: str) -> str | None:
-        """The reply text in one line of the event stream; "" for any other line; None at its end."""
+    def _pieces(self, line: str, calls: _Calls) -> list[str | CallDelta] | None:
+        """The reply text and call pieces in one line of the event stream; [] for any other line; None at
+        its end."""
         if not line.startswith("data:"):
-            return ""  # blank separators, `: ping` comments, `event:` names
+            return []  # blank separators, `: ping` comments, `event:` names
         data = line[5:].strip()
         if data == "[DONE]":
             return None
@@ -212,7 +235,12 @@ class RemoteChatModel(ContextWindow):
         if chunk.error is not None:
             raise LlmServerError(f"the language model server {self.where} stopped the reply: "
                                  f"{self._quote(chunk.error)}")
-        return "".join(choice.delta.content or "" for choice in chunk.choices)
+        pieces: list[str | CallDelta] = []
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            pieces += calls.read(choice.delta.tool_calls or ())
+        return pieces
 
     def _check(self, response: httpx.Response, path: str) -> None:
         """A status other than 200 as a LlmServerError, with the server's own reason quoted."""
@@ -252,6 +280,31 @@ class RemoteChatModel(ContextWindow):
             value = value.get("message", value)
         text = " ".join(str(value).split())[:QUOTED_CHARS]
         return text.replace(self.settings.api_key, "***") if self.settings.api_key else text
+
+
+class _Calls:
+    """The calls of one streamed reply: each index's name (sent once, in its first piece, by OpenAI and vLLM;
+    in every piece by llama-cpp-python) and an id of our own, "call_" + hex as the in-process model's: the
+    server never needs its own back, since the history we send it holds ours."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[str, str]] = {}  # index -> (call_id, name)
+        self._held: dict[int, str] = {}  # arguments that came before their call's name
+
+    def read(self, pieces: list[_CallPiece] | tuple[()]) -> list[CallDelta]:
+        out = []
+        for piece in pieces:
+            arguments = self._held.pop(piece.index, "") + (piece.function.arguments or "")
+            if piece.index not in self._known:
+                if not piece.function.name:
+                    self._held[piece.index] = arguments
+                    continue
+                self._known[piece.index] = (new_call_id(), piece.function.name)
+            elif not arguments:
+                continue
+            call_id, name = self._known[piece.index]
+            out.append(CallDelta(piece.index, call_id, name, arguments))
+        return out
 
 
 def _error_text(response: httpx.Response) -> Any:

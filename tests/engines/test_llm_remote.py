@@ -4,6 +4,8 @@ barge-in closing the stream, a server that is not there, one that dies mid-reply
 
 from __future__ import annotations
 
+import asyncio
+import http.server
 import json
 import secrets
 import threading
@@ -17,8 +19,9 @@ import pytest
 
 from app.config import Settings, load_settings
 from app.engines.llm import DEFAULT_SYSTEM_PROMPT, LlmSettings
-from app.engines.llm_remote import LlmServerError, RemoteChatModel, estimate_tokens
+from app.engines.llm_remote import ChatRequest, LlmServerError, RemoteChatModel, estimate_tokens
 from app.engines.loaded import Engines
+from app.engines.tools import CallDelta, Tool, ToolSet
 from app.startup import BackgroundLoad, cpu_fallback, load_and_warm
 from app.web.server import create_app
 from tests.llm_server import LlamaServer
@@ -236,3 +239,124 @@ def test_the_blocking_stream_stops_on_cancel(remote_engines):
         if len(pieces) == 3:
             cancel.set()
     assert len(pieces) == 3
+
+
+# ---------------------------------------------------------------- function tools
+
+
+WEATHER = Tool("get_weather", "The weather now in a city.", {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+TIMER = Tool("set_timer", "Start a timer.", {
+    "type": "object", "properties": {"minutes": {"type": "integer"}}, "required": ["minutes"]})
+
+
+async def _collect(llm: RemoteChatModel, request: ChatRequest) -> list:
+    return [piece async for piece in llm.write(request, temperature=0.0)]
+
+
+def test_the_real_server_streams_a_named_call_as_deltas(remote_engines):
+    # llama-cpp-python's server forces a named tool with a grammar of its schema and streams tool_calls;
+    # "auto" and "required" it passes to the chat template only (SmolLM2's ignores them): it answers in words.
+    llm = remote_engines.llm
+    tools = ToolSet((WEATHER, TIMER), "get_weather")
+    request = llm.prompt(llm.build_messages([], "What's the weather in Paris?", tools=tools), tools)
+    pieces = asyncio.run(_collect(llm, request))
+    assert pieces and all(isinstance(piece, CallDelta) for piece in pieces)
+    assert {(p.index, p.call_id, p.name) for p in pieces} == {(0, pieces[0].call_id, "get_weather")}
+    assert pieces[0].call_id.startswith("call_")
+    arguments = json.loads("".join(p.arguments for p in pieces))
+    assert isinstance(arguments.get("city"), str)
+
+
+class _ScriptedServer(http.server.ThreadingHTTPServer):
+    """Answers every POST with `script` as server-sent events, and keeps the request bodies."""
+
+    def __init__(self, script: list[dict]) -> None:
+        super().__init__(("127.0.0.1", 0), _ScriptedHandler)
+        self.script, self.bodies = script, []
+
+
+class _ScriptedHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        self.server.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for event in self.server.script:
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _delta(**delta) -> dict:
+    return {"choices": [{"index": 0, "delta": delta}]}
+
+
+def _call(index: int, arguments: str, name: str | None = None) -> dict:
+    function = {"arguments": arguments} | ({"name": name} if name else {})
+    return _delta(tool_calls=[{"index": index, **({"id": f"srv-{index}", "type": "function"} if name else {}),
+                               "function": function}])
+
+
+# As OpenAI and vLLM stream them: the id and name once, then pieces of the arguments.
+SCRIPT = [_delta(role="assistant", content="Let me check."), _call(0, "", "get_weather"), _call(0, '{"ci'),
+          _call(0, 'ty": "Oslo"}'), _call(1, '{"minutes"', "set_timer"), _call(1, ": 5}"),
+          {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}]
+
+
+def _served(script: list[dict], tools: ToolSet | None) -> tuple[dict, list]:
+    """The body that RemoteChatModel.write sent for a user's "Hi" with `tools`, and what it made of `script`."""
+    with _ScriptedServer(script) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            llm = RemoteChatModel(LlmSettings(backend="openai", base_url=f"http://127.0.0.1:{server.server_port}/v1",
+                                              model="m"))
+            request = llm.prompt([{"role": "user", "content": "Hi"}], tools)
+            pieces = asyncio.run(_collect(llm, request))
+        finally:
+            server.shutdown()
+    [body] = server.bodies
+    return body, pieces
+
+
+@pytest.mark.parametrize(("choice", "sent"), [
+    ("required", "required"), ("auto", "auto"), ("none", "none"),
+    ("set_timer", {"type": "function", "function": {"name": "set_timer"}}),
+])
+def test_the_request_offers_the_tools_and_the_stream_becomes_calls(choice, sent):
+    body, pieces = _served(SCRIPT, ToolSet((WEATHER, TIMER), choice))
+    assert body["tool_choice"] == sent
+    assert body["tools"] == [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                               "parameters": t.parameters}} for t in (WEATHER, TIMER)]
+    assert pieces[0] == "Let me check."
+    calls = [p for p in pieces if isinstance(p, CallDelta)]
+    assert [(c.index, c.name) for c in calls] == [(0, "get_weather")] * 3 + [(1, "set_timer")] * 2
+    assert len({c.call_id for c in calls[:3]}) == 1 and calls[0].call_id != calls[3].call_id
+    assert all(c.call_id.startswith("call_") for c in calls)  # ids of our own, as the in-process model's
+    assert json.loads("".join(c.arguments for c in calls[:3])) == {"city": "Oslo"}
+    assert json.loads("".join(c.arguments for c in calls[3:])) == {"minutes": 5}
+
+
+def test_without_tools_the_request_has_none_and_write_reply_sets_its_length():
+    from app.core.pipeline import write_reply
+
+    for tools in (None, ToolSet()):
+        body, pieces = _served([_delta(content="Hello.")], tools)
+        assert "tools" not in body and "tool_choice" not in body and pieces == ["Hello."]
+        assert body["max_tokens"] == LlmSettings().max_tokens
+    with _ScriptedServer([_delta(content="Hi.")]) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            llm = RemoteChatModel(LlmSettings(backend="openai", base_url=f"http://127.0.0.1:{server.server_port}/v1",
+                                              model="m"))
+
+            async def written() -> list:
+                request = llm.prompt([{"role": "user", "content": "Hi"}])
+                return [piece async for piece in write_reply(llm, None, request, max_tokens=77)]
+
+            assert asyncio.run(written()) == ["Hi."]
+        finally:
+            server.shutdown()
+    assert server.bodies[0]["max_tokens"] == 77

@@ -185,6 +185,7 @@ def test_a_cancelled_reply_never_calls_the_models_for_its_queued_jobs(held, expe
     from app.core.chunking import ChunkSettings
     from app.core.pipeline import make_reply
     from app.core.reply import Reply
+    from app.engines.llm import Prompt
 
     calls = []
 
@@ -193,7 +194,7 @@ def test_a_cancelled_reply_never_calls_the_models_for_its_queued_jobs(held, expe
 
         def prompt(self, messages):
             calls.append("prompt")
-            return messages
+            return Prompt([], [])
 
         def stream_slice(self, prompt, so_far, **options):
             calls.append("slice")
