@@ -23,6 +23,12 @@ from app.engines.tools import CallDelta, ToolReader, ToolSet
 from app.engines.workers import Worker
 
 
+# Room for a function call where the client sets no length: its JSON (names, quotes, spaces the grammar allows)
+# takes more tokens than a spoken sentence, and a call cut short cannot be used (SmolLM2-135M forced to call
+# get_weather(city, unit) ran past 32 tokens).
+CALL_TOKENS = 256
+
+
 class StageError(Exception):
     """A model stage failed; `stage` (asr, llm, tts) names it for the error event."""
 
@@ -133,6 +139,8 @@ async def write_reply(
     Raises ValueError if the model wrote a malformed call.
     """
     budget = llm.settings.max_tokens if max_tokens is None else max_tokens
+    if max_tokens is None and prompt.tools is not None:
+        budget = max(budget, CALL_TOKENS)
     own = getattr(llm, "write", None)
     if own is not None:
         if budget != prompt.max_tokens:
