@@ -10,9 +10,9 @@ from app.audio import ASR_RATE
 from app.core.conversation import Conversation
 from app.core.limits import LimitSettings
 from app.web.realtime import protocol as rt
-from app.web.realtime.audio_in import InputAudio, pcm16
+from app.web.realtime.audio_in import InputAudio
 from app.web.realtime.errors import Refused
-from app.web.realtime.replies import Replies, Resampler, UserItem, new_id
+from app.web.realtime.replies import Replies, UserItem, new_id
 
 
 class Items:
@@ -35,7 +35,7 @@ class Items:
                 raise Refused("too_long", "item.content")
             return self.add(UserItem(item_id, text=part.text.strip()))
         if part.type == "input_audio" and part.audio:
-            pcm = Resampler(rt.RATE, ASR_RATE, "flt").all(pcm16(part.audio))
+            pcm = self.audio.whole(part.audio)  # in the session's input format
             if len(pcm) > self.audio.max_turn_s * ASR_RATE:
                 raise Refused("too_long", "item.content")
             return self.add(UserItem(item_id, audio=pcm, seconds=len(pcm) / ASR_RATE))
@@ -71,7 +71,7 @@ class Items:
     def _answer_audio(self, pcm: np.ndarray) -> None:
         self.audio.stop_listening()
         options = self.conversation.options
-        self.conversation.configure(msgspec.structs.replace(options, mode="push_to_talk"))
+        self.conversation.configure(msgspec.structs.replace(options, mode="push_to_talk", answer_speech=True))
         listener = self.conversation.listen()  # push-to-talk: the turn is exactly this audio
         listener.feed(pcm)
         listener.end()

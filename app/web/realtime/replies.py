@@ -2,7 +2,8 @@
 
 The core numbers turns; the protocol names items and responses. A turn the server's VAD found gets
 its user item when speech starts and its response when it stops; a turn the client asked for with
-response.create is the next new turn of the core, in order (one response at a time).
+response.create is the next new turn of the core, in order (one response at a time). Without
+create_response, a VAD turn is committed and transcribed but not answered (app/web/realtime/heard.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import numpy as np
 from app.core import events as ev
 from app.web.realtime import protocol as rt
 from app.web.realtime.errors import error_event
+from app.web.realtime.formats import PCM, WireFormat
+from app.web.realtime.heard import InterimDeltas, NotAnswered, transcribed
 
 NO_SPEECH = "Nothing was heard in the audio."
 
@@ -81,7 +84,8 @@ class Response:
     running: bool = False  # the core answers its turn (its transcript is out)
     started: bool = False  # its assistant item has been announced
     text: str = ""  # the transcript deltas sent
-    voice: Resampler | None = None  # the reply's voice -> 24 kHz
+    voice: Resampler | None = None  # the reply's voice -> the output format's rate
+    wire: WireFormat = PCM  # the output format when its voice began
     cancel_reason: str | None = None  # client_cancelled, else a cut is the user's speech
     error: ev.Error | None = None
 
@@ -105,12 +109,15 @@ class Replies:
         self._stop = stop
         self.conversation_id = f"conv_{conversation_id}"
         self.transcribe = True  # send input transcription events (session's audio.input.transcription)
+        self.output = PCM  # the session's audio.output.format, for replies that begin from now on
         self.last_item_id: str | None = None
         self.last_reply_item: str | None = None  # the latest assistant item
         self.last_reply_samples = 0  # how long its voice is, in the voice's own samples
         self._requests: deque[Response] = deque()  # asked for, its turn not seen yet
         self._turns: dict[int, Response] = {}  # turn -> its response, until the turn ends
         self._vad_items: dict[int, UserItem] = {}  # turns the VAD started, until they stop
+        # create_response: the VAD's turns are answered at once, else they wait in not_answered
+        self.answer_speech, self.not_answered, self._deltas = True, NotAnswered(), InterimDeltas()
         self._speaking: int | None = None
 
     @property
@@ -151,6 +158,8 @@ class Replies:
     # ------------------------------------------------------------ what the conversation did
 
     def translate(self, event: ev.Event, in_ms: int) -> list[rt.ServerEvent]:
+        if getattr(event, "turn", None) in self.not_answered:
+            return self.not_answered.translate(event, transcribe=self.transcribe)
         match event:
             case ev.SpeechStarted():
                 return self._speech_started(event.turn, in_ms)
@@ -158,6 +167,8 @@ class Replies:
                 return self._speech_stopped(in_ms)
             case ev.Transcript(final=True):
                 return self._transcript(event)
+            case ev.Transcript():  # interim, while the VAD's turn is spoken
+                return self._deltas.delta(event, self._vad_items.get(event.turn)) if self.transcribe else []
             case ev.ReplyText():
                 return self._reply_text(event)
             case ev.ReplyAudioStart():
@@ -196,13 +207,16 @@ class Replies:
         if turn is None or (item := self._vad_items.pop(turn, None)) is None:
             return []  # a committed recording's end: nothing to announce
         item.seconds = max(0.0, in_ms / 1000 - item.seconds)
+        previous, self.last_item_id = self.last_item_id, item.id
+        out: list[rt.ServerEvent] = [rt.SpeechStopped(audio_end_ms=in_ms, item_id=item.id),
+                                     rt.Committed(item_id=item.id, previous_item_id=previous),
+                                     rt.ItemAdded(item=item.info(), previous_item_id=previous)]
+        if not self.answer_speech:
+            self.not_answered.committed(turn, item)
+            return out
         response = Response(new_id("resp"), [item], True, self.conversation_id)
         self._turns[turn] = response
-        previous, self.last_item_id = self.last_item_id, item.id
-        return [rt.SpeechStopped(audio_end_ms=in_ms, item_id=item.id),
-                rt.Committed(item_id=item.id, previous_item_id=previous),
-                rt.ItemAdded(item=item.info(), previous_item_id=previous),
-                rt.ResponseCreated(response=response.info())]
+        return out + [rt.ResponseCreated(response=response.info())]
 
     def _transcript(self, event: ev.Transcript) -> list[rt.ServerEvent]:
         response, out = self._find(event.turn)
@@ -215,13 +229,7 @@ class Replies:
 
     def _heard(self, response: Response, text: str) -> list[rt.ServerEvent]:
         """The transcript of a spoken turn: it belongs to the last audio item it answers."""
-        item = response.items[-1]
-        item.transcript = text
-        out: list[rt.ServerEvent] = []
-        if self.transcribe:
-            out.append(rt.TranscriptionCompleted(item_id=item.id, transcript=text,
-                                                 usage=rt.Usage(round(item.seconds, 3))))
-        return out + [rt.ItemDone(item=item.info())]
+        return transcribed(response.items[-1], text, transcribe=self.transcribe)
 
     def _output(self, response: Response) -> list[rt.ServerEvent]:
         """Announce the reply's assistant item once, before its first text or audio."""
@@ -251,7 +259,7 @@ class Replies:
             return out
         out += self._output(response)
         if response.started:
-            response.voice = Resampler(event.sample_rate, rt.RATE)
+            response.voice, response.wire = Resampler(event.sample_rate, self.output.rate), self.output
         return out
 
     def _audio(self, event: ev.ReplyAudio) -> list[rt.ServerEvent]:
@@ -298,7 +306,7 @@ class Replies:
 def _delta(response: Response, pcm: np.ndarray) -> list[rt.ServerEvent]:
     if not len(pcm):
         return []
-    data = base64.b64encode(pcm.astype("<i2").tobytes()).decode()
+    data = base64.b64encode(response.wire.encode(pcm)).decode()
     return [rt.AudioDelta(delta=data, **response.where())]
 
 
