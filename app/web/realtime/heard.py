@@ -68,8 +68,9 @@ class NotAnswered:
         return turn in self._turns
 
     def translate(self, event: ev.Event, *, transcribe: bool) -> list[rt.ServerEvent]:
-        """An event of one of these turns: its Transcript, its Error, its TurnEnd ("not_answered", or
-        "no_speech": nothing was heard, its transcript is empty)."""
+        """An event of one of these turns: its Transcript, its Error, its TurnEnd: "not_answered"; "no_speech",
+        nothing was heard; "interrupted", the user went on at once (the core's continued turn), its words are
+        heard again in the next turn's item. Either of the last two leaves the item with an empty transcript."""
         item = self._turns[event.turn]  # type: ignore[union-attr]
         match event:
             case ev.Transcript(final=True):
