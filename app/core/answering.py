@@ -156,7 +156,11 @@ class Answering:
                 return
             if user_text:
                 gate.do(c.emit, ev.Transcript(turn.id, user_text))
-            await self._reply(turn, user_text, reply, gate)
+            if turn.answer:
+                await self._reply(turn, user_text, reply, gate)
+            else:  # nothing said: the history keeps nothing of it
+                reason = "not_answered"
+                await self._judge_only(turn, user_text or "")
         except asyncio.CancelledError:
             reason = "interrupted"
         except StageError as exc:
@@ -222,6 +226,13 @@ class Answering:
                 judging.cancel()
         if not reply.phrases and not reply.calls:
             raise StageError("llm", RuntimeError("it returned an empty reply"))
+
+    async def _judge_only(self, turn: PendingTurn, user_text: str) -> None:
+        """A turn that is not answered: its words still help decide where it ends (app/core/end_rule.py)."""
+        if turn.on_words is not None:
+            c, (options, _) = self._c, self._c.reply_options()
+            messages = c.engines.llm.build_messages(list(c.history()), user_text, options.system_prompt)
+            await _judge_words(c, turn, messages)
 
     def _finish(self, turn: PendingTurn, user_text: str | None, reply: Reply, reason: str) -> None:
         c = self._c

@@ -221,12 +221,12 @@ class Conversation:
         """The user speaks, since `t_onset` (perf_counter(); None: now)."""
         self._speaking_turn = next(self._turn_ids)
         self.emit(ev.SpeechStarted(self._speaking_turn))
-        cause, carry = cut_by_speech(self._answering, self.memory, t_onset, self.turns.continue_within_s)
-        if cause is not None:
+        cause, carry = cut_by_speech(self._answering, self.memory, t_onset, self.turns, self.options)
+        if cause in ("continued", "speech"):
             self._carry = carry if carry is not None else self._carry
             self.interrupt(None, cause=cause)
             self.emit(ev.BargeIn(True))  # the page may have held its playback already: it stops for good
-        elif self.turns.speculate:
+        elif cause is None and self.turns.speculate:
             self._ahead.prefill()
 
     def interim(self, audio: np.ndarray) -> None:
@@ -251,31 +251,31 @@ class Conversation:
             listener.words_judged(audio, None)
             return
         judged: Callable[[float | None], None] | None = functools.partial(listener.words_judged, audio)
-        if not hasattr(self.engines.llm, "end_of_turn_probability"):
-            # A model on a server cannot read the words for us: the sound decides at once.
+        if not hasattr(self.engines.llm, "end_of_turn_probability"):  # a server's: the sound decides at once
             listener.words_judged(audio, None)
             judged = None
-        self._answering.speculate(PendingTurn(turn_id, t_speech_end, t_speech_end, audio=audio, on_words=judged))
+        guess = PendingTurn(turn_id, t_speech_end, t_speech_end, audio, on_words=judged, answer=listener.answers)
+        self._answering.speculate(guess)
 
     def resumed(self) -> None:
         """The user went on after a pause: the guess is void."""
         self._answering.guesses.drop()
 
-    def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float, ended_by: str = "silence") -> None:
+    def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float, ended_by: str = "silence",
+                    answer: bool = True) -> None:
         turn_id, self._speaking_turn = self._speaking_turn or next(self._turn_ids), None
         if self._carry is not None:  # the user had paused, not finished: answer both parts
             audio, self._carry = np.concatenate([self._carry, CARRY_GAP, audio]), None
         self.metrics.end_of_turn.labels(ended_by).inc()
         self.emit(ev.SpeechStopped())
-        self._answering.add(PendingTurn(turn_id, t_speech_end, t_decided, audio=audio))
+        self._answering.add(PendingTurn(turn_id, t_speech_end, t_decided, audio=audio, answer=answer))
 
     def recording_ended(self, listener: Listener, error: str | None) -> None:
         if error is not None:
             log.warning("conversation %s: could not decode the microphone audio: %s", self.id, error)
             self.emit(ev.error("bad_audio"))
         if listener.turns_found == 0:  # the user stopped without saying anything
-            turn_id = self._speaking_turn or next(self._turn_ids)
-            self._speaking_turn = None
+            turn_id, self._speaking_turn = self._speaking_turn or next(self._turn_ids), None
             self.metrics.turns.labels("no_speech").inc()  # a turn like any other: counted by reason
             self.emit(ev.TurnEnd(turn_id, "no_speech"))
         if self._listener is listener:

@@ -15,7 +15,8 @@ from app.engines.tools import CallDelta, ToolSet
 
 Mode = Literal["hands_free", "push_to_talk"]
 State = Literal["idle", "listening", "thinking", "speaking"]
-EndReason = Literal["completed", "no_speech", "interrupted", "error"]
+# not_answered: a spoken turn heard and transcribed but not answered (Options.answer_speech off).
+EndReason = Literal["completed", "no_speech", "interrupted", "error", "not_answered"]
 
 
 class Options(msgspec.Struct, frozen=True):
@@ -29,6 +30,11 @@ class Options(msgspec.Struct, frozen=True):
     # push_to_talk: a turn is exactly the audio of one recording.
     mode: Mode = "hands_free"
     speaker: int | None = None  # voice of engines that have several (CSM speaker id)
+    # False: a spoken turn ends after its Transcript, with TurnEnd "not_answered" and nothing remembered; the
+    # adapter keeps it, to answer it when its client asks (typed or pushed-to-talk turns are always answered).
+    answer_speech: bool = True
+    # False: the user's speech over a reply does not cut it off; it is a turn of its own, answered after it.
+    barge_in: bool = True
 
     def __post_init__(self) -> None:
         if self.end_silence_ms is not None and not 100 <= self.end_silence_ms <= 5000:

@@ -46,7 +46,8 @@ class Heard(Protocol):
 
     def resumed(self) -> None: ...
 
-    def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float, ended_by: str) -> None: ...
+    def speech_turn(self, audio: np.ndarray, t_speech_end: float, t_decided: float, ended_by: str,
+                    answer: bool) -> None: ...
 
     def recording_ended(self, listener: Listener, error: str | None) -> None: ...
 
@@ -100,6 +101,7 @@ class Listener:
         is how long they want it to wait when it is unsure whether they have finished: the end rule's
         unsure wait too (its sure verdicts still end a turn at once)."""
         push_to_talk = options.mode == "push_to_talk"
+        self.answers = options.answer_speech or push_to_talk  # a recording pushed to talk is always answered
         self.detector.set_end(end_silence_ms=options.end_silence_ms, push_to_talk=push_to_talk)
         settings, chosen = self._settings, options.end_silence_ms
         if chosen is not None:
@@ -159,7 +161,7 @@ class Listener:
             self.turns_found += 1
             audio, speech_end, ended_by = self.detector.take_turn()
             self._post(self._conversation.speech_turn, audio, self._time_of(speech_end), time.perf_counter(),
-                       ended_by)
+                       ended_by, self.answers)
 
     def _time_of(self, position: int) -> float:
         """perf_counter() of a stream position: the stream runs in real time, so it was as long

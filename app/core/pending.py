@@ -17,6 +17,7 @@ class PendingTurn:
     t_decided: float  # when the end of the turn was decided
     audio: np.ndarray | None = None
     text: str | None = None
+    answer: bool = True  # False: transcribe it, but end it "not_answered" (Options.answer_speech)
     # A guess reports here how likely its words end the turn (None: no words, or no way to judge).
     on_words: Callable[[float | None], None] | None = None
     request: ReplyRequest | None = None  # how its reply is to be made, where an adapter says (else as any)

@@ -22,7 +22,6 @@ from app.engines.loaded import Engines
 from app.engines.tools import CallDelta, ToolReader, ToolSet
 from app.engines.workers import Worker
 
-
 # Room for a function call where the client sets no length: its JSON (names, quotes, spaces the grammar allows)
 # takes more tokens than a spoken sentence, and a call cut short cannot be used (SmolLM2-135M forced to call
 # get_weather(city, unit) ran past 32 tokens).

@@ -86,7 +86,8 @@ class Guesses:
         """The running guess, if it answers exactly this turn's audio (else it is dropped)."""
         guess = self._guess
         if (guess is None or guess.task.done() or guess.turn.id != turn.id or turn.audio is None
-                or guess.turn.audio is None or not np.array_equal(guess.turn.audio, turn.audio)):
+                or guess.turn.audio is None or not np.array_equal(guess.turn.audio, turn.audio)
+                or guess.turn.answer != turn.answer):
             self.drop()
             return None
         self._guess = None

@@ -368,3 +368,40 @@ def test_going_on_while_the_reply_is_made_cuts_it_and_makes_one_turn(engines, jf
     events, history = going_on(engines, jfk_pcm, 8.15, after=ev.SpeechStopped, environ=environ, options=options)
     one_turn_of_both_parts(events, history)
     assert of(events, ev.TurnEnd)[0] == ev.TurnEnd(1, "interrupted", "")
+
+
+def test_with_answer_speech_off_a_spoken_turn_is_transcribed_and_ends_not_answered(engines, jfk_pcm):
+    """The Realtime adapter's create_response false: the turn is heard, transcribed and ended, nothing remembered."""
+    history: list = []
+
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.configure(ev.Options(answer_speech=False))
+        listener = conversation.listen()
+        listener.feed(np.concatenate([jfk_pcm[: int(2.9 * ASR_RATE)], np.zeros(2 * ASR_RATE, np.float32)]))
+        await wait_for(events, turn_end(1))
+        history.extend(conversation.memory.history)
+        listener.end()
+
+    events = run(engines, script)
+    (final,) = [t for t in of(events, ev.Transcript) if t.final]
+    assert "americans" in final.text.lower()
+    assert of(events, ev.TurnEnd) == [ev.TurnEnd(1, "not_answered", "")]
+    assert not of(events, ev.ReplyText) and not of(events, ev.ReplyAudio) and history == []
+
+
+def test_with_barge_in_off_speech_over_a_reply_is_answered_after_it(engines, jfk_pcm):
+    """The Realtime adapter's interrupt_response false: the reply plays on, the speech is the next turn."""
+
+    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.configure(ev.Options(barge_in=False))
+        conversation.say("Tell me a long story about a brave dragon.")
+        await wait_for(events, lambda e: isinstance(e, ev.ReplyAudio))
+        listener = conversation.listen()
+        listener.feed(np.concatenate([jfk_pcm[: int(2.9 * ASR_RATE)], np.zeros(ASR_RATE, np.float32)]))
+        await wait_for(events, turn_end(2))
+
+    events = run(engines, script)
+    assert of(events, ev.SpeechStarted) and not of(events, ev.BargeIn)
+    first, second = of(events, ev.TurnEnd)
+    assert (first.turn, first.reason, second.turn, second.reason) == (1, "completed", 2, "completed")
+    assert first.reply  # all of it was spoken, and is remembered

@@ -26,7 +26,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from app.audio import ASR_RATE, float_to_int16
 from app.config import Settings
 from app.engines.loaded import Engines
+from app.web.realtime import protocol as rt
+from app.web.realtime.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from app.web.realtime.protocol import RATE
+from app.web.realtime.session import RealtimeSession
 from tests.support import JFK_TEXT, recording, resample, said_so_far, speak, word_error_rate, words
 from tests.web.test_ws import QUESTION, STORY, TIMEOUT, SpyLlm, SpyVoice, own_engines, played_share, served
 
@@ -317,6 +320,130 @@ def test_speech_during_a_reply_cancels_it_and_is_answered(cpu_settings, engines)
     assert of(answer, "response.done")[0]["response"]["status"] == "completed"
 
 
+# ---------------------------------------------------------------- the rest of the protocol: G.711, interim
+# transcripts, turn detection's create_response, interrupt_response and eagerness
+
+
+G711 = {"audio/pcmu": (ulaw_encode, ulaw_decode), "audio/pcma": (alaw_encode, alaw_decode)}
+
+
+@pytest.mark.parametrize("kind, way", [("audio/pcmu", "buffer"), ("audio/pcma", "item")])
+def test_g711_at_8_khz_is_heard_and_spoken(live_server, engines, kind, way):
+    """A telephone client: its question in G.711 at 8 kHz (appended and committed, or an input_audio item) is
+    heard, and the reply's voice comes back in the same format, still the reply's words."""
+    encode, decode = G711[kind]
+    question = np.concatenate([speak(engines.tts, QUESTION, 8000), np.zeros(4000, np.float32)])
+    data = base64.b64encode(encode(float_to_int16(question)).tobytes()).decode()
+    with connect(live_server) as conn:
+        conn.session.update(session={"type": "realtime", "audio": {
+            "input": {"format": {"type": kind}, "turn_detection": None}, "output": {"format": {"type": kind}}}})
+        updated = receive(conn)["session"]["audio"]
+        if way == "buffer":
+            conn.input_audio_buffer.append(audio=data)
+            conn.input_audio_buffer.commit()
+        else:
+            conn.conversation.item.create(item={"type": "message", "role": "user",
+                                                "content": [{"type": "input_audio", "audio": data}]})
+        until(conn, "conversation.item.added")
+        conn.response.create()
+        events = until(conn, "response.done")
+    assert updated["input"]["format"] == updated["output"]["format"] == {"type": kind, "rate": 8000}
+    (heard,) = of(events, "conversation.item.input_audio_transcription.completed")
+    assert word_error_rate(heard["transcript"], QUESTION) <= 0.2, heard["transcript"]
+    (done,) = of(events, "response.done")
+    said = done["response"]["output"][0]["content"][0]["transcript"]
+    codes = np.frombuffer(b"".join(base64.b64decode(e["delta"]) for e in of(events, "response.output_audio.delta")),
+                          np.uint8)
+    voice = decode(codes).astype(np.float32) / 32768
+    assert len(voice) > 8000 // 2  # one byte a sample at 8 kHz: over half a second of it
+    assert word_error_rate(engines.asr.transcribe(resample(voice, 8000, ASR_RATE)), said) <= 0.4
+
+
+def test_without_create_response_the_vad_commits_and_transcribes_the_turn_but_nothing_answers(live_server):
+    """create_response false: speech_started/stopped, committed, the item and its transcript, with interim
+    deltas while JFK speaks (appended words; .completed has the final text), and no response."""
+    speech = np.concatenate([recording("jfk.flac", RATE), np.zeros(2 * RATE, np.float32)])
+    with connect(live_server) as conn:
+        conn.session.update(session={"type": "realtime", "audio": {"input": {
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 1500, "create_response": False},
+            "transcription": {"model": "whisper-1"}}}})
+        updated = receive(conn)
+        start = time.monotonic()
+        for i, piece in enumerate(chunks(pcm24(speech))):
+            time.sleep(max(0.0, start + i * CHUNK_MS / 1000 - time.monotonic()))
+            conn.input_audio_buffer.append(audio=piece)
+        events = until(conn, "conversation.item.input_audio_transcription.completed")
+        while len(of(events, "conversation.item.input_audio_transcription.completed")) < len(
+                of(events, "input_audio_buffer.speech_started")):
+            events += until(conn, "conversation.item.input_audio_transcription.completed")
+        conn.session.update(session={"type": "realtime"})  # all the turns' events have come before its answer
+        events += until(conn, "session.updated")
+    assert updated["session"]["audio"]["input"]["turn_detection"]["create_response"] is False
+    started = [e["item_id"] for e in of(events, "input_audio_buffer.speech_started")]
+    assert started == [e["item_id"] for e in of(events, "input_audio_buffer.committed")]
+    heard = of(events, "conversation.item.input_audio_transcription.completed")
+    assert [e["item_id"] for e in heard] == started
+    assert word_error_rate(heard[-1]["transcript"], JFK_TEXT) <= 0.25 or word_error_rate(
+        " ".join(e["transcript"] for e in heard), JFK_TEXT) <= 0.25
+    assert not [e for e in events if e["type"].startswith("response.")]
+    deltas = of(events, "conversation.item.input_audio_transcription.delta")
+    assert deltas and {e["item_id"] for e in deltas} <= set(started) and {e["content_index"] for e in deltas} == {0}
+    # The words sent are words of the turn. A turn ended at JFK's pause and continued at once has an empty
+    # transcript: its words are heard again in the next turn's, as when it is answered.
+    final = " ".join(e["transcript"] for e in heard)
+    for item in {e["item_id"] for e in deltas}:
+        sent = words("".join(e["delta"] for e in deltas if e["item_id"] == item))
+        assert len(set(sent) & set(words(final))) >= len(sent) / 2, (sent, final)
+    items = [e["item"] for e in of(events, "conversation.item.done")]
+    assert [i["id"] for i in items] == started and all(i["status"] == "completed" for i in items)
+
+
+def test_without_interrupt_response_speech_over_a_reply_does_not_cut_it_off(cpu_settings, engines):
+    """interrupt_response false: the reply being made when the user asks goes on to its end, completed; the
+    question is a turn of its own, answered after it."""
+    voice = SpyVoice(engines.tts)
+    voice.hold_after(1)
+    question = np.concatenate([speak(engines.tts, QUESTION, RATE), np.zeros(2 * RATE, np.float32)])
+    with served(own_engines(engines, tts=voice), cpu_settings) as url, connect(url) as conn:
+        conn.session.update(session={"type": "realtime", "audio": {"input": {
+            "turn_detection": {"type": "server_vad", "interrupt_response": False}}}})
+        receive(conn)
+        conn.conversation.item.create(item=text_item(STORY))
+        conn.response.create()
+        try:
+            first = until(conn, "response.output_audio.delta")
+            start = time.monotonic()
+            for i, piece in enumerate(chunks(pcm24(question))):
+                time.sleep(max(0.0, start + i * CHUNK_MS / 1000 - time.monotonic()))
+                conn.input_audio_buffer.append(audio=piece)
+            first += until(conn, "input_audio_buffer.committed")
+        finally:
+            voice.release.set()
+        events = first + until(conn, "response.done", 2)
+    story_id = of(first, "response.created")[0]["response"]["id"]
+    story, answer = (e["response"] for e in of(events, "response.done"))
+    assert story["id"] == story_id and story["status"] == "completed"
+    assert of(events, "input_audio_buffer.speech_started")
+    (heard,) = of(events, "conversation.item.input_audio_transcription.completed")
+    assert "capital of france" in heard["transcript"].lower()
+    assert answer["status"] == "completed"
+
+
+@pytest.mark.parametrize("eagerness, silence_ms", [("high", 500), ("medium", None), ("auto", None), ("low", 2000)])
+def test_semantic_vad_eagerness_sets_how_long_the_end_of_turn_rule_waits_when_unsure(
+        cpu_settings, engines, eagerness, silence_ms):
+    session = RealtimeSession(engines, cpu_settings)
+    vad = rt.TurnDetection("semantic_vad", eagerness=eagerness, create_response=False, interrupt_response=False)
+    (updated,) = session._dispatch(rt.SessionUpdate(rt.SessionConfig(audio=rt.AudioConfig(
+        input=rt.AudioInputConfig(turn_detection=vad)))))
+    options = session.conversation.options
+    assert (options.end_silence_ms, options.answer_speech, options.barge_in) == (silence_ms, False, False)
+    assert options.mode == "hands_free"
+    shown = STRICT.validate_json(rt.encode(updated)).session.audio.input.turn_detection
+    assert (shown.type, shown.eagerness, shown.create_response, shown.interrupt_response) == (
+        "semantic_vad", eagerness, False, False)
+
+
 # ---------------------------------------------------------------- what is refused
 
 
@@ -330,7 +457,13 @@ REFUSED = [
      "unsupported"),
     (json.dumps({"type": "conversation.item.create", "item": text_item("x" * 2001)}), "too_long"),
     (json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
-        "input": {"format": {"type": "audio/pcmu"}}}}}), "unsupported"),
+        "input": {"format": {"type": "audio/pcmu", "rate": 16000}}}}}), "unsupported"),
+    (json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
+        "output": {"format": {"type": "audio/opus"}}}}}), "unsupported"),
+    (json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
+        "input": {"turn_detection": {"type": "semantic_vad", "silence_duration_ms": 500}}}}}), "unsupported"),
+    (json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
+        "input": {"turn_detection": {"type": "semantic_vad", "eagerness": "sometimes"}}}}}), "invalid_event"),
     (json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
         "input": {"turn_detection": {"type": "server_vad", "silence_duration_ms": 20}}}}}), "invalid_value"),
     (json.dumps({"type": "session.update", "session": {"type": "realtime", "tools": [{"type": "mcp",

@@ -1,5 +1,6 @@
-"""input_audio_buffer.*: the client's 24 kHz PCM16, heard by the conversation's listener as it comes
-(server VAD), or kept until the client commits it as a user item (manual turns)."""
+"""input_audio_buffer.*: the client's audio (24 kHz PCM16, or 8 kHz G.711: app/web/realtime/formats.py), heard
+by the conversation's listener as it comes (server VAD), or kept until the client commits it as a user item
+(manual turns)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import numpy as np
 from app.audio import ASR_RATE
 from app.core.conversation import Conversation
 from app.core.listening import Listener
-from app.web.realtime import protocol as rt
 from app.web.realtime.errors import Refused
+from app.web.realtime.formats import PCM, WireFormat
 from app.web.realtime.history import Entry
 from app.web.realtime.replies import Resampler, new_id
 from app.web.ws import MAX_AUDIO_FRAME
@@ -24,21 +25,32 @@ class InputAudio:
     def __init__(self, conversation: Conversation, max_turn_s: float) -> None:
         self.conversation = conversation
         self.max_turn_s = max_turn_s
-        self.samples = 0  # 24 kHz samples the client has appended, for the VAD events' times
+        self._seconds = 0.0  # of audio the client has appended, for the VAD events' times
+        self._format = PCM  # the session's audio.input.format
         self._listener: Listener | None = None  # server VAD: the stream being listened to
-        self._input: Resampler | None = None  # 24 kHz in -> 16 kHz for the listener
+        self._input: Resampler | None = None  # the client's rate -> 16 kHz for the listener
         self._buffer: list[np.ndarray] = []  # manual commits: the audio not yet committed (16 kHz)
 
     @property
     def ms(self) -> int:
         """Milliseconds of audio appended so far: where the VAD events say speech started or stopped."""
-        return self.samples * 1000 // rt.RATE
+        return int(self._seconds * 1000)
+
+    @property
+    def format(self) -> WireFormat:
+        return self._format
+
+    @format.setter
+    def format(self, wanted: WireFormat) -> None:
+        """A new format from the next append on (the old resampler's last few ms are dropped)."""
+        if wanted != self._format:
+            self._format, self._input = wanted, None
 
     def append(self, audio: str, *, server_vad: bool) -> None:
-        pcm = pcm16(audio)
+        pcm = samples(audio, self._format)
         if self._input is None:
-            self._input = Resampler(rt.RATE, ASR_RATE, "flt")
-        self.samples += len(pcm)
+            self._input = Resampler(self._format.rate, ASR_RATE, "flt")
+        self._seconds += len(pcm) / self._format.rate
         heard = self._input.feed(pcm)
         if server_vad:
             if self._listener is None:
@@ -60,6 +72,10 @@ class InputAudio:
             raise Refused("input_audio_buffer_commit_empty")
         return Entry(new_id("item"), spoken=True, audio=audio, seconds=len(audio) / ASR_RATE, status="in_progress")
 
+    def whole(self, audio: str) -> np.ndarray:
+        """An input_audio item's audio, in the session's format, as the core hears it (16 kHz float32)."""
+        return Resampler(self._format.rate, ASR_RATE, "flt").all(samples(audio, self._format))
+
     def clear(self) -> None:
         self._buffer, self._input = [], None
 
@@ -71,12 +87,13 @@ class InputAudio:
             self.conversation.stop_listening()
 
 
-def pcm16(data: str) -> np.ndarray:
-    """A base64 audio field as PCM16 samples; Refused if it is not that, or too long for one event."""
+def samples(data: str, wire: WireFormat = PCM) -> np.ndarray:
+    """A base64 audio field in format `wire` as int16 samples; Refused if it is not that, or too long for one
+    event."""
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise Refused("invalid_audio", "audio") from exc
-    if len(raw) % 2 or len(raw) > MAX_AUDIO_FRAME:
+    if len(raw) > MAX_AUDIO_FRAME:
         raise Refused("invalid_audio", "audio")
-    return np.frombuffer(raw, "<i2")
+    return wire.decode(raw)

@@ -12,10 +12,10 @@ from app.core.conversation import Conversation
 from app.core.limits import LimitSettings
 from app.engines.tools import Tool, ToolSet
 from app.web.realtime import protocol as rt
-from app.web.realtime.audio_in import InputAudio, pcm16
+from app.web.realtime.audio_in import InputAudio
 from app.web.realtime.errors import Refused
 from app.web.realtime.history import Entry, History
-from app.web.realtime.replies import Replies, Resampler, Response, new_id
+from app.web.realtime.replies import Replies, Response, new_id
 
 
 class Items:
@@ -73,7 +73,7 @@ class Items:
         if audio and (role != "user" or len(content) != 1):
             raise Refused("unsupported", "item.content")  # one audio part, from the user
         if audio and audio[0].audio:
-            pcm = Resampler(rt.RATE, ASR_RATE, "flt").all(pcm16(audio[0].audio))
+            pcm = self.audio.whole(audio[0].audio)
             if len(pcm) > self.audio.max_turn_s * ASR_RATE:
                 raise Refused("too_long", "item.content")
             return Entry(item_id, role=role, spoken=True, audio=pcm, seconds=len(pcm) / ASR_RATE,

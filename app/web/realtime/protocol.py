@@ -12,7 +12,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import UNSET, UnsetType
 
-RATE = 24_000  # the only audio/pcm rate of the protocol, both ways
+RATE = 24_000  # the only audio/pcm rate of the protocol, both ways (G.711's is 8 kHz)
 
 # ---------------------------------------------------------------- client -> server
 
@@ -22,11 +22,19 @@ class AudioFormat(msgspec.Struct):
     rate: int | None = None
 
 
-class TurnDetection(msgspec.Struct):
-    """server_vad (or semantic_vad): our own end-of-turn detector; only its silence is a setting."""
+Eagerness = Literal["low", "medium", "high", "auto"]
+
+
+class TurnDetection(msgspec.Struct, frozen=True):
+    """server_vad or semantic_vad: our own end-of-turn detector either way. server_vad's silence, or
+    semantic_vad's eagerness, sets how long it waits when unsure (app/web/realtime/session.py); both may
+    leave the response (create_response) or barge-in (interrupt_response) to the client."""
 
     type: Literal["server_vad", "semantic_vad"]
-    silence_duration_ms: int | None = None
+    silence_duration_ms: int | None = None  # server_vad only
+    eagerness: Eagerness | None = None  # semantic_vad only
+    create_response: bool = True
+    interrupt_response: bool = True
 
 
 class Transcription(msgspec.Struct):
@@ -86,7 +94,7 @@ class SessionUpdate(msgspec.Struct, tag="session.update"):
 
 
 class BufferAppend(msgspec.Struct, tag="input_audio_buffer.append"):
-    audio: str  # base64 PCM16 little-endian, mono, 24 kHz
+    audio: str  # base64, in the session's input format (app/web/realtime/formats.py)
     event_id: str | None = None
 
 
@@ -214,9 +222,16 @@ class VadInfo(msgspec.Struct):
     interrupt_response: bool = True
 
 
+class SemanticVadInfo(msgspec.Struct):
+    type: str = "semantic_vad"
+    eagerness: Eagerness = "auto"
+    create_response: bool = True
+    interrupt_response: bool = True
+
+
 class InputInfo(msgspec.Struct):
     format: Format
-    turn_detection: VadInfo | None
+    turn_detection: VadInfo | SemanticVadInfo | None
     transcription: Transcription | None
     noise_reduction: None = None
 
@@ -403,6 +418,12 @@ class ItemTruncated(ServerEvent, tag="conversation.item.truncated"):
     audio_end_ms: int
 
 
+class TranscriptionDelta(ServerEvent, tag="conversation.item.input_audio_transcription.delta"):
+    item_id: str
+    delta: str
+    content_index: int = 0
+
+
 class TranscriptionCompleted(ServerEvent, tag="conversation.item.input_audio_transcription.completed"):
     item_id: str
     transcript: str
@@ -455,7 +476,7 @@ class PartDone(InContent, tag="response.content_part.done", kw_only=True):
 
 
 class AudioDelta(InContent, tag="response.output_audio.delta", kw_only=True):
-    delta: str  # base64 PCM16 little-endian, mono, 24 kHz
+    delta: str  # base64, in the session's output format (app/web/realtime/formats.py)
 
 
 class AudioDone(InContent, tag="response.output_audio.done", kw_only=True):

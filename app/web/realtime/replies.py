@@ -2,7 +2,8 @@
 
 The core numbers turns; the protocol names items and responses. A turn the server's VAD found gets
 its user item when speech starts and its response when it stops; a turn the client asked for with
-response.create is the next new turn of the core, in order (one response at a time).
+response.create is the next new turn of the core, in order (one response at a time). Without
+create_response, a VAD turn is committed and transcribed but not answered (app/web/realtime/heard.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 from app.core import events as ev
 from app.web.realtime import protocol as rt
 from app.web.realtime.errors import error_event
+from app.web.realtime.formats import PCM, WireFormat
+from app.web.realtime.heard import InterimDeltas, NotAnswered, transcribed
 from app.web.realtime.history import Entry, History, new_id
 from app.web.realtime.usage import usage
 
@@ -70,7 +73,8 @@ class Response:
     message: Entry | None = None  # its assistant message, once it says something
     calls: dict[int, Entry] = field(default_factory=dict)  # its function calls, by the model's index
     outputs: list[Entry] = field(default_factory=list)  # all it made, in order: the output_index
-    audio_out: Resampler | None = None  # the reply's voice -> 24 kHz
+    audio_out: Resampler | None = None  # the reply's voice -> the output format's rate
+    wire: WireFormat = PCM  # the output format when its voice began
     tokens: tuple[int, int] = (0, 0)  # the language model's input and output tokens
     audio_s: float = 0.0  # seconds of voice sent
 
@@ -101,6 +105,9 @@ class Replies:
         self.conversation_id = f"conv_{conversation_id}"
         self.transcribe = True  # send input transcription events (session's audio.input.transcription)
         self.voice = True  # the session's output modality for the responses its VAD starts
+        self.output = PCM  # the session's audio.output.format, for replies that begin from now on
+        # create_response: the VAD's turns are answered at once, else they wait in not_answered
+        self.answer_speech, self.not_answered, self._deltas = True, NotAnswered(), InterimDeltas()
         self.last_reply_item: str | None = None  # the latest assistant item
         self.last_reply_samples = 0  # how long its voice is, in the voice's own samples
         self._requests: deque[Response] = deque()  # asked for, its turn not seen yet
@@ -139,6 +146,8 @@ class Replies:
     # ------------------------------------------------------------ what the conversation did
 
     def translate(self, event: ev.Event, in_ms: int) -> list[rt.ServerEvent]:
+        if getattr(event, "turn", None) in self.not_answered:
+            return self.not_answered.translate(event, transcribe=self.transcribe)
         match event:
             case ev.SpeechStarted():
                 return self._speech_started(event.turn, in_ms)
@@ -146,6 +155,8 @@ class Replies:
                 return self._speech_stopped(in_ms)
             case ev.Transcript(final=True):
                 return self._transcript(event)
+            case ev.Transcript():  # interim, while the VAD's turn is spoken
+                return self._deltas.delta(event, self._vad_items.get(event.turn)) if self.transcribe else []
             case ev.ReplyText():
                 return self._reply_text(event)
             case ev.ReplyCall():
@@ -192,13 +203,16 @@ class Replies:
         if turn is None or (item := self._vad_items.pop(turn, None)) is None:
             return []  # a committed recording's end: nothing to announce
         item.seconds = max(0.0, in_ms / 1000 - item.seconds)
+        previous = self.history.add(item)
+        out: list[rt.ServerEvent] = [rt.SpeechStopped(audio_end_ms=in_ms, item_id=item.id),
+                                     rt.Committed(item_id=item.id, previous_item_id=previous),
+                                     rt.ItemAdded(item=item.info(), previous_item_id=previous)]
+        if not self.answer_speech:
+            self.not_answered.committed(turn, item)
+            return out
         response = Response(new_id("resp"), [item], True, self.conversation_id, voice=self.voice, running=True)
         self._turns[turn] = response
-        previous = self.history.add(item)
-        return [rt.SpeechStopped(audio_end_ms=in_ms, item_id=item.id),
-                rt.Committed(item_id=item.id, previous_item_id=previous),
-                rt.ItemAdded(item=item.info(), previous_item_id=previous),
-                rt.ResponseCreated(response=response.info())]
+        return out + [rt.ResponseCreated(response=response.info())]
 
     def _transcript(self, event: ev.Transcript) -> list[rt.ServerEvent]:
         response, out = self._find(event.turn)
@@ -208,13 +222,7 @@ class Replies:
 
     def _heard(self, response: Response, text: str) -> list[rt.ServerEvent]:
         """The transcript of a spoken turn: it belongs to the last audio item it answers."""
-        item = response.items[-1]
-        item.text, item.status = text, "completed"
-        out: list[rt.ServerEvent] = []
-        if self.transcribe:
-            out.append(rt.TranscriptionCompleted(item_id=item.id, transcript=text,
-                                                 usage=rt.Usage(round(item.seconds, 3))))
-        return out + [rt.ItemDone(item=item.info())]
+        return transcribed(response.items[-1], text, transcribe=self.transcribe)
 
     def _new_output(self, response: Response, entry: Entry) -> list[rt.ServerEvent]:
         """An item the response makes: announced, and in the conversation unless it is out of band."""
@@ -268,7 +276,7 @@ class Replies:
             return out
         out += self._output(response)
         if response.message is not None:
-            response.audio_out = Resampler(event.sample_rate, rt.RATE)
+            response.audio_out, response.wire = Resampler(event.sample_rate, self.output.rate), self.output
         return out
 
     def _audio(self, event: ev.ReplyAudio) -> list[rt.ServerEvent]:
@@ -336,8 +344,8 @@ def _item_done(response: Response, entry: Entry) -> list[rt.ServerEvent]:
 def _delta(response: Response, pcm: np.ndarray) -> list[rt.ServerEvent]:
     if not len(pcm):
         return []
-    response.audio_s += len(pcm) / rt.RATE
-    data = base64.b64encode(pcm.astype("<i2").tobytes()).decode()
+    response.audio_s += len(pcm) / response.wire.rate
+    data = base64.b64encode(response.wire.encode(pcm)).decode()
     return [rt.AudioDelta(delta=data, **response.where())]
 
 

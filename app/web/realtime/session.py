@@ -24,6 +24,7 @@ from app.engines.loaded import Engines
 from app.web.realtime import protocol as rt
 from app.web.realtime.audio_in import InputAudio
 from app.web.realtime.errors import Refused, error_event, refusal
+from app.web.realtime.formats import PCM, WireFormat, wire_format
 from app.web.realtime.history import History
 from app.web.realtime.items import Items, speaks, token_cap, tool_list, tool_set
 from app.web.realtime.replies import Replies
@@ -37,13 +38,18 @@ class Setup:
 
     instructions: str
     voice: str | dict
-    server_vad: bool = True
-    silence_ms: int | None = None
+    turn_detection: rt.TurnDetection | None = rt.TurnDetection("server_vad")  # None: the client commits turns
     transcription: rt.Transcription | None = rt.Transcription(model="whisper")
+    input_format: WireFormat = PCM
+    output_format: WireFormat = PCM
     tools: tuple[rt.FunctionTool, ...] = ()
     tool_choice: rt.ToolChoice = "auto"
     modalities: tuple[str, ...] = ("audio",)
     max_output_tokens: int | str = "inf"
+
+    @property
+    def server_vad(self) -> bool:
+        return self.turn_detection is not None
 
     def request(self) -> ev.ReplyRequest:
         """What every response of the session is, unless response.create says otherwise."""
@@ -211,6 +217,8 @@ class RealtimeSession:
         self.items.defaults = self.conversation.defaults = request
         self.replies.transcribe = setup.transcription is not None
         self.replies.voice = request.voice
+        self.audio.format, self.replies.output = setup.input_format, setup.output_format
+        self.replies.answer_speech = options.answer_speech
         self.conversation.configure(options)
         if not setup.server_vad:
             self.audio.stop_listening()  # speech in progress ends its turn, as when /ws's microphone stops
@@ -231,13 +239,10 @@ class RealtimeSession:
         audio = wanted.audio if wanted.audio is not msgspec.UNSET else rt.AudioConfig()
         audio_in = audio.input if audio.input is not msgspec.UNSET else rt.AudioInputConfig()
         audio_out = audio.output if audio.output is not msgspec.UNSET else rt.AudioOutputConfig()
-        for fmt, where in ((audio_in.format, "input"), (audio_out.format, "output")):
-            if fmt is not msgspec.UNSET and (fmt.type != "audio/pcm" or fmt.rate not in (None, rt.RATE)):
-                raise Refused("unsupported", f"session.audio.{where}.format")
+        setup = replace(setup, input_format=wire_format(audio_in.format, setup.input_format, "input"),
+                        output_format=wire_format(audio_out.format, setup.output_format, "output"))
         if audio_in.turn_detection is not msgspec.UNSET:
-            vad = audio_in.turn_detection
-            setup = replace(setup, server_vad=vad is not None,
-                            silence_ms=vad.silence_duration_ms if vad is not None else setup.silence_ms)
+            setup = replace(setup, turn_detection=_checked(audio_in.turn_detection))
         if audio_in.transcription is not msgspec.UNSET:
             setup = replace(setup, transcription=audio_in.transcription)
         if audio_out.voice is not msgspec.UNSET:
@@ -248,8 +253,11 @@ class RealtimeSession:
         """The core's options for `setup`; raises ValueError where they are out of range."""
         default = self.engines.llm.settings.system_prompt
         prompt = setup.instructions if setup.instructions and setup.instructions != default else None
-        return ev.Options(system_prompt=prompt, end_silence_ms=setup.silence_ms, speaker=_speaker(setup.voice),
-                          mode="hands_free" if setup.server_vad else "push_to_talk")
+        vad = setup.turn_detection
+        return ev.Options(system_prompt=prompt, end_silence_ms=_silence_ms(vad), speaker=_speaker(setup.voice),
+                          mode="hands_free" if vad is not None else "push_to_talk",
+                          answer_speech=vad is None or vad.create_response,
+                          barge_in=vad is None or vad.interrupt_response)
 
     def _prompt_fits(self, prompt: str | None) -> bool:
         if prompt is None:
@@ -259,15 +267,48 @@ class RealtimeSession:
 
     def _info(self) -> rt.SessionInfo:
         s = self.setup
-        vad = rt.VadInfo(silence_duration_ms=s.silence_ms) if s.server_vad else None
-        audio = rt.AudioInfo(input=rt.InputInfo(rt.Format(), vad, s.transcription),
-                             output=rt.OutputInfo(rt.Format(), s.voice))
+        audio = rt.AudioInfo(input=rt.InputInfo(s.input_format.info(), _vad_info(s.turn_detection), s.transcription),
+                             output=rt.OutputInfo(s.output_format.info(), s.voice))
         return rt.SessionInfo(id=f"sess_{self.id}", model=self.settings.models()["llm"],
                               instructions=s.instructions, audio=audio, output_modalities=list(s.modalities),
                               tools=list(s.tools), tool_choice=s.tool_choice, max_output_tokens=s.max_output_tokens)
 
 
 _HANDLED = {cls.__struct_config__.tag for cls in rt.ClientEvent.__args__}  # type: ignore[attr-defined]
+
+
+# semantic_vad's eagerness as the silence that ends a turn the end rule is unsure of (ev.Options.end_silence_ms,
+# which app/core/listening.py makes both the rule's unsure wait and its longest one; a sure verdict still ends
+# the turn at the first pause). auto and medium keep the rule as it was calibrated (unsure 800 ms, at most
+# 1300 ms: app/core/turns.py). high answers sooner, after 500 ms: under the longest pause inside the tuning
+# half's sentences (0.64 s), so it may cut a sentence at a long pause, as OpenAI's high warns it may. low waits
+# 2000 ms: past every thinking pause of tests/data/turns (0.5-1.2 s), for a speaker who pauses to think.
+EAGERNESS_MS: dict[str, int | None] = {"high": 500, "medium": None, "auto": None, "low": 2000}
+
+
+def _checked(vad: rt.TurnDetection | None) -> rt.TurnDetection | None:
+    """Each type's own setting only: server_vad has a silence, semantic_vad an eagerness."""
+    if vad is not None and vad.type == "semantic_vad" and vad.silence_duration_ms is not None:
+        raise Refused("unsupported", "session.audio.input.turn_detection.silence_duration_ms")
+    if vad is not None and vad.type == "server_vad" and vad.eagerness is not None:
+        raise Refused("unsupported", "session.audio.input.turn_detection.eagerness")
+    return vad
+
+
+def _silence_ms(vad: rt.TurnDetection | None) -> int | None:
+    if vad is None:
+        return None
+    return EAGERNESS_MS[vad.eagerness or "auto"] if vad.type == "semantic_vad" else vad.silence_duration_ms
+
+
+def _vad_info(vad: rt.TurnDetection | None) -> rt.VadInfo | rt.SemanticVadInfo | None:
+    if vad is None:
+        return None
+    if vad.type == "semantic_vad":
+        return rt.SemanticVadInfo(eagerness=vad.eagerness or "auto", create_response=vad.create_response,
+                                  interrupt_response=vad.interrupt_response)
+    return rt.VadInfo(silence_duration_ms=vad.silence_duration_ms, create_response=vad.create_response,
+                      interrupt_response=vad.interrupt_response)
 
 
 def _speaker(voice: str | dict) -> int | None:
