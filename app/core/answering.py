@@ -41,8 +41,6 @@ class Conversational(Protocol):
 
     def emit(self, event: ev.Event) -> None: ...
 
-    def history(self) -> list[Message]: ...
-
     def set_state(self, state: ev.State) -> None: ...
 
     def resting_state(self) -> ev.State: ...
@@ -160,7 +158,7 @@ class Answering:
                 await self._reply(turn, user_text, reply, gate)
             else:  # nothing said: the history keeps nothing of it
                 reason = "not_answered"
-                await self._judge_only(turn, user_text or "")
+                await _judge_only(c, turn, user_text or "")
         except asyncio.CancelledError:
             reason = "interrupted"
         except StageError as exc:
@@ -190,9 +188,7 @@ class Answering:
         """The options are read once here: a change sent meanwhile applies from the next reply."""
         c, (options, voice) = self._c, self._c.reply_options()
         request = turn.request or c.defaults
-        history = c.history() if request.context is None else list(request.context)
-        messages = c.engines.llm.build_messages(history, user_text, request.instructions or options.system_prompt,
-                                                request.tools)
+        messages = _messages(c, request, user_text, options)
         writing = Writing(options.temperature, request.tools, request.max_tokens)
         sample_rate = c.engines.tts.sample_rate
         # The words are judged beside the reply, as soon as they are known: the end of the turn waits for
@@ -227,30 +223,17 @@ class Answering:
         if not reply.phrases and not reply.calls:
             raise StageError("llm", RuntimeError("it returned an empty reply"))
 
-    async def _judge_only(self, turn: PendingTurn, user_text: str) -> None:
-        """A turn that is not answered: its words still help decide where it ends (app/core/end_rule.py)."""
-        if turn.on_words is not None:
-            c, (options, _) = self._c, self._c.reply_options()
-            messages = c.engines.llm.build_messages(list(c.history()), user_text, options.system_prompt)
-            await _judge_words(c, turn, messages)
-
     def _finish(self, turn: PendingTurn, user_text: str | None, reply: Reply, reason: str) -> None:
         c = self._c
         if reply.samples:
             c.emit(ev.ReplyAudioEnd(turn.id, reply.samples))
         request = turn.request or c.defaults
-        said = reply.spoken
-        if not request.voice:  # text only: what was sent was read, as far as it went
-            said = reply.text.strip()
-        elif reason == "interrupted":
-            played = self._cut[1] if self._cut and self._cut[1] is not None else reply.played_estimate()
-            said = reply.heard(played)
+        said = _said(request, reply, reason, self._cut)
+        if reason == "interrupted" and request.voice:
             c.metrics.barge_ins.inc()
         # A reset cut this turn off: it belongs to the conversation that was just forgotten. Or the user
-        # went on talking: their next turn holds this one's speech too, and this reply is void.
+        # went on talking (its said is then ""): their next turn holds this one's speech too.
         forgotten = self._cut is not None and self._cut[0] in ("reset", "continued")
-        if self._cut is not None and self._cut[0] == "continued":
-            said = ""
         if request.remembered:
             c.memory.turn_ended(None if forgotten else user_text, said, reply, interrupted=reason == "interrupted",
                                 audio=turn.audio)
@@ -261,6 +244,34 @@ class Answering:
         c.emit(ev.TurnEnd(turn.id, reason, said))  # type: ignore[arg-type]
         log.info("conversation %s turn %d %s: voice-to-voice %s ms, total %s ms", c.id, turn.id,
                  reason, metrics.first_audio_ms, metrics.total_ms)
+
+
+def _messages(c: Conversational, request: ev.ReplyRequest, user_text: str | None,
+              options: ev.Options) -> list[Message]:
+    """What the model reads: the request's own context or the conversation's history, then the user's words."""
+    history = c.memory.messages() if request.context is None else list(request.context)
+    system = request.instructions or options.system_prompt
+    return c.engines.llm.build_messages(history, user_text, system, request.tools)
+
+
+def _said(request: ev.ReplyRequest, reply: Reply, reason: str, cut: tuple[str, int | None] | None) -> str:
+    """What the user got of the reply: all of it; text as far as it was sent; voice as far as it was heard
+    when cut off; nothing when they went on talking (their next turn holds this one's speech too)."""
+    if cut is not None and cut[0] == "continued":
+        return ""
+    if not request.voice:
+        return reply.text.strip()
+    if reason == "interrupted":
+        return reply.heard(cut[1] if cut and cut[1] is not None else reply.played_estimate())
+    return reply.spoken
+
+
+async def _judge_only(c: Conversational, turn: PendingTurn, user_text: str) -> None:
+    """A turn that is not answered: its words still help decide where it ends (app/core/end_rule.py)."""
+    if turn.on_words is not None:
+        options, _ = c.reply_options()
+        messages = c.engines.llm.build_messages(list(c.memory.messages()), user_text, options.system_prompt)
+        await _judge_words(c, turn, messages)
 
 
 async def _judge_words(c: Conversational, turn: PendingTurn, messages: list[Message]) -> None:

@@ -68,7 +68,9 @@ class Conversation:
         self.defaults = ev.ReplyRequest()  # how replies are made where a turn does not say (an adapter's session)
         self.memory = Memory(self.metrics)
         self.playback_end = 0.0  # perf_counter() when the listener will have played all reply audio
-        self._out = Outbox(settings.limits.max_outgoing_bytes)
+        # Its `bytes`: reply audio is capped (limits.max_outgoing_bytes), other events are not, so an adapter
+        # closes a client that keeps sending but never reads past a bound of its own.
+        self.outbox = Outbox(settings.limits.max_outgoing_bytes)
         self._answering = Answering(self, max_queued=settings.limits.max_queued_turns, chunking=settings.chunking,
                                     echo=EchoGuard(settings.turns.echo))
         self._ahead = ReadAhead(engines, self.turns, self.id, prompt_for=self._prompt_for, show=self._show_interim)
@@ -79,7 +81,6 @@ class Conversation:
         self._state: ev.State | None = None
         self._speaking_turn: int | None = None  # id given to the user's turn when speech began
         self._carry: np.ndarray | None = None  # speech of a turn the user went on talking over
-        self._history: Callable[[], list[Message]] | None = None  # an adapter's own history (follow())
 
     # ------------------------------------------------------------ life and events
 
@@ -99,37 +100,25 @@ class Conversation:
             self._listener.end()
         if self._runner is not None:
             await asyncio.gather(self._runner, return_exceptions=True)  # the last turn has ended
-        self._out.put(None)
+        self.outbox.put(None)
 
     async def next_event(self) -> ev.Event | None:
         """The next event, in the order they happened; None once closed. Audio of a reply that
         was cut off is dropped, even if it was produced before the cut."""
-        return await self._out.get()
-
-    @property
-    def backlog_bytes(self) -> int:
-        """What the events waiting to go out hold: reply audio is capped (limits.max_outgoing_bytes),
-        other events are not, so an adapter closes a client that keeps sending but never reads."""
-        return self._out.bytes
+        return await self.outbox.get()
 
     def emit(self, event: ev.Event) -> None:
         if isinstance(event, ev.Error):
             self.metrics.errors.labels(event.code).inc()
-        if not self._out.put(event):
-            assert isinstance(event, ev.ReplyAudio)  # only audio is ever refused
-            self._client_behind(event.turn)
-
-    def _client_behind(self, turn_id: int) -> None:
-        """The client stopped reading: rather than buffer its reply without bound, drop the rest
-        of the reply's audio and end the turn (the next turn starts with an empty outbox)."""
-        if turn_id in self._out.silenced:
-            return
-        log.warning("conversation %s: the client is not reading (%d bytes wait to go out, at most %d): "
-                    "dropping the rest of turn %d's audio", self.id, self._out.bytes, self._out.cap_bytes, turn_id)
-        self.metrics.dropped_audio.inc()
-        self._out.silenced.add(turn_id)
-        self.emit(ev.error("slow_client", turn_id))
-        self.interrupt(None, cause="slow_client")
+        # Only audio is ever refused: the client stopped reading. Rather than buffer its reply without bound,
+        # drop the rest of the reply's audio and end the turn (the next starts with an empty outbox).
+        if not self.outbox.put(event) and self.outbox.stop_turn(event.turn):  # type: ignore[union-attr]
+            log.warning("conversation %s: the client is not reading (%d bytes wait to go out, at most %d): "
+                        "dropping the rest of turn %d's audio", self.id, self.outbox.bytes, self.outbox.cap_bytes,
+                        event.turn)  # type: ignore[union-attr]
+            self.metrics.dropped_audio.inc()
+            self.emit(ev.error("slow_client", event.turn))  # type: ignore[union-attr]
+            self.interrupt(None, cause="slow_client")
 
     def set_state(self, state: ev.State) -> None:
         if state != self._state:
@@ -138,17 +127,6 @@ class Conversation:
 
     def resting_state(self) -> ev.State:
         return "listening" if self._listener is not None else "idle"
-
-    def follow(self, history: Callable[[], list[Message]]) -> None:
-        """The adapter keeps the conversation's history itself (the Realtime protocol's items, which its
-        client edits): replies read the messages before the user's words from `history()`, and the memory
-        records no exchanges. The adapter learns what was said from Transcript and TurnEnd."""
-        self._history = history
-        self.memory.recording = False
-
-    def history(self) -> list[Message]:
-        """The messages before the next user words: the memory's (trimmed in place), or the adapter's."""
-        return self.memory.history if self._history is None else self._history()
 
     def reply_options(self) -> tuple[ev.Options, object | None]:
         """The options and voice for a reply about to start."""
@@ -181,25 +159,23 @@ class Conversation:
 
     def say(self, text: str) -> None:
         """A typed message, answered like a spoken one; typed while it talks, it stops the reply."""
-        now = time.perf_counter()
         self.interrupt(None, cause="client")
-        self._answering.add(PendingTurn(next(self._turn_ids), now, now, text=text.strip()))
+        self.respond(None, text=text.strip())
 
-    def respond(self, request: ev.ReplyRequest, *, text: str | None = None, audio: np.ndarray | None = None) -> None:
-        """A reply the adapter asks for, made as `request` says: to typed `text`, to spoken `audio` (a turn
-        of exactly that audio), or with neither to the history as it is (a greeting, the answer after a
-        function's result). It waits its turn behind the others."""
+    def respond(self, request: ev.ReplyRequest | None, *, text: str | None = None,
+                audio: np.ndarray | None = None) -> None:
+        """A reply made as `request` says, to typed `text`, to spoken `audio` (a turn of exactly that), or with
+        neither to the history as it is (a greeting, the answer to a function's result), in its turn."""
         now = time.perf_counter()
         self._answering.add(PendingTurn(next(self._turn_ids), now, now, audio=audio, text=text, request=request))
 
     def interrupt(self, played: int | None, *, cause: str = "client") -> str | None:
         """Stop the reply: cancel the running turn, or trim what the history says was heard.
         `played`: samples of its audio the listener heard; None: estimate by the playback clock.
-        Returns what was heard of a finished reply that this cut (None: there was none to cut;
-        a running turn says it in its TurnEnd)."""
+        Returns the words heard of a finished reply it cut (a running turn's are in its TurnEnd)."""
         heard = None
         if (cut := self._answering.cut_off(cause, played)) is not None:
-            self._out.silenced.add(cut[0].id)  # queued audio stops now, not when the task unwinds
+            self.outbox.silenced.add(cut[0].id)  # queued audio stops now, not when the task unwinds
         else:
             heard = self.memory.cut_last(played)
         self.playback_end = 0.0
@@ -240,7 +216,7 @@ class Conversation:
         return True
 
     def _prompt_for(self, words: str) -> list[Message]:
-        return self.engines.llm.build_messages(list(self.history()), words, self.options.system_prompt)
+        return self.engines.llm.build_messages(list(self.memory.messages()), words, self.options.system_prompt)
 
     def paused(self, listener: Listener, audio: np.ndarray, t_speech_end: float) -> None:
         """The user paused: if the turn ends here, `audio` is all of it. Transcribe it and start the

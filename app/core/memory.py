@@ -6,6 +6,8 @@ after it was all sent, the history keeps only the words played by then (app/core
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from app.core.metrics import Metrics
@@ -19,7 +21,18 @@ class Memory:
         self._metrics = metrics
         self._last_reply: Reply | None = None  # the latest reply that had audio, while it may still play
         self._last_audio: np.ndarray | None = None  # the speech its user turn was, to take back (take_back)
-        self.recording = True  # False: an adapter keeps the history (Conversation.follow); this only times replies
+        self.recording = True  # False: an adapter keeps the history (follow()); this only times replies
+        self._source: Callable[[], list[Message]] | None = None
+
+    def follow(self, history: Callable[[], list[Message]]) -> None:
+        """An adapter keeps the history itself (the Realtime protocol's items, which its client edits): replies
+        read it from `history()`, and no exchange is recorded here. The adapter learns what was said from the
+        conversation's Transcript and TurnEnd events."""
+        self._source, self.recording = history, False
+
+    def messages(self) -> list[Message]:
+        """The messages before the next user words: this memory's own (trimmed in place), or the adapter's."""
+        return self.history if self._source is None else self._source()
 
     def turn_ended(self, user_text: str | None, said: str, reply: Reply, *, interrupted: bool,
                    audio: np.ndarray | None = None) -> None:

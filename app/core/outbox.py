@@ -44,3 +44,11 @@ class Outbox:
             self.bytes -= size_of(event)
             if not (isinstance(event, ev.ReplyAudio) and event.turn in self.silenced):
                 return event
+
+    def stop_turn(self, turn_id: int) -> bool:
+        """The client is not reading `turn_id`'s audio: none of the rest of it goes out. True the first
+        time, when the turn is still to be stopped."""
+        if turn_id in self.silenced:
+            return False
+        self.silenced.add(turn_id)
+        return True

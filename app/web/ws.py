@@ -72,7 +72,7 @@ class WsSession:
     def _check_backlog(self) -> None:
         """Reply audio past the cap is dropped, but every message a client sends may be answered: one
         that keeps sending and never reads would pile up those answers. Past twice the cap, close it."""
-        waiting = self.conversation.backlog_bytes
+        waiting = self.conversation.outbox.bytes
         if waiting > 2 * self.limits.max_outgoing_bytes:
             log.warning("session %s closed: the client sends but does not read (%d bytes wait to go out)",
                         self.id, waiting)

@@ -158,9 +158,12 @@ class Items:
         return self.history.messages(entries)
 
     def cancel(self) -> None:
-        if not self.replies.active:
+        """The newest response is cancelled by the client: stopped now if its turn runs, else as soon as it
+        does (the core cuts off only the turn it is answering)."""
+        if not (answering := self.replies.answering()):
             raise Refused("response_cancel_not_active")
-        if self.replies.cancel():
+        answering[-1].cancel_reason = "client_cancelled"
+        if answering[-1].running:
             self.conversation.interrupt(None, cause="client")
 
     def truncate(self, event: rt.ItemTruncate, sample_rate: int) -> list[rt.ServerEvent]:
@@ -168,7 +171,13 @@ class Items:
         `sample_rate` is the voice's own: the core counts the reply in its samples."""
         if event.item_id != self.replies.last_reply_item or event.audio_end_ms < 0:
             raise Refused("item_not_found", "item_id")
-        if self.replies.truncating(event.item_id):
+        # It may stop what the conversation is doing while that reply is still being made (the client's cut),
+        # or when nothing else is; never another response that started since.
+        answering = self.replies.answering()
+        cut = [r for r in answering if r.message is not None and r.message.id == event.item_id]
+        for response in cut:
+            response.cancel_reason = "client_cancelled"
+        if cut or not answering:
             heard = self.conversation.interrupt(event.audio_end_ms * sample_rate // 1000)
             if heard is not None:  # a finished reply: its item keeps what was heard (a running one: at its end)
                 self.history.get(event.item_id).text = heard

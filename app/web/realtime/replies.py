@@ -124,24 +124,9 @@ class Replies:
     def request(self, response: Response) -> None:
         self._requests.append(response)
 
-    def cancel(self) -> bool:
-        """Mark the response in progress as cancelled by the client (there is one: see `active`).
-        True: its turn runs, stop it now; False: it is stopped as soon as it runs (the core cuts
-        off only the turn it is answering)."""
-        newest = [*self._turns.values(), *self._requests][-1]
-        newest.cancel_reason = "client_cancelled"
-        return newest.running
-
-    def truncating(self, item_id: str) -> bool:
-        """Whether a truncate of `item_id` may stop what the conversation is doing: while that reply
-        is still being made (then it is the client's cut), or when nothing else is; never another
-        response that started since."""
-        answering = [*self._turns.values(), *self._requests]
-        for response in answering:
-            if response.message is not None and response.message.id == item_id:
-                response.cancel_reason = "client_cancelled"
-                return True
-        return not answering
+    def answering(self) -> list[Response]:
+        """The responses asked for and not done yet, oldest first."""
+        return [*self._turns.values(), *self._requests]
 
     # ------------------------------------------------------------ what the conversation did
 

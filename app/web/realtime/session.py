@@ -51,6 +51,32 @@ class Setup:
     def server_vad(self) -> bool:
         return self.turn_detection is not None
 
+    def merged(self, wanted: rt.SessionConfig) -> Setup:
+        """This setup with what session.update changes; Refused where a format is not one we can do."""
+        setup = self
+        if wanted.instructions is not msgspec.UNSET:
+            setup = replace(setup, instructions=wanted.instructions)
+        if wanted.tools is not msgspec.UNSET:
+            setup = replace(setup, tools=tuple(wanted.tools))
+        if wanted.tool_choice is not msgspec.UNSET:
+            setup = replace(setup, tool_choice=wanted.tool_choice)
+        if wanted.output_modalities is not msgspec.UNSET:
+            setup = replace(setup, modalities=tuple(wanted.output_modalities))
+        if wanted.max_output_tokens is not msgspec.UNSET:
+            setup = replace(setup, max_output_tokens=wanted.max_output_tokens)
+        audio = wanted.audio if wanted.audio is not msgspec.UNSET else rt.AudioConfig()
+        audio_in = audio.input if audio.input is not msgspec.UNSET else rt.AudioInputConfig()
+        audio_out = audio.output if audio.output is not msgspec.UNSET else rt.AudioOutputConfig()
+        setup = replace(setup, input_format=wire_format(audio_in.format, setup.input_format, "input"),
+                        output_format=wire_format(audio_out.format, setup.output_format, "output"))
+        if audio_in.turn_detection is not msgspec.UNSET:
+            setup = replace(setup, turn_detection=_checked(audio_in.turn_detection))
+        if audio_in.transcription is not msgspec.UNSET:
+            setup = replace(setup, transcription=audio_in.transcription)
+        if audio_out.voice is not msgspec.UNSET:
+            setup = replace(setup, voice=audio_out.voice)
+        return setup
+
     def request(self) -> ev.ReplyRequest:
         """What every response of the session is, unless response.create says otherwise."""
         tools = tool_list(list(self.tools), "session")
@@ -72,7 +98,7 @@ class RealtimeSession:
         self.limits = settings.limits
         self.setup = Setup(instructions=engines.llm.settings.system_prompt, voice="default")
         self.history = History()
-        self.conversation.follow(self.history.messages)  # the client may edit the history: it is the items
+        self.conversation.memory.follow(self.history.messages)  # the client may edit the history: it is the items
         self.replies = Replies(self.conversation.id, self.history,
                                stop=lambda: self.conversation.interrupt(None, cause="client"))
         self.audio = InputAudio(self.conversation, settings.turns.max_turn_s)
@@ -115,7 +141,7 @@ class RealtimeSession:
 
     def _check_backlog(self) -> None:
         """As on /ws: a client that keeps sending but never reads is closed past twice the cap."""
-        waiting = self.conversation.backlog_bytes
+        waiting = self.conversation.outbox.bytes
         if waiting > 2 * self.limits.max_outgoing_bytes:
             log.warning("realtime session %s closed: the client sends but does not read (%d bytes wait)",
                         self.id, waiting)
@@ -204,7 +230,7 @@ class RealtimeSession:
         """All or nothing, like /ws's hello: a value we cannot honour leaves the session as it was."""
         if wanted.type != "realtime":
             raise Refused("unsupported", "session.type")
-        setup = self._merged(wanted)
+        setup = self.setup.merged(wanted)
         request = setup.request()  # Refused where the tools, modalities or length are not ones we can do
         try:
             options = self._options(setup)
@@ -223,31 +249,6 @@ class RealtimeSession:
         if not setup.server_vad:
             self.audio.stop_listening()  # speech in progress ends its turn, as when /ws's microphone stops
         return [rt.SessionUpdated(session=self._info())]
-
-    def _merged(self, wanted: rt.SessionConfig) -> Setup:
-        setup = self.setup
-        if wanted.instructions is not msgspec.UNSET:
-            setup = replace(setup, instructions=wanted.instructions)
-        if wanted.tools is not msgspec.UNSET:
-            setup = replace(setup, tools=tuple(wanted.tools))
-        if wanted.tool_choice is not msgspec.UNSET:
-            setup = replace(setup, tool_choice=wanted.tool_choice)
-        if wanted.output_modalities is not msgspec.UNSET:
-            setup = replace(setup, modalities=tuple(wanted.output_modalities))
-        if wanted.max_output_tokens is not msgspec.UNSET:
-            setup = replace(setup, max_output_tokens=wanted.max_output_tokens)
-        audio = wanted.audio if wanted.audio is not msgspec.UNSET else rt.AudioConfig()
-        audio_in = audio.input if audio.input is not msgspec.UNSET else rt.AudioInputConfig()
-        audio_out = audio.output if audio.output is not msgspec.UNSET else rt.AudioOutputConfig()
-        setup = replace(setup, input_format=wire_format(audio_in.format, setup.input_format, "input"),
-                        output_format=wire_format(audio_out.format, setup.output_format, "output"))
-        if audio_in.turn_detection is not msgspec.UNSET:
-            setup = replace(setup, turn_detection=_checked(audio_in.turn_detection))
-        if audio_in.transcription is not msgspec.UNSET:
-            setup = replace(setup, transcription=audio_in.transcription)
-        if audio_out.voice is not msgspec.UNSET:
-            setup = replace(setup, voice=audio_out.voice)
-        return setup
 
     def _options(self, setup: Setup) -> ev.Options:
         """The core's options for `setup`; raises ValueError where they are out of range."""
