@@ -178,6 +178,8 @@ def test_a_long_history_is_cut_to_half_keeping_the_latest_exchanges(engines):
 class Judged:
     """In place of the listener: what the guesses report about their words."""
 
+    answers = True  # its turns are answered (Options.answer_speech)
+
     def __init__(self) -> None:
         self.verdicts: list[float | None] = []
 

@@ -183,7 +183,7 @@ def test_a_cancelled_reply_never_calls_the_models_for_its_queued_jobs(held, expe
     from types import SimpleNamespace
 
     from app.core.chunking import ChunkSettings
-    from app.core.pipeline import make_reply
+    from app.core.pipeline import Writing, make_reply
     from app.core.reply import Reply
     from app.engines.llm import Prompt
 
@@ -192,9 +192,12 @@ def test_a_cancelled_reply_never_calls_the_models_for_its_queued_jobs(held, expe
     class CountingLlm:
         settings = SimpleNamespace(max_tokens=32, slice_tokens=8)
 
-        def prompt(self, messages):
+        def prompt(self, messages, tools=None):
             calls.append("prompt")
             return Prompt([], [])
+
+        def count_tokens(self, text):
+            return len(text.split())
 
         def stream_slice(self, prompt, so_far, **options):
             calls.append("slice")
@@ -219,7 +222,7 @@ def test_a_cancelled_reply_never_calls_the_models_for_its_queued_jobs(held, expe
         blockers = [asyncio.ensure_future((llm_worker if held == "llm" else tts_worker).run(busy))]
         await asyncio.to_thread(started.wait, 10)
         reply = asyncio.ensure_future(make_reply(
-            engines, [], Reply(16000), chunking=ChunkSettings(), temperature=None, voice=None,
+            engines, [], Reply(16000), chunking=ChunkSettings(), writing=Writing(), voice=None,
             on_text=lambda piece: None, on_audio=lambda chunk, first: None,
         ))
         await asyncio.sleep(0.2)  # its next job waits in the held worker's queue

@@ -99,12 +99,13 @@ class BrokenHistoryLlm(SpyLlm):
     broke = False
 
     def build_messages(
-        self, history: list[Message], user_text: str, system_prompt: str | None = None
+        self, history: list[Message], user_text: str | None, system_prompt: str | None = None,
+        tools: ToolSet | None = None,
     ) -> list[Message]:
         if not self.broke:
             self.broke = True
             raise KeyError("content")
-        return super().build_messages(history, user_text, system_prompt)
+        return super().build_messages(history, user_text, system_prompt, tools)
 
 
 class CrashingAsr:

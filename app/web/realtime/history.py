@@ -95,9 +95,10 @@ class History:
         else:
             at = self.entries.index(self.get(previous_item_id)) + 1
         self.entries.insert(at, entry)
+        previous = self.entries[at - 1].id if at > 0 else None
         if len(self.entries) > MAX_ITEMS:
             del self.entries[0]
-        return self.entries[at - 1].id if at > 0 else None
+        return previous
 
     def delete(self, item_id: str) -> None:
         self.entries.remove(self.get(item_id))
