@@ -120,6 +120,9 @@ async def session(url: str, speech: bytes, record: Record) -> None:
     try:
         await worker.queue_frames([LLMRunFrame()])  # turn one: the context's question
         await until(record, 1)
+        # A transport would play the answer in real time before the user speaks again; without one its audio
+        # arrives at once, and speech then would be heard as cutting in on it (the server's playback clock).
+        await asyncio.sleep(record.spoken()[0]["audio_bytes"] / (2 * RATE))
         start = time.monotonic()
         for i in range(0, len(speech), CHUNK):  # turn two: spoken, at a microphone's pace
             await asyncio.sleep(max(0.0, start + i / (2 * RATE) - time.monotonic()))
