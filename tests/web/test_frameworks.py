@@ -261,9 +261,9 @@ def test_openai_agents_realtime_agent_calls_a_tool_and_speaks_its_result_over_se
 
 
 def test_pipecat_realtime_service_in_a_pipeline_calls_a_function_and_replies_twice(
-        assistant, scripted_llm, engines, tmp_path):
+        assistant, scripted_llm, steady_voice, tmp_path):
     """pipecat runs in a child process (tests/web/pipecat_client.py): importing it patches asyncio.wait_for."""
-    speech = np.concatenate([speak(engines.tts, SPOKEN, RATE), np.zeros(2 * RATE, np.float32)])
+    speech = np.concatenate([speak(steady_voice, SPOKEN, RATE), np.zeros(2 * RATE, np.float32)])
     (path := tmp_path / "speech.pcm").write_bytes(float_to_int16(speech).tobytes())
     out = subprocess.run([sys.executable, "-m", "tests.web.pipecat_client", realtime_url(assistant), str(path)],
                          capture_output=True, text=True, timeout=3 * TIMEOUT)
@@ -275,5 +275,6 @@ def test_pipecat_realtime_service_in_a_pipeline_calls_a_function_and_replies_twi
     replies = [r for r in report["replies"] if r["audio_bytes"]]
     assert len(replies) >= 2, report
     assert TOOL_RESULT in replies[0]["transcript"], report
-    assert "wear" in words(replies[-1]["transcript"]), report  # the spoken question, heard and answered
+    # The spoken question, heard and answered (tiny.en hears "wear" as "work" in some renditions).
+    assert {"what", "should", "today"} <= set(words(replies[-1]["transcript"])), report
     assert scripted_llm.requests[-1]["messages"][-1]["role"] == "user"

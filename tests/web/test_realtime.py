@@ -359,11 +359,13 @@ def test_g711_at_8_khz_is_heard_and_spoken(live_server, engines, kind, way):
     assert word_error_rate(engines.asr.transcribe(resample(voice, 8000, ASR_RATE)), said) <= 0.4
 
 
-def test_without_create_response_the_vad_commits_and_transcribes_the_turn_but_nothing_answers(live_server):
+def test_without_create_response_the_vad_commits_and_transcribes_the_turn_but_nothing_answers(cpu_settings, engines):
     """create_response false: speech_started/stopped, committed, the item and its transcript, with interim
-    deltas while JFK speaks (appended words; .completed has the final text), and no response."""
+    deltas while JFK speaks (appended words; .completed has the final text), and no response until the
+    client asks for one: then the model reads what was said."""
     speech = np.concatenate([recording("jfk.flac", RATE), np.zeros(2 * RATE, np.float32)])
-    with connect(live_server) as conn:
+    llm = SpyLlm(engines.llm)
+    with served(own_engines(engines, llm=llm), cpu_settings) as url, connect(url) as conn:
         conn.session.update(session={"type": "realtime", "audio": {"input": {
             "turn_detection": {"type": "server_vad", "silence_duration_ms": 1500, "create_response": False},
             "transcription": {"model": "whisper-1"}}}})
@@ -378,6 +380,8 @@ def test_without_create_response_the_vad_commits_and_transcribes_the_turn_but_no
             events += until(conn, "conversation.item.input_audio_transcription.completed")
         conn.session.update(session={"type": "realtime"})  # all the turns' events have come before its answer
         events += until(conn, "session.updated")
+        conn.response.create()
+        answered = until(conn, "response.done")
     assert updated["session"]["audio"]["input"]["turn_detection"]["create_response"] is False
     started = [e["item_id"] for e in of(events, "input_audio_buffer.speech_started")]
     assert started == [e["item_id"] for e in of(events, "input_audio_buffer.committed")]
@@ -396,6 +400,9 @@ def test_without_create_response_the_vad_commits_and_transcribes_the_turn_but_no
         assert len(set(sent) & set(words(final))) >= len(sent) / 2, (sent, final)
     items = [e["item"] for e in of(events, "conversation.item.done")]
     assert [i["id"] for i in items] == started and all(i["status"] == "completed" for i in items)
+    assert of(answered, "response.done")[0]["response"]["status"] == "completed"
+    said = [{"role": "user", "content": e["transcript"]} for e in heard if e["transcript"]]
+    assert said_so_far(llm.turns[-1]) == said  # what the VAD's turns heard, in order
 
 
 def test_without_interrupt_response_speech_over_a_reply_does_not_cut_it_off(cpu_settings, engines):
