@@ -188,6 +188,7 @@ class Answering:
         """The options are read once here: a change sent meanwhile applies from the next reply."""
         c, (options, voice) = self._c, self._c.reply_options()
         request = turn.request or c.defaults
+        await c.memory.settled()
         messages = _messages(c, request, user_text, options)
         writing = Writing(options.temperature, request.tools, request.max_tokens)
         sample_rate = c.engines.tts.sample_rate

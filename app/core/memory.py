@@ -6,7 +6,7 @@ after it was all sent, the history keeps only the words played by then (app/core
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
@@ -23,12 +23,18 @@ class Memory:
         self._last_audio: np.ndarray | None = None  # the speech its user turn was, to take back (take_back)
         self.recording = True  # False: an adapter keeps the history (follow()); this only times replies
         self._source: Callable[[], list[Message]] | None = None
+        self._settled: Callable[[], Awaitable[None]] | None = None
 
-    def follow(self, history: Callable[[], list[Message]]) -> None:
+    def follow(self, history: Callable[[], list[Message]], settled: Callable[[], Awaitable[None]]) -> None:
         """An adapter keeps the history itself (the Realtime protocol's items, which its client edits): replies
         read it from `history()`, and no exchange is recorded here. The adapter learns what was said from the
-        conversation's Transcript and TurnEnd events."""
-        self._source, self.recording = history, False
+        conversation's events, so a reply first awaits `settled()`: every event before it has been read."""
+        self._source, self._settled, self.recording = history, settled, False
+
+    async def settled(self) -> None:
+        """The history holds everything said so far (at once, unless an adapter still reads the events)."""
+        if self._settled is not None:
+            await self._settled()
 
     def messages(self) -> list[Message]:
         """The messages before the next user words: this memory's own (trimmed in place), or the adapter's."""

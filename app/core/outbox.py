@@ -25,6 +25,7 @@ class Outbox:
         self.cap_bytes = cap_bytes
         self.bytes = 0  # what the events waiting here hold
         self.silenced: set[int] = set()  # turns whose queued audio must not go out any more
+        self.taken = 0  # events get() has returned
         self._queue: asyncio.Queue[ev.Event | None] = asyncio.Queue()
 
     def put(self, event: ev.Event | None) -> bool:
@@ -37,12 +38,17 @@ class Outbox:
         self._queue.put_nowait(event)
         return True
 
+    @property
+    def waiting(self) -> bool:
+        return not self._queue.empty()
+
     async def get(self) -> ev.Event | None:
         """The next event that may go out; None once the conversation is closed."""
         while True:
             event = await self._queue.get()
             self.bytes -= size_of(event)
             if not (isinstance(event, ev.ReplyAudio) and event.turn in self.silenced):
+                self.taken += 1
                 return event
 
     def stop_turn(self, turn_id: int) -> bool:

@@ -407,3 +407,42 @@ def test_with_barge_in_off_speech_over_a_reply_is_answered_after_it(engines, jfk
     first, second = of(events, ev.TurnEnd)
     assert (first.turn, first.reason, second.turn, second.reason) == (1, "completed", 2, "completed")
     assert first.reply  # all of it was spoken, and is remembered
+
+
+def test_a_reply_reads_an_adapters_history_only_once_the_adapter_has_read_every_event_before(engines, monkeypatch):
+    """Memory.follow: an adapter that keeps the history learns what was said from the events, and reads them
+    late (a client slow to take them): the second reply waits until the first one's end has been read."""
+    async def main() -> list[tuple]:
+        conversation = Conversation(engines, load_settings("cpu", environ={}))
+        history: list[dict] = []
+        handled = 0
+
+        async def settled() -> None:
+            while conversation.outbox.waiting or conversation.outbox.taken != handled:
+                await asyncio.sleep(0.005)
+
+        async def slow_reader() -> None:
+            nonlocal handled
+            while (event := await conversation.next_event()) is not None:
+                await asyncio.sleep(0.05)
+                if isinstance(event, ev.TurnEnd):
+                    history.extend([{"role": "user", "content": asked[event.turn - 1]},
+                                    {"role": "assistant", "content": event.reply}])
+                handled += 1
+
+        asked = ["My name is Ada.", "What is my name?"]
+        calls = count_calls(monkeypatch, conversation.engines.llm, "build_messages")
+        conversation.memory.follow(lambda: list(history), settled)
+        conversation.start()
+        reader = asyncio.create_task(slow_reader())
+        for text in asked:
+            conversation.respond(ev.ReplyRequest(voice=False), text=text)
+        while len(history) < 4:
+            await asyncio.sleep(0.05)
+        await conversation.close()
+        await reader
+        return [call for call in calls if call[1] in asked]
+
+    first, second = asyncio.run(asyncio.wait_for(main(), timeout=120))
+    assert first[0] == [] and second[0][:1] == [{"role": "user", "content": "My name is Ada."}]
+    assert second[0][1]["role"] == "assistant" and second[0][1]["content"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -30,6 +31,8 @@ from app.web.realtime.items import Items, speaks, token_cap, tool_list, tool_set
 from app.web.realtime.replies import Replies
 
 log = logging.getLogger(__name__)
+
+SETTLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ class RealtimeSession:
         self.limits = settings.limits
         self.setup = Setup(instructions=engines.llm.settings.system_prompt, voice="default")
         self.history = History()
-        self.conversation.memory.follow(self.history.messages)  # the client may edit the history: it is the items
+        # The client may edit the history: it is the items.
+        self.conversation.memory.follow(self.history.messages, self._settled)
         self.replies = Replies(self.conversation.id, self.history,
                                stop=lambda: self.conversation.interrupt(None, cause="client"))
         self.audio = InputAudio(self.conversation, settings.turns.max_turn_s)
@@ -106,6 +110,7 @@ class RealtimeSession:
         self._send_text: Callable[[str], Awaitable[None]] | None = None
         self._send_lock = asyncio.Lock()
         self._events = 0
+        self._translated = 0  # events of the conversation translated so far
 
     # ------------------------------------------------------------ the socket
 
@@ -163,9 +168,18 @@ class RealtimeSession:
     async def _write(self) -> None:
         """The conversation's events, translated, in order."""
         while (event := await self.conversation.next_event()) is not None:
-            for out in self.replies.translate(event, self.audio.ms):
+            outs = self.replies.translate(event, self.audio.ms)
+            self._translated += 1
+            for out in outs:
                 if not await self._send(out):
                     return
+
+    async def _settled(self) -> None:
+        """Until the events so far are translated: the items hold what was said, for the next reply to read
+        (a client slow to read its events delays it, by SETTLE_S at most)."""
+        outbox, deadline = self.conversation.outbox, time.monotonic() + SETTLE_S
+        while (outbox.waiting or outbox.taken != self._translated) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     # ------------------------------------------------------------ client events
 
