@@ -16,7 +16,7 @@ from app.audio import ASR_RATE
 from app.config import Settings
 from app.core.chunking import speakable
 from app.core.metrics import STAGES
-from tests.support import JFK_TEXT, encode_webm_opus, resample, serving, speak, word_error_rate
+from tests.support import JFK_TEXT, encode_webm_opus, resample, serving, speak, word_error_rate, words
 from tests.web.test_server import (
     TIMEOUT,
     events_until_turn_end,
@@ -303,8 +303,8 @@ def test_the_reply_heard_back_and_a_cough_do_not_cut_it_and_the_user_does(live_s
     # All sent before the test began to play it, the reply ended "completed"; the user's turn is answered.
     final = [e for _, e in seen if e["type"] == "transcript" and e["turn"] == 2][-1]["text"]
     print("the user's turn:", final)
-    # Whole, not its second half: the words from its start ("my") to its end ("fellow America...") are there.
-    # Only the spelling of single words may vary: the echo still plays under its first 1.8 s, and on the CI
-    # machine tiny Whisper once heard "And stole my fellow America." in it.
-    words = final.lower()
-    assert "my fellow america" in words and word_error_rate(final, "And so my fellow Americans") < 0.5, final
+    # Whole, not its second half: its first word and its "fellow" are there, and at most two of its five words
+    # are misheard (losing "And so my" would be three). The echo still plays under its first 1.8 s: tiny Whisper
+    # has heard "And stole my fellow America." and "and so am I fellow Americans." in it.
+    heard = words(final)
+    assert heard[0] == "and" and "fellow" in heard and word_error_rate(final, "And so my fellow Americans") < 0.5, final
