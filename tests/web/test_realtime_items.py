@@ -178,6 +178,8 @@ def test_a_required_tool_is_called_with_valid_arguments_and_its_output_is_answer
     ({"type": "response.create", "response": {"tool_choice": "required"}}, "invalid_value"),
     ({"type": "response.create", "response": {"max_output_tokens": 0}}, "invalid_value"),
     ({"type": "response.create", "response": {"output_modalities": ["video"]}}, "unsupported"),
+    ({"type": "session.update", "session": {"type": "realtime", "tools": [WEATHER | {"name": "get weather!"}]}},
+     "invalid_value"),
     ({"type": "session.update", "session": {"type": "realtime", "tools": [WEATHER],
                                             "tool_choice": {"type": "function", "name": "nope"}}}, "invalid_value"),
 ])

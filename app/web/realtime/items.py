@@ -105,7 +105,7 @@ class Items:
         """Answer the audio added since the last response (if any), or the conversation as it stands (a
         greeting, the answer after a function's output), as one turn of the core."""
         params = params or rt.ResponseParams()
-        if self.replies.active:
+        if self.replies.answering():
             raise Refused("conversation_already_has_active_response")
         request = self._request(params)
         out_of_band = params.conversation == "none"
@@ -206,17 +206,21 @@ def token_cap(value: int | str, where: str) -> int | None:
 
 
 def tool_list(tools: list[rt.FunctionTool], where: str) -> tuple[Tool, ...]:
+    """The client's function tools, as the engine checks them (names, each its own)."""
     if len(tools) > MAX_TOOLS or any(t.type != "function" for t in tools):
         raise Refused("unsupported", f"{where}.tools")
-    if len({t.name for t in tools}) != len(tools) or not all(t.name for t in tools):
-        raise Refused("invalid_value", f"{where}.tools")
-    return tuple(Tool(t.name, t.description, t.parameters) for t in tools)
+    try:
+        return ToolSet(tuple(Tool(t.name, t.description, t.parameters) for t in tools)).tools
+    except ValueError as exc:
+        raise Refused("invalid_value", f"{where}.tools") from exc
 
 
 def tool_set(tools: tuple[Tool, ...], choice: rt.ToolChoice, where: str) -> ToolSet | None:
     name = choice.name if isinstance(choice, rt.NamedChoice) else choice
-    if name not in ("auto", "none", "required") and name not in {t.name for t in tools}:
-        raise Refused("invalid_value", f"{where}.tool_choice")
     if name == "required" and not tools:
         raise Refused("invalid_value", f"{where}.tool_choice")
-    return ToolSet(tools, name) if tools else None
+    try:
+        toolset = ToolSet(tools, name)
+    except ValueError as exc:  # a choice that is none of the tools
+        raise Refused("invalid_value", f"{where}.tool_choice") from exc
+    return toolset if tools else None
