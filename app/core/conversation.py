@@ -110,14 +110,16 @@ class Conversation:
     def emit(self, event: ev.Event) -> None:
         if isinstance(event, ev.Error):
             self.metrics.errors.labels(event.code).inc()
-        # Only audio is ever refused: the client stopped reading. Rather than buffer its reply without bound,
-        # drop the rest of the reply's audio and end the turn (the next starts with an empty outbox).
-        if not self.outbox.put(event) and self.outbox.stop_turn(event.turn):  # type: ignore[union-attr]
-            log.warning("conversation %s: the client is not reading (%d bytes wait to go out, at most %d): "
-                        "dropping the rest of turn %d's audio", self.id, self.outbox.bytes, self.outbox.cap_bytes,
-                        event.turn)  # type: ignore[union-attr]
+        if self.outbox.put(event):
+            return
+        assert isinstance(event, ev.ReplyAudio), "only audio is ever refused"
+        # The client stopped reading: rather than buffer its reply without bound, drop the rest of its audio and
+        # end the turn (the next starts with an empty outbox).
+        if self.outbox.stop_turn(event.turn):
+            log.warning("conversation %s: the client is not reading (%d bytes wait to go out, at most %d): dropping "
+                        "the rest of turn %d's audio", self.id, self.outbox.bytes, self.outbox.cap_bytes, event.turn)
             self.metrics.dropped_audio.inc()
-            self.emit(ev.error("slow_client", event.turn))  # type: ignore[union-attr]
+            self.emit(ev.error("slow_client", event.turn))
             self.interrupt(None, cause="slow_client")
 
     def set_state(self, state: ev.State) -> None:
@@ -173,13 +175,10 @@ class Conversation:
         """Stop the reply: cancel the running turn, or trim what the history says was heard.
         `played`: samples of its audio the listener heard; None: estimate by the playback clock.
         Returns the words heard of a finished reply it cut (a running turn's are in its TurnEnd)."""
-        heard = None
         if (cut := self._answering.cut_off(cause, played)) is not None:
             self.outbox.silenced.add(cut[0].id)  # queued audio stops now, not when the task unwinds
-        else:
-            heard = self.memory.cut_last(played)
         self.playback_end = 0.0
-        return heard
+        return None if cut is not None else self.memory.cut_last(played)
 
     def reset(self) -> None:
         """New conversation: stop the reply, drop queued turns, forget the history."""

@@ -115,9 +115,7 @@ def prompt_tokens(llm: ChatModel | RemoteChatModel, prompt: Prompt | ChatRequest
     """The prompt's length in the model's tokens: exact in process; estimated for a server, which applies
     the template itself (the same estimate that trims the history for it)."""
     tokens = getattr(prompt, "tokens", None)
-    if tokens is not None:
-        return len(tokens)
-    return sum(llm.count_tokens(str(m.get("content") or "")) for m in messages)
+    return len(tokens) if tokens is not None else llm.count_messages(messages)
 
 
 async def write_reply(

@@ -114,7 +114,7 @@ class ContextWindow(ABC):
         roles = ("user", "assistant")
         example = [{"role": role, "content": text} for role, text in zip(roles, self.settings.example, strict=False)]
         user = [] if user_text is None else [{"role": "user", "content": user_text}]
-        reserved = self._count_tokens([system, *example, *user]) + self.settings.max_tokens + TEMPLATE_TOKENS
+        reserved = self.count_messages([system, *example, *user]) + self.settings.max_tokens + TEMPLATE_TOKENS
         if tools is not None and tools.offered():
             reserved += self.count_tokens(describe(tools))
         self.trim_history(history, budget=self.settings.n_ctx - reserved)
@@ -130,12 +130,13 @@ class ContextWindow(ABC):
         cached state for it.
         """
         turns = self.settings.history_turns
-        if _exchanges(history) <= turns and self._count_tokens(history) <= budget:
+        if _exchanges(history) <= turns and self.count_messages(history) <= budget:
             return
-        while history and (_exchanges(history) > turns // 2 or self._count_tokens(history) > budget // 2):
+        while history and (_exchanges(history) > turns // 2 or self.count_messages(history) > budget // 2):
             del history[: _first_exchange_size(history)]
 
-    def _count_tokens(self, messages: list[Message]) -> int:
+    def count_messages(self, messages: list[Message]) -> int:
+        """`messages`' tokens, with a few for each message's framing in the template."""
         return self.count_tokens("\n".join(map(_message_text, messages))) + 8 * len(messages)
 
 

@@ -85,15 +85,21 @@ def test_spoken_pcm_is_heard_answered_and_spoken(engines, jfk_pcm):
     assert states.index("thinking") < states.index("speaking")
 
 
-def test_speech_during_a_reply_cuts_it_off_and_is_answered(engines, jfk_pcm):
+def speak_over_a_story(engines: Engines, jfk_pcm: np.ndarray, options: ev.Options = ev.Options()) -> list[ev.Event]:
+    """A long story asked for by text; as soon as its voice comes, "And so my fellow Americans" is spoken."""
     async def script(conversation: Conversation, events: list[ev.Event]) -> None:
+        conversation.configure(options)
         conversation.say("Tell me a long story about a brave dragon.")
         await wait_for(events, lambda e: isinstance(e, ev.ReplyAudio))
         listener = conversation.listen()
         listener.feed(np.concatenate([jfk_pcm[: int(2.9 * ASR_RATE)], np.zeros(ASR_RATE, np.float32)]))
         await wait_for(events, turn_end(2))
 
-    events = run(engines, script)
+    return run(engines, script)
+
+
+def test_speech_during_a_reply_cuts_it_off_and_is_answered(engines, jfk_pcm):
+    events = speak_over_a_story(engines, jfk_pcm)
     barge_in = next(i for i, e in enumerate(events) if isinstance(e, ev.SpeechStarted))
     assert not [e for e in events[barge_in:] if isinstance(e, ev.ReplyAudio) and e.turn == 1]
     first, second = of(events, ev.TurnEnd)
@@ -393,16 +399,7 @@ def test_with_answer_speech_off_a_spoken_turn_is_transcribed_and_ends_not_answer
 
 def test_with_barge_in_off_speech_over_a_reply_is_answered_after_it(engines, jfk_pcm):
     """The Realtime adapter's interrupt_response false: the reply plays on, the speech is the next turn."""
-
-    async def script(conversation: Conversation, events: list[ev.Event]) -> None:
-        conversation.configure(ev.Options(barge_in=False))
-        conversation.say("Tell me a long story about a brave dragon.")
-        await wait_for(events, lambda e: isinstance(e, ev.ReplyAudio))
-        listener = conversation.listen()
-        listener.feed(np.concatenate([jfk_pcm[: int(2.9 * ASR_RATE)], np.zeros(ASR_RATE, np.float32)]))
-        await wait_for(events, turn_end(2))
-
-    events = run(engines, script)
+    events = speak_over_a_story(engines, jfk_pcm, ev.Options(barge_in=False))
     assert of(events, ev.SpeechStarted) and not of(events, ev.BargeIn)
     first, second = of(events, ev.TurnEnd)
     assert (first.turn, first.reason, second.turn, second.reason) == (1, "completed", 2, "completed")

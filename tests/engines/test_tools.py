@@ -284,7 +284,7 @@ def test_trimming_drops_whole_exchanges_with_their_calls(chat):
 def test_calls_count_toward_the_budget(chat):
     call = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "note", "arguments": json.dumps({"t": "word " * 200})}}]}
-    assert chat._count_tokens([call]) > 200 > chat._count_tokens([{"role": "assistant", "content": "hi"}])
+    assert chat.count_messages([call]) > 200 > chat.count_messages([{"role": "assistant", "content": "hi"}])
 
 
 # A chat template that knows tools, in the style of Qwen's and Llama 3.x's (written here, small).

@@ -81,6 +81,14 @@ def chunks(data: bytes, ms: int = CHUNK_MS) -> list[str]:
     return [base64.b64encode(data[i : i + step]).decode() for i in range(0, len(data), step)]
 
 
+def append_in_real_time(conn: Any, audio: np.ndarray) -> None:
+    """float32 at 24 kHz, appended CHUNK_MS at a time at a microphone's pace."""
+    start = time.monotonic()
+    for i, piece in enumerate(chunks(pcm24(audio))):
+        time.sleep(max(0.0, start + i * CHUNK_MS / 1000 - time.monotonic()))
+        conn.input_audio_buffer.append(audio=piece)
+
+
 def reply_audio(events: list[dict], response_id: str) -> np.ndarray:
     data = b"".join(base64.b64decode(e["delta"]) for e in of(events, "response.output_audio.delta")
                     if e["response_id"] == response_id)
@@ -109,10 +117,7 @@ def test_a_spoken_turn_sent_in_real_time_is_heard_and_answered_with_server_vad(l
             "turn_detection": {"type": "server_vad", "silence_duration_ms": 1500},
             "transcription": {"model": "whisper-1"}}}})
         updated = receive(conn)
-        start = time.monotonic()
-        for i, piece in enumerate(chunks(pcm24(speech))):
-            time.sleep(max(0.0, start + i * CHUNK_MS / 1000 - time.monotonic()))  # a microphone's pace
-            conn.input_audio_buffer.append(audio=piece)
+        append_in_real_time(conn, speech)
         events = until(conn, "response.done")
         # Should the VAD have cut the speech at a pause, every turn it found is answered in order: read on
         # until the speech that ends the recording has stopped and been answered.
@@ -301,10 +306,7 @@ def test_speech_during_a_reply_cancels_it_and_is_answered(cpu_settings, engines)
         conn.response.create()
         try:
             first = until(conn, "response.output_audio.delta")
-            start = time.monotonic()
-            for i, piece in enumerate(chunks(pcm24(question))):
-                time.sleep(max(0.0, start + i * CHUNK_MS / 1000 - time.monotonic()))
-                conn.input_audio_buffer.append(audio=piece)
+            append_in_real_time(conn, question)
             cut = until(conn, "response.done")
         finally:
             voice.release.set()
@@ -370,10 +372,7 @@ def test_without_create_response_the_vad_commits_and_transcribes_the_turn_but_no
             "turn_detection": {"type": "server_vad", "silence_duration_ms": 1500, "create_response": False},
             "transcription": {"model": "whisper-1"}}}})
         updated = receive(conn)
-        start = time.monotonic()
-        for i, piece in enumerate(chunks(pcm24(speech))):
-            time.sleep(max(0.0, start + i * CHUNK_MS / 1000 - time.monotonic()))
-            conn.input_audio_buffer.append(audio=piece)
+        append_in_real_time(conn, speech)
         events = until(conn, "conversation.item.input_audio_transcription.completed")
         while len(of(events, "conversation.item.input_audio_transcription.completed")) < len(
                 of(events, "input_audio_buffer.speech_started")):
@@ -419,10 +418,7 @@ def test_without_interrupt_response_speech_over_a_reply_does_not_cut_it_off(cpu_
         conn.response.create()
         try:
             first = until(conn, "response.output_audio.delta")
-            start = time.monotonic()
-            for i, piece in enumerate(chunks(pcm24(question))):
-                time.sleep(max(0.0, start + i * CHUNK_MS / 1000 - time.monotonic()))
-                conn.input_audio_buffer.append(audio=piece)
+            append_in_real_time(conn, question)
             first += until(conn, "input_audio_buffer.committed")
         finally:
             voice.release.set()

@@ -115,9 +115,6 @@ class Replies:
         self._vad_items: dict[int, Entry] = {}  # turns the VAD started, until they stop
         self._speaking: int | None = None
 
-    @property
-    def active(self) -> bool:
-        return bool(self._requests or self._turns)
 
     # ------------------------------------------------------------ what the client did
 
