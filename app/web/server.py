@@ -188,6 +188,8 @@ def create_app(
         lifespan=[models],
         middleware=[DefineMiddleware(access.HostCheck, hosts=hosts)],
         template_config=TemplateConfig(directory=ROOT / "templates", engine=JinjaTemplateEngine),
+        # No OpenAPI pages: they would answer without pairing, and load scripts from CDNs into our origin.
+        openapi_config=None,
         state=State(state),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -221,3 +222,14 @@ def test_page_health_and_status(live_server):
     status = urllib.request.urlopen(live_server + "/status").read().decode()
     assert "Ready" in status and "cpu" in status
     assert urllib.request.urlopen(live_server + "/static/player-worklet.js").status == 200
+
+
+def test_there_are_no_openapi_pages(live_server):
+    """Litestar's schema pages would answer without pairing and load third-party scripts into this origin."""
+    for path in ("/schema", "/schema/swagger", "/schema/redoc", "/schema/openapi.json", "/schema/openapi.yaml"):
+        try:
+            urllib.request.urlopen(live_server + path, timeout=10)
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 404, path
+        else:
+            raise AssertionError(f"{path} answered")
