@@ -52,11 +52,14 @@ class StreamDecoder:
     PyAV pulls from a blocking pipe in a thread of its own, so a container that arrives in
     100 ms pieces is decoded continuously. Each decoded block goes to `on_pcm` as float32
     mono at 16 kHz; `on_end` is called once, with an error message if the stream was garbage.
+    `container` is FFmpeg's demuxer for the container the client declared ("webm", "ogg", "mp4",
+    "wav"): the only one tried, so a client's bytes never reach every demuxer FFmpeg has by probing.
     """
 
     def __init__(
-        self, on_pcm: Callable[[np.ndarray], None], on_end: Callable[[str | None], None]
+        self, on_pcm: Callable[[np.ndarray], None], on_end: Callable[[str | None], None], container: str = "webm"
     ) -> None:
+        self._container = container
         self._pipe = _BlockingPipe()
         self._on_pcm = on_pcm
         self._on_end = on_end
@@ -83,7 +86,7 @@ class StreamDecoder:
         self._on_end(error)
 
     def _decode_all(self) -> None:
-        with av.open(self._pipe, mode="r") as container:
+        with av.open(self._pipe, mode="r", format=self._container) as container:
             if not container.streams.audio:
                 raise ValueError("no audio track in the stream")
             resampler = av.AudioResampler(format="flt", layout="mono", rate=ASR_RATE)

@@ -15,12 +15,12 @@ WAIT_S = 30  # generous: the decoder thread shares 2 cores with the rest of the 
 class Decoded:
     """Collects what a StreamDecoder gives, and lets a test wait for it instead of sleeping."""
 
-    def __init__(self) -> None:
+    def __init__(self, container: str = "webm") -> None:
         self.blocks: list[np.ndarray] = []
         self.error: str | None = None
         self.ended = threading.Event()
         self._more = threading.Condition()
-        self.decoder = StreamDecoder(self._on_pcm, self._on_end)
+        self.decoder = StreamDecoder(self._on_pcm, self._on_end, container)
 
     def _on_pcm(self, pcm: np.ndarray) -> None:
         with self._more:
@@ -43,10 +43,11 @@ class Decoded:
         return np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.float32)
 
 
-def decode_in_pieces(data: bytes, piece: int = 1500, *, while_open: int = 0) -> tuple[np.ndarray, str | None]:
-    """Feed `data` like MediaRecorder would and return (pcm, error). With `while_open`, first wait
-    until that many samples came out while the stream is still open: proof that it decodes as it goes."""
-    decoded = Decoded()
+def decode_in_pieces(data: bytes, piece: int = 1500, *, while_open: int = 0,
+                     container: str = "webm") -> tuple[np.ndarray, str | None]:
+    """Feed `data` like MediaRecorder would, declared as `container`, and return (pcm, error). With `while_open`,
+    first wait until that many samples came out while the stream is still open: proof that it decodes as it goes."""
+    decoded = Decoded(container)
     for i in range(0, len(data), piece):
         decoded.decoder.feed(data[i : i + piece])
     if while_open:
@@ -85,7 +86,7 @@ def test_ogg_opus_sent_a_page_at_a_time_decodes_each_page_before_the_next_comes(
     pieces = encode_ogg_opus(jfk_pcm[: 3 * ASR_RATE], ASR_RATE, frame_ms=20)
     assert len(pieces) == 3 * 50 + 1  # one per 20 ms, and one that drains the encoder
     per_page, behind = ASR_RATE // 50, ASR_RATE // 100  # a page's samples; the encoder's and resampler's delay
-    decoded = Decoded()
+    decoded = Decoded("ogg")
     for piece in pieces[:50]:
         decoded.decoder.feed(piece)
     for k in range(50, 60):

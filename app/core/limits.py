@@ -23,6 +23,17 @@ class LimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Bytes of events waiting to go out to one client; past it the reply's audio is dropped and its
     # turn ends `interrupted` (`slow_client`): about 45 s of 22 kHz voice.
     max_outgoing_bytes: int = 2 * 1024 * 1024
+    # /v1/realtime: items added while no response.create has come (user text or audio, committed buffers,
+    # any other item); one more is refused (`too_many_items`). Their audio is heard as one turn of the core,
+    # so together it is at most turns.max_turn_s (`too_long`), like one committed buffer.
+    max_pending_items: int = 64
+    # /v1/realtime: characters of text (messages, function calls' arguments and outputs) of those waiting items
+    # together; an item that would go past it is refused (`too_long`): eight typed messages' worth, more
+    # than the cpu preset's whole context (2048 tokens) holds, so no response is kept from reading what fits.
+    max_pending_chars: int = 16000
+    # /v1/realtime: items a conversation keeps; past it the oldest goes (the model reads only the newest
+    # exchanges anyway: llm.history_turns), so no client can grow the history without bound.
+    max_items: int = 512
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1 or self.max_queued_turns < 1 or self.max_text_chars < 1:
@@ -30,4 +41,6 @@ class LimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.prompt_room_tokens < 0 or self.max_frame_bytes < 1024 or self.max_outgoing_bytes < 64 * 1024:
             raise ValueError("limits: prompt_room_tokens >= 0, max_frame_bytes >= 1024, "
                              "max_outgoing_bytes >= 65536")
+        if not 1 <= self.max_pending_items <= self.max_items or self.max_pending_chars < self.max_text_chars:
+            raise ValueError("limits: 1 <= max_pending_items <= max_items, max_pending_chars >= max_text_chars")
 

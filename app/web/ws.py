@@ -1,7 +1,7 @@
 """The page's `/ws` protocol, as a thin adapter over the conversation core.
 
 Text frames are JSON control messages (app/web/ws_protocol.py) that become calls on the Conversation;
-binary frames are the browser's recording (WebM/Opus or whatever it records), decoded here to
+binary frames are the browser's recording (WebM, Ogg, MP4 or WAV, as audio_start declares), decoded here to
 16 kHz PCM for the conversation's Listener. The conversation's events go back out in order: JSON
 events as text frames, reply audio as raw s16le binary frames.
 """
@@ -39,6 +39,7 @@ class WsSession:
         self.id = self.conversation.id
         self.limits = settings.limits
         self._decoder: StreamDecoder | None = None  # the recording being received
+        self._refused = False  # the recording is in a container we do not read: its bytes are dropped
 
     async def serve(
         self,
@@ -109,7 +110,7 @@ class WsSession:
                 if self._prompt_fits(message.system_prompt):
                     self.conversation.configure(message)
             case p.AudioStart():
-                self._start_recording()
+                self._start_recording(message)
             case p.AudioStop():
                 self._stop_recording()
             case p.UserText():
@@ -146,17 +147,26 @@ class WsSession:
                      MAX_AUDIO_FRAME)
             self.conversation.emit(ev.error("bad_audio"))
             return
-        if self._decoder is None:  # audio without audio_start: let the decoder probe it
-            self._start_recording()
+        if self._refused:
+            return  # never decoded, nor probed
+        if self._decoder is None:  # audio without audio_start: in the page's usual container
+            self._start_recording(p.AudioStart())
         assert self._decoder is not None
         self._decoder.feed(data)
 
-    def _start_recording(self) -> None:
+    def _start_recording(self, start: p.AudioStart) -> None:
         self._stop_recording()
+        if (container := start.container) is None:
+            log.info("session %s: refused a recording in %r (not WebM, Ogg, MP4 or WAV)", self.id,
+                     start.mime_type[:100])
+            self.conversation.emit(ev.error("bad_audio"))
+            self._refused = True  # until the next audio_start or audio_stop
+            return
         listener = self.conversation.listen()
-        self._decoder = StreamDecoder(listener.feed, listener.end)
+        self._decoder = StreamDecoder(listener.feed, listener.end, container)
 
     def _stop_recording(self) -> None:
+        self._refused = False
         if self._decoder is not None:
             self._decoder.close()  # the listener's end() follows from the decoder's thread
             self._decoder = None

@@ -24,6 +24,18 @@ class AudioStart(msgspec.Struct, tag="audio_start", forbid_unknown_fields=True):
 
     mime_type: str = "audio/webm;codecs=opus"
 
+    @property
+    def container(self) -> str | None:
+        """FFmpeg's demuxer for `mime_type` ("audio/ogg; codecs=opus" -> "ogg"); None: not one we read."""
+        return CONTAINERS.get(self.mime_type.split(";")[0].strip().lower())
+
+
+# The containers a recording may be in (by MIME type, without parameters such as codecs), as FFmpeg's
+# demuxer that opens it: what browsers record (Chromium WebM, Firefox and the page's own writer Ogg, Safari
+# MP4), and WAV. The decoder opens only the one declared; FFmpeg never guesses from a client's bytes.
+CONTAINERS = {"audio/webm": "webm", "audio/ogg": "ogg", "audio/mp4": "mp4",
+              "audio/wav": "wav", "audio/wave": "wav", "audio/x-wav": "wav"}
+
 
 class AudioStop(msgspec.Struct, tag="audio_stop", forbid_unknown_fields=True):
     """The user stopped the microphone: whatever was said so far ends the turn now."""

@@ -5,15 +5,19 @@ function calls; usage and metadata; bad requests answered in words while the ses
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 
+import msgspec
 import pytest
 
 from app.engines.llm import DEFAULT_SYSTEM_PROMPT
+from app.web.realtime.errors import MESSAGES
+from app.web.realtime.history import Entry, History
 from app.web.realtime.protocol import RATE
-from tests.support import said_so_far
-from tests.web.test_realtime import GreedyLlm, ask, connect, of, receive, reply_audio, text_item, until
+from tests.support import said_so_far, speak, word_error_rate
+from tests.web.test_realtime import GreedyLlm, ask, chunks, connect, of, pcm24, receive, reply_audio, text_item, until
 from tests.web.test_ws import QUESTION, SpyVoice, own_engines, served
 
 WEATHER = {
@@ -190,3 +194,88 @@ def test_a_request_that_cannot_be_honoured_gets_an_error_and_the_session_goes_on
         after = ask(conn, "Hello?")
     assert error["error"]["code"] == code and error["error"]["message"]
     assert of(after, "response.done")[0]["response"]["status"] == "completed"
+
+
+# ---------------------------------------------------------------- bounds
+
+
+def answers(conn, count: int) -> list[dict]:
+    """Events until `count` item creations have each been added or refused."""
+    events: list[dict] = []
+    while len(of(events, "conversation.item.added")) + len(of(events, "error")) < count:
+        events.append(receive(conn))
+    return events
+
+
+@pytest.mark.parametrize("text, code", [("Hi.", "too_many_items"), ("x" * 1500, "too_long")])
+def test_a_flood_of_items_is_bounded_in_words_and_the_session_goes_on(live_server, cpu_settings, text, code):
+    """The issue's 2,000 items sent without a response.create: only what limits.max_pending_items and
+    .max_pending_chars allow is kept, the rest refused; a response then answers, and new items are taken again."""
+    limits = cpu_settings.limits
+    kept = min(limits.max_pending_items, limits.max_pending_chars // len(text))
+    events: list[dict] = []
+    with connect(live_server) as conn:
+        for batch in range(0, 2000, 100):  # in batches: neither side's socket buffer fills while the other waits
+            for i in range(batch, batch + 100):
+                conn.conversation.item.create(item=message("user", text, f"item_{i}"))
+            events += answers(conn, 100)
+        conn.conversation.item.retrieve(item_id=f"item_{kept - 1}")
+        conn.conversation.item.retrieve(item_id=f"item_{kept}")
+        read = until(conn, "error")
+        conn.response.create()
+        answered = until(conn, "response.done")
+        after = ask(conn, "Hello?")
+    assert [e["item"]["id"] for e in of(events, "conversation.item.added")] == [f"item_{i}" for i in range(kept)]
+    errors = [e["error"] for e in of(events, "error")]
+    assert len(errors) == 2000 - kept and {e["code"] for e in errors} == {code}
+    assert errors[0]["message"] == MESSAGES[code] and errors[0]["type"] == "invalid_request_error"
+    assert of(read, "conversation.item.retrieved")[0]["item"]["id"] == f"item_{kept - 1}"
+    assert of(read, "error")[0]["error"]["code"] == "item_not_found"  # a refused item was never added
+    assert of(answered, "response.done")[0]["response"]["status"] == "completed"
+    assert not of(after, "error") and of(after, "response.done")[0]["response"]["status"] == "completed"
+
+
+def audio_item(audio) -> dict:
+    data = base64.b64encode(pcm24(audio)).decode()
+    return {"type": "message", "role": "user", "content": [{"type": "input_audio", "audio": data}]}
+
+
+def test_audio_waiting_for_a_response_is_at_most_one_turn_and_a_refused_commit_keeps_its_buffer(cpu_settings, engines):
+    """turns.max_turn_s is 1.5 questions long: a second spoken question as an item, or committed, would make the
+    response's turn longer, and is refused; the first is answered, then the kept buffer can be committed."""
+    question = speak(engines.tts, QUESTION, RATE)
+    turns = msgspec.structs.replace(cpu_settings.turns, max_turn_s=round(1.5 * len(question) / RATE, 2))
+    with served(own_engines(engines), msgspec.structs.replace(cpu_settings, turns=turns)) as url, \
+            connect(url) as conn:
+        conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+        receive(conn)
+        conn.conversation.item.create(item=audio_item(question))
+        conn.conversation.item.create(item=audio_item(question))
+        created = until(conn, "error")
+        for piece in chunks(pcm24(question), ms=1000):
+            conn.input_audio_buffer.append(audio=piece)
+        conn.input_audio_buffer.commit()
+        (refused,) = of(until(conn, "error"), "error")
+        conn.response.create()
+        first = until(conn, "response.done")
+        conn.input_audio_buffer.commit()  # the buffer was kept: it is a turn of its own now
+        committed = until(conn, "conversation.item.added")
+        conn.response.create()
+        second = until(conn, "response.done")
+    (added,), (too_long,) = of(created, "conversation.item.added"), of(created, "error")
+    assert too_long["error"]["code"] == refused["error"]["code"] == "too_long"
+    assert too_long["error"]["message"] == MESSAGES["too_long"]
+    item_id = of(committed, "input_audio_buffer.committed")[0]["item_id"]
+    for events, heard_id in ((first, added["item"]["id"]), (second, item_id)):
+        (heard,) = of(events, "conversation.item.input_audio_transcription.completed")
+        assert heard["item_id"] == heard_id and word_error_rate(heard["transcript"], QUESTION) <= 0.2
+        assert of(events, "response.done")[0]["response"]["status"] == "completed"
+
+
+def test_the_history_keeps_at_most_max_items_and_an_item_put_first_stays():
+    history = History(max_items=3)
+    for name in "abcd":
+        history.add(Entry(name, text=name))
+    assert [e.id for e in history.entries] == ["b", "c", "d"]  # the oldest went
+    history.add(Entry("first", text="x"), "root")
+    assert [e.id for e in history.entries] == ["first", "c", "d"]  # the oldest after it, not itself

@@ -320,6 +320,37 @@ def test_audio_without_audio_start_is_decoded_and_answered(cpu_settings, engines
     assert turn_ends(events, 1) == ["completed"] and reply_of(events, 1)
 
 
+@pytest.mark.parametrize("mime_type", ["audio/mpeg", "audio/ogg;codecs=opus"])
+def test_a_recording_not_in_a_container_it_declares_that_we_read_is_refused_and_the_next_is_heard(
+    live_server, question_pieces, app_log, mime_type
+):
+    """An unknown type is refused at once and its bytes dropped; WebM declared as Ogg fails to open as Ogg. Either
+    way `bad_audio` and nothing heard: FFmpeg is never left to find the real container by probing."""
+    with session(live_server) as ws:
+        send(ws, "audio_start", mime_type=mime_type)
+        for piece in question_pieces:
+            ws.send(piece)
+        send(ws, "audio_stop")
+        refused = next_event(ws, "error")
+        send_recording(ws, question_pieces)  # then the same speech, declared as what it is
+        events = [refused]
+        while not [e for e in of_type(events, "turn_end") if e["reason"] == "completed"]:
+            events.append(next_json(ws))
+    assert [e["code"] for e in of_type(events, "error")] == ["bad_audio"]
+    assert refused["message"] == ERROR_MESSAGES["bad_audio"]
+    (transcript,) = [e for e in of_type(events, "transcript") if e["final"]]  # only the second recording's
+    assert word_error_rate(transcript["text"], QUESTION) <= 0.2
+    if mime_type == "audio/mpeg":
+        assert "refused a recording in 'audio/mpeg'" in app_log.text
+        assert not [e for e in events if e["type"] == "turn_end" and e["reason"] != "completed"]  # no turn began
+
+
+def next_json(ws: ClientConnection) -> dict:
+    while isinstance(message := ws.recv(timeout=TIMEOUT), bytes):
+        pass
+    return json.loads(message)
+
+
 def test_an_interrupt_mid_reply_keeps_exactly_the_words_played(cpu_settings, engines):
     llm, voice = SpyLlm(engines.llm, max_tokens=80), SpyVoice(engines.tts)
     voice.hold_after(2)  # the reply stops being made after its second phrase

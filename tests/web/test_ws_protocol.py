@@ -21,6 +21,16 @@ def test_client_messages_decode_by_type():
     assert hello == p.Hello(temperature=0.3, end_silence_ms=700)
 
 
+@pytest.mark.parametrize(("mime_type", "container"), [
+    ("audio/webm;codecs=opus", "webm"), ("audio/webm", "webm"), ("audio/ogg; codecs=opus", "ogg"),
+    ("Audio/OGG", "ogg"), ("audio/mp4", "mp4"), ("audio/mp4;codecs=mp4a.40.2", "mp4"), ("audio/wav", "wav"),
+    ("audio/wave", "wav"), ("audio/x-wav", "wav"),
+    ("audio/mpeg", None), ("video/x-flv", None), ("application/octet-stream", None), ("", None), ("webm", None),
+])
+def test_audio_start_names_the_only_demuxer_its_recording_is_opened_with(mime_type, container):
+    assert p.AudioStart(mime_type).container == container
+
+
 @pytest.mark.parametrize(
     "raw",
     [

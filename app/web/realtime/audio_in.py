@@ -72,6 +72,10 @@ class InputAudio:
             raise Refused("input_audio_buffer_commit_empty")
         return Entry(new_id("item"), spoken=True, audio=audio, seconds=len(audio) / ASR_RATE, status="in_progress")
 
+    def keep(self, audio: np.ndarray) -> None:
+        """A commit that was refused: its audio is the buffer again, as it was."""
+        self._buffer = [audio]
+
     def whole(self, audio: str) -> np.ndarray:
         """An input_audio item's audio, in the session's format, as the core hears it (16 kHz float32)."""
         return Resampler(self._format.rate, ASR_RATE, "flt").all(samples(audio, self._format))

@@ -20,6 +20,11 @@ MESSAGES = {
     "conversation_already_has_active_response": "A response is in progress; cancel it first.",
     "response_cancel_not_active": "There is no response in progress to cancel.",
     "item_not_found": "There is no such item (and only the latest assistant reply can be truncated).",
+    "too_many_items": "Too many items are waiting for a response; send response.create (or delete some) before "
+                      "adding more.",
+    "too_long": "That is too long: an item (its text, or audio longer than one turn), the instructions, or the "
+                "items waiting for a response together (their text, or their audio: one turn at most). Shorten "
+                "it, or send response.create first.",
 }
 
 

@@ -13,8 +13,6 @@ from app.engines.llm import Message
 from app.web.realtime import protocol as rt
 from app.web.realtime.errors import Refused
 
-MAX_ITEMS = 512  # past this, the oldest go: the model reads only the newest few anyway (llm.history_turns)
-
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
@@ -37,6 +35,11 @@ class Entry:
     arguments: str = ""
     output: str = ""
     status: str = "completed"
+
+    @property
+    def chars(self) -> int:
+        """Characters of text the model reads of it: its text or transcript, a call's name, arguments, output."""
+        return len(self.text or "") + len(self.name) + len(self.arguments) + len(self.output)
 
     def info(self) -> rt.AnyItem:
         if self.kind == "function_call":
@@ -68,9 +71,11 @@ class Entry:
 
 
 class History:
-    """The items in conversation order, found by id."""
+    """The items in conversation order, found by id; at most `max_items` (limits.max_items), the oldest going
+    first (the model reads only the newest few exchanges anyway: llm.history_turns)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_items: int) -> None:
+        self.max_items = max_items
         self.entries: list[Entry] = []
 
     @property
@@ -96,9 +101,12 @@ class History:
             at = self.entries.index(self.get(previous_item_id)) + 1
         self.entries.insert(at, entry)
         previous = self.entries[at - 1].id if at > 0 else None
-        if len(self.entries) > MAX_ITEMS:
-            del self.entries[0]
+        if len(self.entries) > self.max_items:
+            del self.entries[1 if at == 0 else 0]  # the oldest, unless that is the item just put first
         return previous
+
+    def holds(self, entry: Entry) -> bool:
+        return any(e is entry for e in self.entries)
 
     def delete(self, item_id: str) -> None:
         self.entries.remove(self.get(item_id))

@@ -30,23 +30,49 @@ class Items:
         self.limits = limits
         self.history = history
         self.defaults = ev.ReplyRequest()
-        self._pending: list[Entry] = []  # user audio that the next response.create will hear
+        self._waiting: list[Entry] = []  # the items added since the last response.create; it hears their audio
+
+    @property
+    def waiting(self) -> list[Entry]:
+        """The items added since the last response that are still in the history (the oldest may have gone)."""
+        self._waiting = [e for e in self._waiting if self.history.holds(e)]
+        return self._waiting
+
+    def _admit(self, entry: Entry) -> None:
+        """Refused where `entry` would take the items waiting for a response past their bounds: how many,
+        their text together, and their audio together, which the response hears as one turn of the core."""
+        waiting = self.waiting
+        if len(waiting) >= self.limits.max_pending_items:
+            raise Refused("too_many_items")
+        if sum(e.chars for e in waiting) + entry.chars > self.limits.max_pending_chars:
+            raise Refused("too_long", "item.content")
+        audio = [e.audio for e in (*waiting, entry) if e.audio is not None]
+        if sum(map(len, audio)) > self.audio.max_turn_s * ASR_RATE:
+            raise Refused("too_long", "item.content")
 
     # ------------------------------------------------------------ conversation.item.*
 
     def create(self, wanted: rt.ItemIn, previous_item_id: str | None = None) -> list[rt.ServerEvent]:
         entry = self.entry(wanted, new_id("item"))
+        self._admit(entry)
         previous = self.history.add(entry, previous_item_id)
+        self._waiting.append(entry)
         if entry.audio is not None:
-            self._pending.append(entry)
             return [rt.ItemAdded(item=entry.info(), previous_item_id=previous)]  # done once it is heard
         return [rt.ItemAdded(item=entry.info(), previous_item_id=previous),
                 rt.ItemDone(item=entry.info(), previous_item_id=previous)]
 
-    def add_committed(self, entry: Entry) -> list[rt.ServerEvent]:
-        """The input audio buffer, committed by the client: a user item to hear at the next response."""
+    def commit(self) -> list[rt.ServerEvent]:
+        """The input audio buffer, committed by the client: a user item to hear at the next response. Where
+        the items already waiting leave no room for it, it is refused and the buffer kept as it was."""
+        entry = self.audio.commit()
+        try:
+            self._admit(entry)
+        except Refused:
+            self.audio.keep(entry.audio)  # the client may send response.create first, or clear it
+            raise
         previous = self.history.add(entry)
-        self._pending.append(entry)
+        self._waiting.append(entry)
         return [rt.Committed(item_id=entry.id, previous_item_id=previous),
                 rt.ItemAdded(item=entry.info(), previous_item_id=previous)]
 
@@ -95,21 +121,23 @@ class Items:
     def delete(self, item_id: str) -> list[rt.ServerEvent]:
         entry = self.history.get(item_id)
         self.history.delete(item_id)
-        if entry in self._pending:
-            self._pending.remove(entry)
+        self._waiting = [e for e in self._waiting if e is not entry]
         return [rt.ItemDeleted(item_id=item_id)]
 
     # ------------------------------------------------------------ response.*
 
     def respond(self, params: rt.ResponseParams | None) -> None:
         """Answer the audio added since the last response (if any), or the conversation as it stands (a
-        greeting, the answer after a function's output), as one turn of the core."""
+        greeting, the answer after a function's output), as one turn of the core: that audio joined is at most
+        turns.max_turn_s, as each item added was checked (_admit)."""
         params = params or rt.ResponseParams()
         if self.replies.answering():
             raise Refused("conversation_already_has_active_response")
         request = self._request(params)
         out_of_band = params.conversation == "none"
-        heard, self._pending = ([], self._pending) if out_of_band else (self._pending, [])
+        heard = [] if out_of_band else [e for e in self.waiting if e.audio is not None]
+        if not out_of_band:
+            self._waiting = []  # a new wait begins; an out-of-band response leaves the conversation's alone
         if self.conversation.memory.still_playing():
             # The protocol's rule: a reply the client did not truncate was heard whole. Without this
             # the core would cut it by its playback clock, as for the page's typing over its voice.
@@ -151,10 +179,14 @@ class Items:
         conversation's), or else the conversation as it stands."""
         if given is None:
             return self.history.messages()
+        if len(given) > self.limits.max_pending_items:
+            raise Refused("too_many_items", "response.input")  # as many as may wait for an in-band response
         entries = [self.history.get(item.id or "") if item.type == "item_reference" else self.entry(item, "")
                    for item in given]
         if any(e.audio is not None for e in entries):
             raise Refused("unsupported", "response.input")  # audio to hear, out of band: not in the core
+        if sum(e.chars for e in entries) > self.limits.max_pending_chars:
+            raise Refused("too_long", "response.input")
         return self.history.messages(entries)
 
     def cancel(self) -> None:

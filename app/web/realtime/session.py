@@ -100,7 +100,7 @@ class RealtimeSession:
         self.id = self.conversation.id
         self.limits = settings.limits
         self.setup = Setup(instructions=engines.llm.settings.system_prompt, voice="default")
-        self.history = History()
+        self.history = History(self.limits.max_items)
         # The client may edit the history: it is the items.
         self.conversation.memory.follow(self.history.messages, self._settled)
         self.replies = Replies(self.conversation.id, self.history,
@@ -236,7 +236,7 @@ class RealtimeSession:
         if self.setup.server_vad:
             self.audio.stop_listening()
             return []
-        return self.items.add_committed(self.audio.commit())
+        return self.items.commit()
 
     # ------------------------------------------------------------ session.update
 
