@@ -155,7 +155,7 @@ def paired(connection: ASGIConnection) -> bool:
     device = pairing.devices.find(device_id)
     if device is None or device_id is None:
         return False
-    if pairing.devices.renew(device):
+    if connection.scope["type"] == "http" and pairing.devices.renew(device):  # a socket's answer sets no cookie
         renewal = devices.device_cookie(device_id).to_header(header="")
         connection.scope[devices.RENEWAL] = renewal
     return True

@@ -36,7 +36,7 @@ from app.startup import BackgroundLoad
 from app.web import access, devices, headers
 from app.web import ws_protocol as p
 from app.web.devices import Pairing
-from app.web.lan import LOOPBACK_NAMES, phone_url, qr_svg, token_link
+from app.web.lan import is_loopback, phone_url, qr_svg, token_link
 from app.web.pairing import ROUTES as PAIRING_ROUTES
 from app.web.pairing import TITLE, pairing_step
 from app.web.realtime.errors import error_event
@@ -60,7 +60,7 @@ async def index(request: Request, state: State) -> Template | Redirect:
         return step
     bind = state.settings.host
     context = {"title": TITLE, "ws_path": "/ws", "phone_url": _phone_link(request, state),
-               "on_lan": bind not in LOOPBACK_NAMES, "fingerprint": state.fingerprint,
+               "on_lan": not is_loopback(bind), "fingerprint": state.fingerprint,
                "pairing": state.pairing is not None}
     return Template("index.html", context=context)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import NamedTuple
 
 import msgspec
 import pytest
+from websockets.sync.client import connect
 
 from app.config import Settings
 from app.engines.loaded import Engines
@@ -104,7 +106,10 @@ def test_a_device_is_renewed_on_use_and_dropped_after_30_days_unseen(server: Ser
     status, headers, _ = get(server.url, "/status", headers=phone)
     assert status == 200 and "set-cookie" not in headers  # renewed at most once a day
     server.now[0] += 2 * DAY
-    status, headers, _ = get(server.url, "/status", headers=phone)  # any route renews: here htmx's poll
+    ws_url = server.url.replace("http", "ws") + "/ws"
+    with connect(ws_url, open_timeout=10, additional_headers=phone) as ws:  # a socket's answer sets no cookie...
+        assert json.loads(ws.recv(timeout=10))["type"] == "ready"
+    status, headers, _ = get(server.url, "/status", headers=phone)  # ...the next request renews: htmx's poll
     cookie = phone["Cookie"].split("; ")[0]
     assert status == 200 and headers["set-cookie"].startswith(cookie + ";")  # the same id, 30 days more
     assert f"Max-Age={30 * DAY}" in headers["set-cookie"]
