@@ -2,6 +2,8 @@
 #   docker build -t voice-assistant .
 #   docker run --gpus all -p 127.0.0.1:8000:8000 -v va-models:/models voice-assistant   (this computer only;
 #   phones on the network: see the README, `serve --lan` with --network host)
+# The server listens on every interface of the container (VA_HOST=0.0.0.0), so it pairs: open the
+# "on this computer" link from `docker logs` (http://localhost:8000/?token=...) once per browser.
 # CUDA 13.0 matches torch 2.13's PyPI wheels (the nvidia-*/cu13 packages in uv.lock); the host needs an
 # NVIDIA driver >= 580. The venv is built in the CUDA devel image (llama-cpp-python compiles llama.cpp
 # with nvcc) and copied into the smaller runtime image. Every Python package comes from uv.lock.
@@ -70,7 +72,7 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # A user of its own (numeric below, so the host can resolve it); /models, the Hugging Face cache and
-# a volume, is the one place it writes to besides its home (a --lan certificate).
+# a volume, is the one place it writes to.
 RUN groupadd --gid 10001 assistant \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin assistant \
     && mkdir /models \
@@ -81,10 +83,13 @@ COPY --from=build /app /app
 
 # A GPU outside CUDA_ARCHS runs llama.cpp from PTX, which the driver compiles at the first start: its
 # cache goes in the volume too, at the largest size the driver allows, so that happens once, not on
-# every container start.
+# every container start. XDG_CACHE_HOME puts the pairing token, the paired devices and a --lan
+# certificate (voice-assistant/tls, 0700) in the volume as well: a re-created container (a new image)
+# keeps every device paired.
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/models \
+    XDG_CACHE_HOME=/models/cache \
     CUDA_CACHE_PATH=/models/cuda-jit-cache \
     CUDA_CACHE_MAXSIZE=4294967296 \
     VA_HOST=0.0.0.0 \
@@ -95,7 +100,8 @@ EXPOSE 8000
 USER 10001:10001
 
 # Healthy = every model loaded and warmed up (/health answers 200; 503 while loading). A first launch
-# downloads about 6 GB of models, hence the long start period.
+# downloads about 6 GB of models, hence the long start period. It asks from inside the container
+# (loopback), which needs no pairing.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20m --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('VA_PORT', '8000'), timeout=4)"]
 

@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 from app.config import ConfigError, Settings, load_settings
+from app.web.devices import Pairing, open_pairing
 from app.web.lan import (
     ALL_INTERFACES,
+    ExposedSecret,
     TlsFiles,
     announce,
     ensure_certificate,
     fingerprint,
-    pairing_token,
+    is_loopback,
     uvicorn_tls,
 )
 
@@ -35,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     serve.add_argument("--cert", type=Path, help="TLS certificate (PEM file); with --key, serve HTTPS")
     serve.add_argument("--key", type=Path, help="private key of --cert (PEM file)")
     serve.add_argument("--new-token", action="store_true",
-                       help="with --lan: replace the pairing token (every device must pair again)")
+                       help="replace the pairing token and forget every paired device (a server on the network)")
     return parser.parse_args(argv)
 
 
@@ -59,12 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.preset, flag_overrides(args))
         tls = tls_files(lan=args.lan, cert=args.cert, key=args.key)
-        token = lan_token(lan=args.lan, new=args.new_token)
+        pairing = pairing_for(settings.host, new=args.new_token)
     except ConfigError as exc:
         print(f"voice-assistant: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
-    return serve(settings, fallback=args.preset == "auto", tls=tls, token=token)
+    return serve(settings, fallback=args.preset == "auto", tls=tls, pairing=pairing)
 
 
 def tls_files(*, lan: bool, cert: Path | None, key: Path | None) -> TlsFiles | None:
@@ -80,31 +82,41 @@ def tls_files(*, lan: bool, cert: Path | None, key: Path | None) -> TlsFiles | N
     return ensure_certificate() if lan else None
 
 
-def lan_token(*, lan: bool, new: bool) -> str | None:
-    """The pairing token `--lan` needs (kept across restarts; `--new-token` replaces it); none on loopback."""
-    if new and not lan:
-        raise ConfigError("--new-token goes with --lan: only a server on the network pairs devices")
-    return pairing_token(new=new) if lan else None
+def pairing_for(host: str, *, new: bool) -> Pairing | None:
+    """The pairing of a server that listens beyond loopback (`--lan`, `--host 0.0.0.0`, a LAN address, the
+    Docker image's VA_HOST=0.0.0.0): its token, kept across restarts, and its paired devices; `--new-token`
+    replaces the token and forgets the devices. None on loopback: nobody else can connect."""
+    if is_loopback(host):
+        if new:
+            raise ConfigError(f"--new-token goes with a server on the network (--lan, or --host other than {host}): "
+                              "one on this computer alone pairs nothing")
+        return None
+    try:
+        return open_pairing(new=new)
+    except ExposedSecret as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def serve(settings: Settings, *, fallback: bool = False, tls: TlsFiles | None = None,
-          token: str | None = None) -> int:
+          pairing: Pairing | None = None) -> int:
     """Open the port at once; the models load and warm up behind it (/health says "loading").
     A model that cannot load ends the server: exit 1 with the one-line reason, no traceback wall.
-    With a pairing `token`, every browser and program must carry it (access.py)."""
+    With `pairing`, every browser must be paired and every program carry the token (access.py)."""
     import uvicorn
 
+    from app.web.access import hide_tokens_in_access_log
     from app.web.server import create_app
 
     def stop(_reason: str) -> None:
         server.should_exit = True  # `server` exists: the lifespan that can fail runs inside server.run()
 
-    app = create_app(settings, fallback=fallback, on_failure=stop, token=token,
+    app = create_app(settings, fallback=fallback, on_failure=stop, pairing=pairing,
                      fingerprint=fingerprint(tls.cert) if tls is not None else None)
-    announce(settings.host, settings.port, tls, token)
+    announce(settings.host, settings.port, tls, pairing.token if pairing is not None else None)
     # ws_max_size: uvicorn refuses a larger frame (close 1009) before reading it whole.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             ws_max_size=settings.limits.max_frame_bytes, **uvicorn_tls(tls))
+    hide_tokens_in_access_log()  # after uvicorn.Config, which sets up uvicorn's loggers
     server = uvicorn.Server(config)
     server.run()
     now = app.state.loading.state

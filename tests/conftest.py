@@ -16,6 +16,8 @@ from app.config import Settings, load_settings
 from app.engines.loaded import Engines
 from app.engines.tts.piper import PiperEngine
 from app.startup import load_and_warm
+from app.web.access import AccessSettings
+from app.web.devices import Pairing, open_pairing
 from tests.support import recording, serving
 
 pytest_plugins = ["tests.skips", "pytester"]
@@ -61,23 +63,25 @@ class PairedServer(NamedTuple):
     token: str
     cert: Path
     fingerprint: str
+    folder: Path  # the token, the device list and the certificate
+    pairing: Pairing
 
 
 @pytest.fixture(scope="session")
 def paired_server(tmp_path_factory, cpu_settings: Settings, engines: Engines) -> Iterator[PairedServer]:
-    """The real app as `serve --lan` makes it (all interfaces, HTTPS, a pairing token), bound to loopback
-    only, so the test opens nothing to the network."""
-    import msgspec
-
+    """The real app as `serve --lan` makes it (all interfaces, HTTPS, pairing), bound to loopback only, so
+    the test opens nothing to the network. Its test clients connect from 127.0.0.1, so this computer is
+    not trusted (access.trust_loopback off): they must pair like phones."""
     from app.web import lan
     from app.web.server import create_app
 
     folder = tmp_path_factory.mktemp("paired")
-    tls, token = lan.ensure_certificate(folder), lan.pairing_token(folder)
-    settings = msgspec.structs.replace(cpu_settings, host=lan.ALL_INTERFACES)
-    app = create_app(settings, engines, token=token, fingerprint=lan.fingerprint(tls.cert))
+    tls, pairing = lan.ensure_certificate(folder), open_pairing(folder)
+    settings = msgspec.structs.replace(cpu_settings, host=lan.ALL_INTERFACES,
+                                       access=AccessSettings(trust_loopback=False))
+    app = create_app(settings, engines, pairing=pairing, fingerprint=lan.fingerprint(tls.cert))
     with serving(app, **lan.uvicorn_tls(tls)) as url:
-        yield PairedServer(url, token, tls.cert, lan.fingerprint(tls.cert))
+        yield PairedServer(url, pairing.token, tls.cert, lan.fingerprint(tls.cert), folder, pairing)
 
 
 @pytest.fixture

@@ -206,7 +206,8 @@ def serving(app, **options) -> Iterator[str]:
     if settings is not None:
         options.setdefault("ws_max_size", settings.limits.max_frame_bytes)
 
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", **options)
+    options.setdefault("log_level", "warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

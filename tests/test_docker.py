@@ -191,6 +191,23 @@ def test_runtime_is_non_root_with_a_model_volume_and_a_health_check(steps):
     assert "--start-period" in check  # models download and warm up before /health says 200
 
 
+def test_the_image_pairs_and_keeps_its_devices_in_the_volume(steps, monkeypatch, tmp_path):
+    """The image listens on every interface of the container, so `serve` pairs; the token, the devices and
+    a certificate live under XDG_CACHE_HOME, in the model volume: a new container keeps them."""
+    from app.cli import main
+
+    env = env_values(stages(steps)[-1])
+    assert env["XDG_CACHE_HOME"].startswith(env["HF_HOME"] + "/")
+    monkeypatch.setenv("VA_HOST", env["VA_HOST"])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the volume, here
+    served: list[dict] = []
+    monkeypatch.setattr("app.cli.serve", lambda settings, **kw: served.append(kw) or 0)
+    assert main(["serve", "--preset", "cpu"]) == 0 and main(["serve", "--preset", "cpu"]) == 0
+    first, second = (kw["pairing"] for kw in served)
+    assert first is not None and first.token == second.token  # a re-created container: still paired
+    assert (tmp_path / "voice-assistant" / "tls" / "token").read_text() == first.token
+
+
 def test_dockerignore_keeps_the_venv_out_of_the_build_context():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored

@@ -170,7 +170,7 @@ ERROR_MESSAGES: dict[str, str] = {
     "too_long": "That was too long for the assistant. Please make it shorter.",
     "turn_dropped": "Too many messages were waiting, so the oldest one was dropped.",
     "slow_client": "The connection could not keep up, so the rest of this reply's voice was skipped.",
-    "load_failed": "The assistant could not start. The server's log (and its /health) says why.",
+    "load_failed": "The assistant could not start: its models could not be loaded. The server's log says why.",
 }
 
 

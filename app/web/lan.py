@@ -3,7 +3,9 @@ token, and QR codes.
 
 A phone's browser opens the microphone only on a secure page, so `serve --lan` needs HTTPS; without
 a certificate of the user's own, one is made once and kept under the cache folder, and so is the token
-that pairs a phone (access.py checks it), so that a paired phone stays paired across restarts.
+that pairs a device (whenever the server listens beyond loopback; access.py checks it, devices.py keeps
+the devices it paired), so that a paired phone stays paired across restarts. The folder is the owner's
+alone (0700), and so are the key, the token and the device list (0600).
 """
 
 from __future__ import annotations
@@ -28,12 +30,26 @@ CERT_DAYS = 825  # the longest validity Apple's platforms accept for a server ce
 CERT_NAME, KEY_NAME, TOKEN_NAME = "cert.pem", "key.pem", "token"
 
 
+class ExposedSecret(ValueError):
+    """A secret file others can read; the message names it and the fix (the cli says it as a ConfigError)."""
+
+
 class TlsFiles(msgspec.Struct, frozen=True):
     """A PEM certificate and its private key, as uvicorn's ssl_certfile/ssl_keyfile take them."""
 
     cert: Path
     key: Path
     self_signed: bool = False  # made here: browsers warn once, the log says so
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a bind address or a name) is this computer only: then nobody else can connect."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name other than localhost: it may resolve to any interface
+        return False
 
 
 def lan_ip() -> str:
@@ -78,15 +94,15 @@ def phone_url(request_url: str, bind_host: str, ip: str | None = None) -> str:
 def ensure_certificate(folder: Path | None = None, ips: list[str] | None = None) -> TlsFiles:
     """A self-signed certificate for localhost, 127.0.0.1 and the LAN IP, made once and reused
     while it still covers those names (a new network means a new LAN IP, so a new certificate)."""
-    folder = folder or default_tls_dir()
+    folder = private_folder(folder or default_tls_dir())
     files = TlsFiles(folder / CERT_NAME, folder / KEY_NAME, self_signed=True)
     wanted = {"127.0.0.1", *(ips if ips is not None else [lan_ip()])}
     if _still_good(files, wanted):
+        files.key.chmod(0o600)  # made by hand or by an older version: the key is the owner's alone
         log.info("TLS: reusing the self-signed certificate in %s", folder)
         return files
-    folder.mkdir(parents=True, exist_ok=True)
     cert_pem, key_pem = _self_signed(sorted(wanted))
-    _write_private(files.key, key_pem)
+    write_private(files.key, key_pem)
     files.cert.write_bytes(cert_pem)
     log.info("TLS: made a self-signed certificate for localhost, %s in %s", ", ".join(sorted(wanted)), folder)
     return files
@@ -137,11 +153,23 @@ def _self_signed(ips: list[str]) -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Only the owner may read the key, from the moment the file exists."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def private_folder(folder: Path) -> Path:
+    """The folder of the key, the token and the device list, made (or made again) the owner's alone."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    folder.chmod(0o700)  # one that existed (an older version made it 0755) is closed too
+    return folder
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Only the owner may read the file, from the moment it exists: written to a new file beside it
+    and renamed over it, so a reader never sees half of it."""
+    private_folder(path.parent)
+    part = path.with_name(path.name + ".part")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
+        os.fchmod(fd, 0o600)  # open's mode applies only when it creates the file: a leftover keeps its own
         out.write(data)
+    os.replace(part, path)
 
 
 def fingerprint(cert: Path) -> str:
@@ -158,17 +186,25 @@ def fingerprint(cert: Path) -> str:
 
 
 def pairing_token(folder: Path | None = None, *, new: bool = False) -> str:
-    """The secret that pairs a phone: made once (or again when `new`), kept 0600 next to the certificate."""
-    path = (folder or default_tls_dir()) / TOKEN_NAME
+    """The secret that pairs a device: made once (or again when `new`), kept 0600 next to the certificate.
+    One that other users can read is refused (ExposedSecret): they could have paired with it."""
+    path = private_folder(folder or default_tls_dir()) / TOKEN_NAME
     if not new and path.is_file():
+        _refuse_if_shared(path)
         token = path.read_text().strip()
         if len(token) >= 32:  # a file cut short or emptied is replaced, never trusted
             return token
-    path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
-    _write_private(path, token.encode())
+    write_private(path, token.encode())
     log.info("pairing: made a new token in %s%s", path, " (paired devices must open the new link)" if new else "")
     return token
+
+
+def _refuse_if_shared(path: Path) -> None:
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        raise ExposedSecret(f"the pairing token {path} can be read by other users (mode {mode & 0o777:o}): "
+                          f"run `chmod 600 {path}`, or start with --new-token to make a new one")
 
 
 def token_link(url: str, token: str | None) -> str:
@@ -179,13 +215,15 @@ def token_link(url: str, token: str | None) -> str:
 # ---------------------------------------------------------------- QR codes
 
 
-def qr_svg(url: str) -> str:
-    """The URL as an SVG QR code that scales with CSS (no fixed size), dark modules on white."""
+def qr_svg(url: str, title: str | None = None) -> str:
+    """The URL as an SVG QR code that scales with CSS (no fixed size), dark modules on white; its title
+    is the URL unless given (a pairing link's token has no need to be in it)."""
     import segno
 
     out = io.BytesIO()
     segno.make(url, error="m").save(
-        out, kind="svg", xmldecl=False, svgns=True, omitsize=True, border=2, title=url, dark="#000", light="#fff"
+        out, kind="svg", xmldecl=False, svgns=True, omitsize=True, border=2, title=title or url, dark="#000",
+        light="#fff",
     )
     return out.getvalue().decode()
 
@@ -201,23 +239,25 @@ def qr_text(url: str) -> str:
 
 def announce(host: str, port: int, tls: TlsFiles | None, token: str | None = None) -> None:
     """When serving beyond this machine, log where a phone should go (with the pairing token) and
-    print the QR code to scan (to stdout, undecorated, so that a terminal shows it as a square);
-    with TLS, the certificate's fingerprint in any case."""
+    print the QR code to scan (to stdout, undecorated, so that a terminal shows it as a square), and
+    the link for this computer's own browser (in Docker the container's LAN IP is not the one the user
+    opens); with TLS, the certificate's fingerprint in any case."""
     if tls is not None:
         log.info("TLS certificate SHA-256 fingerprint: %s", fingerprint(tls.cert))
-    if host in LOOPBACK_NAMES:
+    if is_loopback(host):
         return
-    url = token_link(page_url(lan_ip() if host in (ALL_INTERFACES, "::") else host, port, tls=tls is not None), token)
+    secure = tls is not None
+    url = token_link(page_url(lan_ip() if host in (ALL_INTERFACES, "::") else host, port, tls=secure), token)
     log.info("on your phone (same network) open %s -- or scan this QR code:", url)
     print(qr_text(url), flush=True)
+    log.info("on this computer open %s (in Docker: with the port you published)",
+             token_link(page_url("localhost", port, tls=secure), token))
     if tls is not None and tls.self_signed:
         log.info("the certificate is self-signed (%s): accept the browser's warning once per device, "
                  "after checking that it shows the fingerprint above", tls.cert)
     elif tls is None:
-        log.warning("plain http: phones only allow the microphone on https (use --lan or --cert/--key)")
-    if token is None:
-        log.warning("no pairing token: anyone on the network who can reach the port can use the assistant "
-                    "(--lan pairs devices)")
+        log.warning("plain http: a phone's browser can be paired and use the microphone only over https "
+                    "(use --lan or --cert/--key); programs can still send the token as a bearer token")
 
 
 # ---------------------------------------------------------------- command line

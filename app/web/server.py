@@ -1,7 +1,8 @@
 """The Litestar app: page, health, status fragment, static files and the conversation WebSocket.
 
 `create_app` only wires them: routes, state, the access checks (access.py: Host, same-origin /ws, the
-`--lan` pairing token) and a lifespan that loads the models on a thread (app/startup.py) while the port
+pairing of a server that listens beyond loopback; pairing.py: its link and devices), the security
+headers (headers.py) and a lifespan that loads the models on a thread (app/startup.py) while the port
 is already open. A WebSocket on /ws goes next to ws.py's WsSession, the adapter in front of the
 conversation core (app/core/conversation.py); one on /v1/realtime to realtime/session.py's
 RealtimeSession, the OpenAI Realtime protocol over the same core.
@@ -19,7 +20,7 @@ from pathlib import Path
 import msgspec
 from litestar import Litestar, MediaType, Request, Response, get, websocket
 from litestar.connection import WebSocket
-from litestar.datastructures import Cookie, State
+from litestar.datastructures import State
 from litestar.middleware import DefineMiddleware
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
@@ -32,9 +33,12 @@ from app.core.metrics import Metrics
 from app.engines.loaded import Engines
 from app.engines.loading import LoadState, LoadStatus
 from app.startup import BackgroundLoad
-from app.web import access
+from app.web import access, devices, headers
 from app.web import ws_protocol as p
-from app.web.lan import LOOPBACK_NAMES, phone_url, qr_svg, token_link
+from app.web.devices import Pairing
+from app.web.lan import is_loopback, phone_url, qr_svg, token_link
+from app.web.pairing import ROUTES as PAIRING_ROUTES
+from app.web.pairing import TITLE, pairing_step
 from app.web.realtime.errors import error_event
 from app.web.realtime.protocol import encode as encode_realtime
 from app.web.realtime.session import RealtimeSession
@@ -43,49 +47,52 @@ from app.web.ws import WsSession
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: static/ and templates/ beside app/
-TITLE = "Voice assistant"
+# A failure's reason names paths and models: the log has it, no response does.
+LOAD_FAILED = "The models could not be loaded; the server log says why."
 
 
 @get("/", include_in_schema=False)
 async def index(request: Request, state: State) -> Template | Redirect:
-    """The page; with `--lan`, first the pairing: the link with the token leaves a cookie and goes on to
-    the clean address (no token in the address bar or the history); without either, a page that says how."""
-    given = request.query_params.get("token")
-    if state.token is not None and given is not None and access.same_secret(given, state.token):
-        cookie = Cookie(key=access.COOKIE, value=state.token, max_age=access.COOKIE_DAYS * 86400, path="/",
-                        httponly=True, secure=True, samesite="strict")
-        return Redirect("/", cookies=[cookie], status_code=303)
-    if not access.paired(request):
-        return Template("pairing.html", context={"title": TITLE, "fingerprint": state.fingerprint},
-                        status_code=401)
+    """The page; on a server that pairs, first the pairing (pairing.py): the link pairs this browser, an
+    unpaired one gets a page that says how."""
+    step = pairing_step(request, state)
+    if step is not None:
+        return step
     bind = state.settings.host
     context = {"title": TITLE, "ws_path": "/ws", "phone_url": _phone_link(request, state),
-               "on_lan": bind not in LOOPBACK_NAMES, "fingerprint": state.fingerprint}
+               "on_lan": not is_loopback(bind), "fingerprint": state.fingerprint,
+               "pairing": state.pairing is not None}
     return Template("index.html", context=context)
 
 
 @get("/qr.svg", media_type="image/svg+xml", include_in_schema=False, guards=[access.require_pairing])
 async def qr_code(request: Request, state: State) -> str:
     """The page's address for a phone as a QR code (the LAN IP when this page was opened as localhost),
-    with the pairing token: only a paired browser gets this far."""
-    return qr_svg(_phone_link(request, state))
+    with the pairing token: only a paired browser (or this computer) gets this far, and it is not cached."""
+    return qr_svg(_phone_link(request, state), title="The link that pairs a phone")
 
 
 def _phone_link(request: Request, state: State) -> str:
-    return token_link(phone_url(str(request.base_url), state.settings.host), state.token)
+    token = state.pairing.token if state.pairing is not None else None
+    return token_link(phone_url(str(request.base_url), state.settings.host), token)
 
 
 @get("/health")
-async def health(state: State) -> Response[dict[str, object]]:
+async def health(request: Request, state: State) -> Response[dict[str, object]]:
     """200 "ok" once every model is loaded and warm; 503 "loading" before that, with the progress;
-    500 "failed" with the one-line reason when the models cannot load."""
+    500 "failed" (the reason is in the log only). On a server that pairs, a stranger learns only that
+    much: the preset, models and backend are for paired devices and this computer."""
     now: LoadState = state.loading.state
+    code, word = {"ready": (200, "ok"), "failed": (500, "failed")}.get(now.phase, (503, "loading"))
+    if not access.paired(request):
+        return Response({"status": word, "phase": now.phase, "done_bytes": now.done_bytes,
+                         "total_bytes": now.total_bytes}, status_code=code)
     if now.phase == "ready":
         engines: Engines = state.engines
         return Response({"status": "ok", "preset": state.settings.preset, **state.settings.models(),
                          "llm_backend": engines.llm_backend()})
     if now.phase == "failed":
-        return Response({"status": "failed", "error": now.message}, status_code=500)
+        return Response({"status": "failed", "error": LOAD_FAILED}, status_code=500)
     body = {"status": "loading", "preset": state.settings.preset, **msgspec.structs.asdict(now)}
     return Response(body, status_code=503)
 
@@ -95,7 +102,7 @@ async def status(state: State) -> str:
     """A fragment that the page polls with htmx; while loading it asks again every second by itself."""
     now: LoadState = state.loading.state
     if now.phase == "failed":
-        return f'<span class="error">Could not start</span> · {html.escape(now.message)}'
+        return f'<span class="error">Could not start</span> · {LOAD_FAILED}'
     if now.phase != "ready":
         # Replaces itself a second later (outerHTML), so progress moves faster than the page's
         # own 10 s poll; the ready fragment carries no trigger, which ends the fast polling.
@@ -156,7 +163,7 @@ async def _not_yet(socket: WebSocket, now: LoadState, encode: Callable[[ev.Error
     """No conversation before the models are ready: say why in words and close politely
     (1013: try again later); the page reconnects with backoff."""
     if now.phase == "failed":
-        event = ev.error("load_failed")  # the reason names paths and models: the log and /health keep it
+        event = ev.error("load_failed")  # the reason names paths and models: the log keeps it
     else:
         event = ev.Error(code="loading", message=f"The assistant is still starting ({now.message}). "
                                                 "It will connect by itself when it is ready.")
@@ -170,23 +177,25 @@ def create_app(
     *,
     fallback: bool = False,
     on_failure: Callable[[str], None] | None = None,
-    token: str | None = None,
+    pairing: Pairing | None = None,
     fingerprint: str | None = None,
 ) -> Litestar:
     """Wire the app. Unless `engines` is given (loaded already), the lifespan starts a thread that
     fetches, loads and warms up the models, so the port opens at once and /health says "loading"
     until they are ready; `fallback` allows the cpu preset when auto-picked gpu models cannot be had;
-    `on_failure` gets the one-line reason when they cannot load at all. A `token` (`--lan`) must pair
-    every browser and program; `fingerprint` is the TLS certificate's, shown on the page."""
+    `on_failure` gets the one-line reason when they cannot load at all. With `pairing` (`serve` gives one
+    whenever the server listens beyond loopback) every browser and program must be paired or carry the
+    token; `fingerprint` is the TLS certificate's, shown on the page."""
     loading = LoadStatus(LoadState("ready", "ready") if engines is not None else None)
     models = _models_lifespan(settings, engines, loading, fallback=fallback, on_failure=on_failure)
     hosts = access.served_hosts(settings.host, settings.access)
     state = {"settings": settings, "metrics": Metrics(), "loading": loading, "engines": engines,
-             "token": token, "fingerprint": fingerprint, "refused_origins": set()}
+             "pairing": pairing, "fingerprint": fingerprint, "refused_origins": set()}
     return Litestar(
         route_handlers=[*ROUTES, create_static_files_router(path="/static", directories=[ROOT / "static"])],
         lifespan=[models],
         middleware=[DefineMiddleware(access.HostCheck, hosts=hosts)],
+        before_send=[headers.security_headers, devices.renew_cookie],
         template_config=TemplateConfig(directory=ROOT / "templates", engine=JinjaTemplateEngine),
         # No OpenAPI pages: they would answer without pairing, and load scripts from CDNs into our origin.
         openapi_config=None,
@@ -194,7 +203,7 @@ def create_app(
     )
 
 
-ROUTES = [index, health, status, qr_code, metrics, conversation, realtime]
+ROUTES = [index, health, status, qr_code, metrics, conversation, realtime, *PAIRING_ROUTES]
 
 
 def _models_lifespan(

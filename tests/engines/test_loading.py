@@ -169,8 +169,8 @@ def test_health_says_loading_until_ready_and_the_websocket_is_told(monkeypatch, 
             assert json.loads(ws.recv(timeout=10))["type"] == "ready"
 
 
-def test_a_failed_load_is_500_with_the_reason(cpu_settings):
-    from app.web.server import create_app
+def test_a_failed_load_is_500_with_the_reason_in_the_log_only(cpu_settings, app_log):
+    from app.web.server import LOAD_FAILED, create_app
 
     broken = load_settings("cpu", {"llm": {"model": "/nowhere/model.gguf"}}, environ={})
     app = create_app(broken)
@@ -178,11 +178,13 @@ def test_a_failed_load_is_500_with_the_reason(cpu_settings):
         app.state.loading.wait(30)
         code, body = get(url + "/health")
         assert code == 500
-        assert json.loads(body) == {
-            "status": "failed",
-            "error": "llm model '/nowhere/model.gguf': no such file or folder. Check the path you configured.",
-        }
-        assert "Could not start" in get(url + "/status")[1]
+        # The reason names the server's paths: the log says it, /health and the page say where to look.
+        assert json.loads(body) == {"status": "failed", "error": LOAD_FAILED}
+        assert "the server log says why" in LOAD_FAILED
+        status = get(url + "/status")[1]
+        assert "Could not start" in status and LOAD_FAILED in status and "/nowhere" not in status
+        reason = "llm model '/nowhere/model.gguf': no such file or folder. Check the path you configured."
+        assert reason in app_log.text
         event, close_code = first_event_then_close(url)
         assert event == {"type": "error", "code": "load_failed", "message": ERROR_MESSAGES["load_failed"], "turn": None}
         assert "/nowhere" not in event["message"]  # the page gets words, not the server's paths

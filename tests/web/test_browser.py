@@ -193,8 +193,9 @@ def test_a_recording_that_fails_is_said_in_words_and_the_microphone_goes_off(liv
 
 def test_pairing_a_phone_by_the_link_from_the_log(paired_server, browser) -> None:
     """`--lan`: an unpaired phone is told how to pair; the link from the log pairs it with an HttpOnly,
-    Secure, SameSite=Strict cookie and moves on to the clean address, where the page connects and its
-    settings show the certificate's fingerprint."""
+    Secure, SameSite=Strict `__Host-` cookie of its own and moves on to the clean address, where the page
+    connects and its settings show the certificate's fingerprint and the paired devices; forgetting
+    itself there unpairs it (all under the page's Content-Security-Policy: no console error)."""
     context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
                                   ignore_https_errors=True)  # the phone accepted the self-signed certificate
     page = context.new_page()
@@ -207,11 +208,19 @@ def test_pairing_a_phone_by_the_link_from_the_log(paired_server, browser) -> Non
         assert page.url == f"{paired_server.url}/"  # the token leaves the address bar and the history
         (cookie,) = context.cookies()
         assert (cookie["httpOnly"], cookie["secure"], cookie["sameSite"]) == (True, True, "Strict")
+        assert cookie["name"] == "__Host-va_device" and cookie["value"] != paired_server.token
         page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=60_000)  # /ws with the cookie
         page.get_by_role("button", name="Settings").click()
         assert page.locator("#settings .fingerprint").text_content() == paired_server.fingerprint
+        mine = page.locator("#devices li", has_text="(this device)")
+        mine.wait_for(timeout=10_000)  # the list, loaded by htmx
         page.screenshot(path=str(SCREENSHOTS / "phone-paired-settings.png"))
-        assert not errors, f"console errors: {errors}"
+        mine.scroll_into_view_if_needed()
+        page.screenshot(path=str(SCREENSHOTS / "phone-paired-devices.png"))
+        mine.get_by_role("button", name="Forget").click()  # htmx posts; the answer reloads the page
+        page.locator("main.pairing").wait_for(timeout=10_000)
+        assert "not paired yet" in page.locator("main").text_content() and context.cookies() == []
+        assert not [e for e in errors if "401" not in e], f"console errors: {errors}"  # the pairing page's own 401
     finally:
         context.close()
 

@@ -66,12 +66,21 @@ def test_phone_url_replaces_loopback_only_when_serving_the_lan() -> None:
     assert lan.phone_url("http://127.0.0.1:8000/", "127.0.0.1", ip=LAN_IP) == "http://127.0.0.1:8000"
 
 
+def test_loopback_is_this_computer_only() -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"):
+        assert lan.is_loopback(host), host
+    for host in ("0.0.0.0", "::", LAN_IP, "assistant.home.arpa", ""):
+        assert not lan.is_loopback(host), host
+
+
 def test_qr_codes_carry_the_url() -> None:
     url = f"https://{LAN_IP}:8000"
     svg = lan.qr_svg(url)
     assert svg.startswith("<svg") and f"<title>{url}</title>" in svg
     assert read_qr(svg_modules(svg)) == url
     assert read_qr(text_modules(lan.qr_text(url))) == url
+    titled = lan.qr_svg(f"{url}/?token=secret", title="The link that pairs a phone")
+    assert "secret" not in titled.split("<path", 1)[0] and read_qr(svg_modules(titled)) == f"{url}/?token=secret"
 
 
 def svg_modules(svg: str) -> np.ndarray:
