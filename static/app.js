@@ -67,9 +67,10 @@ const record = {
   bargeIns: [], // {onsetAt, quietAt, verdict}: what the page's detector heard over a reply (ctx seconds)
 };
 // refused: the error event of a connection the server turned away before `ready`; idle: its `idle` error, before
-// it closed an unused session; asleep: closed so, the page waits for the user to act (onReady: what they did).
-const conn = { ws: null, ready: null, refused: null, idle: null, asleep: false, onReady: null, retries: 0, retryTimer: 0,
-  lost: false };
+// it closed an unused session; asleep: closed so, the page waits for the user to act; waking: they did, and it
+// connects (onReady: what they did, done once connected).
+const conn = { ws: null, ready: null, refused: null, idle: null, asleep: false, waking: false, onReady: null, retries: 0,
+  retryTimer: 0, lost: false };
 // want: the user wants the mic recording (hands-free on, or the talk button / Space held down).
 const talk = { want: false, starting: false, keyHeld: false, chain: Promise.resolve(), closeTimer: 0 };
 // audioTurn: the turn whose audio frames are arriving; answering: the newest turn the server answers;
@@ -145,7 +146,8 @@ function render() {
   if (ui.state.textContent !== LABELS[state]) ui.state.textContent = LABELS[state];
   renderTalk();
   const ready = Boolean(conn.ready);
-  ui.send.disabled = !ready && !conn.asleep; // asleep: sending connects again
+  const wakes = conn.asleep || conn.waking; // sending or talking connects again, then is done
+  ui.send.disabled = !ready && !wakes;
   ui.reset.disabled = !ready;
   ui.settingsReset.disabled = !ready;
   ui.interrupt.disabled = !ready || !isReplying();
@@ -157,7 +159,7 @@ function renderTalk() {
   const recording = Boolean(mic.recording) || talk.starting;
   const ptt = settings.mode === "push_to_talk";
   // Not disabled while the mic starts: that would drop keyboard focus; presses are ignored instead.
-  ui.talk.disabled = !conn.ready && !conn.asleep;
+  ui.talk.disabled = !conn.ready && !conn.asleep && !conn.waking;
   ui.talk.setAttribute("aria-busy", String(talk.starting));
   ui.talk.setAttribute("aria-pressed", String(recording));
   const label = ptt ? (recording ? "Release to send" : "Hold to talk") : recording ? "Stop talking" : "Start talking";
@@ -211,6 +213,7 @@ function onClose(ws, event) {
   conn.ws = null;
   conn.ready = null;
   conn.lost = !starting && !idle;
+  conn.waking = false;
   conn.onReady = null;
   micOff({ tellServer: false, close: true });
   player.flush();
@@ -244,9 +247,10 @@ function fallAsleep(message) {
 /** Connect again after an idle close, then do what the user did (`then`) once the session is ready. */
 function wake(then = null) {
   conn.asleep = false;
+  conn.waking = true;
   hideError();
-  connect();
-  conn.onReady = then;
+  connect(); // no-op while it connects already
+  conn.onReady = then || conn.onReady;
   render();
 }
 
@@ -270,6 +274,7 @@ const handlers = {
     sendJson(helloMessage(settings));
     if (!ui.reconnect.hidden || ui.error.classList.contains("notice")) hideError();
     const then = conn.onReady;
+    conn.waking = false;
     conn.onReady = null;
     if (then) then();
   },
@@ -526,7 +531,7 @@ function releaseTalk() {
 
 function onTalkClick() {
   player.unlock(); // iOS wants audio started from a click/touchend, also in push-to-talk
-  if (conn.asleep) {
+  if (conn.asleep || conn.waking) {
     wake(settings.mode === "hands_free" ? toggleTalk : null); // push-to-talk: the next press talks
     return;
   }
@@ -548,7 +553,7 @@ function onTalkPointerUp() {
 function onSubmit(event) {
   event.preventDefault();
   const text = ui.input.value.trim();
-  if (text && conn.asleep) wake(() => ui.form.requestSubmit()); // sent once connected
+  if (text && (conn.asleep || conn.waking)) wake(() => ui.form.requestSubmit()); // sent once connected
   if (!text || !conn.ready) return;
   view.errorEvent = false;
   player.unlock();
@@ -585,7 +590,7 @@ function onKeyDown(event) {
   if (event.key !== " " || isTextField(event.target)) return;
   if (event.target.tagName === "BUTTON" && event.target !== ui.talk) return;
   event.preventDefault(); // no page scroll, no native click on the talk button
-  if (conn.asleep && !event.repeat) wake(settings.mode === "hands_free" ? toggleTalk : null);
+  if ((conn.asleep || conn.waking) && !event.repeat) wake(settings.mode === "hands_free" ? toggleTalk : null);
   if (event.repeat || !conn.ready) return;
   talk.keyHeld = true;
   if (settings.mode === "push_to_talk") pressTalk();

@@ -31,7 +31,8 @@ class Incoming:
     """One client's messages, in order. Between two, the session may end: the conversation's events pile up
     unread past twice limits.max_outgoing_bytes (reply audio past the cap is dropped, but every message a
     client sends may be answered), or it has gone unused for limits.idle_timeout_s (its IdleClock; 0: never),
-    checked at every message and at the moment it would run out. `name` is the session's, for the log."""
+    checked at every message and by a timer set for the moment it would run out, which stops the receive
+    under way. `name` is the session's, for the log; close() when the session ends."""
 
     def __init__(self, receive: Callable[[], Awaitable[dict]], conversation: Conversation, limits: LimitSettings,
                  name: str) -> None:
@@ -39,26 +40,45 @@ class Incoming:
         self._conversation = conversation
         self._limits = limits
         self._name = name
-        self._pending: asyncio.Future[dict] | None = None  # a receive() under way: never cancelled midway
+        self._receiving: asyncio.Task | None = None  # the task waiting in receive(), for the timer to stop
+        self._expired = False
+        self._timer: asyncio.TimerHandle | None = None
+        if limits.idle_timeout_s:
+            self._timer = asyncio.get_running_loop().call_later(limits.idle_timeout_s + SLACK_S, self._tick)
 
     async def next(self) -> dict | None:
         """The next message; None once the client has gone. Raises WebSocketException where the session ends."""
         self._check_backlog()
-        timeout_s, idle = self._limits.idle_timeout_s, self._conversation.idle
-        while True:
-            if timeout_s and idle.idle_s >= timeout_s:
-                self._close_idle()
-            if self._pending is None:
-                self._pending = asyncio.ensure_future(self._receive())
-            try:
-                done, _ = await asyncio.wait({self._pending}, timeout=timeout_s - idle.idle_s + SLACK_S if timeout_s
-                                             else None)
-            except asyncio.CancelledError:  # the server is shutting down
-                self._pending.cancel()
+        if self._unused():
+            self._close_idle()
+        self._receiving = asyncio.current_task()
+        try:
+            message = await self._receive()  # awaited directly: a task per message would slow a busy session
+        except asyncio.CancelledError:
+            if not self._expired:  # the server is shutting down
                 raise
-            if done:
-                message, self._pending = self._pending.result(), None
-                return None if message["type"] == "websocket.disconnect" else message
+            self._receiving.uncancel()  # type: ignore[union-attr]
+            self._close_idle()
+        finally:
+            self._receiving = None
+        return None if message["type"] == "websocket.disconnect" else message
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _unused(self) -> bool:
+        return bool(self._limits.idle_timeout_s) and self._conversation.idle.idle_s >= self._limits.idle_timeout_s
+
+    def _tick(self) -> None:
+        """The idle clock may have run out: stop the receive under way (next() says why), or look again when
+        it would run out now (a message being handled: next() looks first)."""
+        if self._unused() and self._receiving is not None:
+            self._expired = True
+            self._receiving.cancel()
+            return
+        left = max(0.0, self._limits.idle_timeout_s - self._conversation.idle.idle_s)
+        self._timer = asyncio.get_running_loop().call_later(left + SLACK_S, self._tick)
 
     def _check_backlog(self) -> None:
         waiting = self._conversation.outbox.bytes
@@ -69,8 +89,7 @@ class Incoming:
 
     def _close_idle(self) -> None:
         """Say why, in the conversation's events (the adapter's writer sends them all before the socket closes)."""
-        if self._pending is not None:
-            self._pending.cancel()
+        self.close()
         log.info("%s closed: unused for %.0f s (limits.idle_timeout_s)", self._name, self._limits.idle_timeout_s)
         self._conversation.emit(ev.idle_error(self._limits.idle_timeout_s))
         raise Idle()

@@ -64,6 +64,7 @@ class WsSession:
                 elif message.get("text") is not None:
                     self.on_control(message["text"])
         finally:
+            incoming.close()
             self._stop_recording()
             await self.conversation.close()
             if writer is not None:

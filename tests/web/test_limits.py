@@ -299,9 +299,10 @@ def closed_idle(ws, timeout_s: float) -> list[dict]:
                 events.append(json.loads(message))
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1000, "idle")
     message = ERROR_MESSAGES["idle"].format(minutes=f"{round(timeout_s)} seconds")
-    # The last word but the state (the microphone's recording stops as the session ends: "idle").
-    assert [e for e in events if e["type"] != "state"][-1] == {"type": "error", "code": "idle", "message": message,
-                                                                "turn": None}
+    idle = {"type": "error", "code": "idle", "message": message, "turn": None}
+    assert idle in events
+    # After it only the end of the recording, stopped as the session ends.
+    assert {e["type"] for e in events[events.index(idle) + 1 :]} <= {"state", "turn_end"}, events
     return events
 
 

@@ -133,6 +133,7 @@ class RealtimeSession:
                 if data is not None:
                     await self.on_message(data)
         finally:
+            incoming.close()
             self.audio.stop_listening()
             await self.conversation.close()
             if writer is not None:
