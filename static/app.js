@@ -245,7 +245,7 @@ function fallAsleep(message) {
 }
 
 /** Connect again after an idle close, then do what the user did (`then`) once the session is ready. */
-function wake(then = null) {
+function wakeUp(then = null) {
   conn.asleep = false;
   conn.waking = true;
   hideError();
@@ -532,14 +532,14 @@ function releaseTalk() {
 function onTalkClick() {
   player.unlock(); // iOS wants audio started from a click/touchend, also in push-to-talk
   if (conn.asleep || conn.waking) {
-    wake(settings.mode === "hands_free" ? toggleTalk : null); // push-to-talk: the next press talks
+    wakeUp(settings.mode === "hands_free" ? toggleTalk : null); // push-to-talk: the next press talks
     return;
   }
   if (settings.mode === "hands_free" && conn.ready && !talk.starting) toggleTalk();
 }
 
 function onTalkPointerDown(event) {
-  if (settings.mode === "push_to_talk" && conn.asleep) wake();
+  if (settings.mode === "push_to_talk" && conn.asleep) wakeUp();
   if (settings.mode !== "push_to_talk" || !conn.ready || event.button !== 0) return;
   event.preventDefault(); // no focus-steal, text selection or long-press menu while held
   ui.talk.setPointerCapture(event.pointerId); // a finger sliding off the button still releases it
@@ -553,7 +553,7 @@ function onTalkPointerUp() {
 function onSubmit(event) {
   event.preventDefault();
   const text = ui.input.value.trim();
-  if (text && (conn.asleep || conn.waking)) wake(() => ui.form.requestSubmit()); // sent once connected
+  if (text && (conn.asleep || conn.waking)) wakeUp(() => ui.form.requestSubmit()); // sent once connected
   if (!text || !conn.ready) return;
   view.errorEvent = false;
   player.unlock();
@@ -590,7 +590,7 @@ function onKeyDown(event) {
   if (event.key !== " " || isTextField(event.target)) return;
   if (event.target.tagName === "BUTTON" && event.target !== ui.talk) return;
   event.preventDefault(); // no page scroll, no native click on the talk button
-  if ((conn.asleep || conn.waking) && !event.repeat) wake(settings.mode === "hands_free" ? toggleTalk : null);
+  if ((conn.asleep || conn.waking) && !event.repeat) wakeUp(settings.mode === "hands_free" ? toggleTalk : null);
   if (event.repeat || !conn.ready) return;
   talk.keyHeld = true;
   if (settings.mode === "push_to_talk") pressTalk();
@@ -612,12 +612,12 @@ function onSettingsChanged() {
 function onReconnect() {
   hideError();
   conn.retries = 0;
-  if (conn.asleep) wake();
+  if (conn.asleep) wakeUp();
   else connect();
 }
 
 function onTyping() {
-  if (conn.asleep) wake(); // connected again by the time the message is sent
+  if (conn.asleep) wakeUp(); // connected again by the time the message is sent
 }
 
 // ------------------------------------------------------------------ screen wake lock

@@ -388,15 +388,18 @@ def test_a_session_closed_as_unused_waits_for_the_user_and_typing_connects_again
                                                                                  browser) -> None:
     """Closed for want of use (`idle`), the page says so and does not reconnect by itself in a loop; typing a
     message connects again and sends it."""
+    from app.web.server import create_app
+    from tests.support import serving
     from tests.web.test_limits import limited
-    from tests.web.test_ws import own_engines, served
 
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     errors, frames = watch_errors(page), Frames(page)
     opened: list[str] = []
     page.on("websocket", lambda ws: opened.append(ws.url))
     try:
-        with served(own_engines(engines), limited(cpu_settings, idle_timeout_s=3.0)) as url:
+        # The shared models, as live_server's (a server of the test's own engines drains them with asyncio.run,
+        # which Playwright's loop forbids).
+        with serving(create_app(limited(cpu_settings, idle_timeout_s=3.0), engines)) as url:
             page.goto(f"{url}/")
             page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=60_000)
             page.get_by_text("Disconnected after 3 seconds without use").wait_for(timeout=30_000)
