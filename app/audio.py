@@ -17,15 +17,24 @@ ASR_RATE = 16_000  # what Silero VAD and Whisper expect
 
 
 class _BlockingPipe(io.RawIOBase):
-    """A file object whose read() waits for bytes fed from another thread; b"" after close()."""
+    """A file object whose read() waits for bytes fed from another thread; b"" after close(). At most
+    `max_bytes` wait unread: feed() refuses more (a client faster than its decoder)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int) -> None:
         self._chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._buffer = b""
         self._eof = False
+        self._max_bytes = max_bytes
+        self._waiting = 0  # bytes fed, not yet taken by readinto()
+        self._lock = threading.Lock()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> bool:
+        with self._lock:
+            if self._waiting + len(data) > self._max_bytes:
+                return False
+            self._waiting += len(data)
         self._chunks.put(data)
+        return True
 
     def close_input(self) -> None:
         self._chunks.put(None)
@@ -40,6 +49,8 @@ class _BlockingPipe(io.RawIOBase):
                 self._eof = True
             else:
                 self._buffer = chunk
+                with self._lock:
+                    self._waiting -= len(chunk)
         n = min(len(out), len(self._buffer))
         out[:n] = self._buffer[:n]
         self._buffer = self._buffer[n:]
@@ -54,22 +65,25 @@ class StreamDecoder:
     mono at 16 kHz; `on_end` is called once, with an error message if the stream was garbage.
     `container` is FFmpeg's demuxer for the container the client declared ("webm", "ogg", "mp4",
     "wav"): the only one tried, so a client's bytes never reach every demuxer FFmpeg has by probing.
+    At most `max_pending` bytes wait for the decoder (limits.max_pending_audio_bytes).
     """
 
     def __init__(
-        self, on_pcm: Callable[[np.ndarray], None], on_end: Callable[[str | None], None], container: str = "webm"
+        self, on_pcm: Callable[[np.ndarray], None], on_end: Callable[[str | None], None], container: str = "webm",
+        *, max_pending: int = 1024 * 1024,
     ) -> None:
         self._container = container
-        self._pipe = _BlockingPipe()
+        self._pipe = _BlockingPipe(max_pending)
         self._on_pcm = on_pcm
         self._on_end = on_end
         self._bytes_in = 0
         self._thread = threading.Thread(target=self._run, name="audio-decoder", daemon=True)
         self._thread.start()
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> bool:
+        """More of the stream; False: max_pending bytes wait for the decoder already, and `data` was dropped."""
         self._bytes_in += len(data)
-        self._pipe.feed(data)
+        return self._pipe.feed(data)
 
     def close(self) -> None:
         """No more bytes: the decoder drains what it has, then calls on_end."""

@@ -7,6 +7,7 @@ import { SettingsPanel, helloMessage, loadSettings } from "./settings.js";
 
 const MAX_RETRY_MS = 15000;
 const STARTING_RETRY_MS = 2000; // the server is up but its models still load: ask again soon
+const IDLE_CLOSE = 1000; // with reason "idle": the server closed a session nobody used (limits.idle_timeout_s)
 const PTT_KEEP_MIC_MS = 30000; // push-to-talk keeps the mic open between presses, so no word is lost
 // The page pauses a reply as soon as its own detector hears the person; the server's stricter gate then says
 // whether it was them (`barge_in`): after ~0.4 s of confident speech, twice that over its own voice, later
@@ -65,8 +66,11 @@ const record = {
   wakeLock: false,
   bargeIns: [], // {onsetAt, quietAt, verdict}: what the page's detector heard over a reply (ctx seconds)
 };
-// refused: the error event of a connection the server turned away before `ready`.
-const conn = { ws: null, ready: null, refused: null, retries: 0, retryTimer: 0, lost: false };
+// refused: the error event of a connection the server turned away before `ready`; idle: its `idle` error, before
+// it closed an unused session; asleep: closed so, the page waits for the user to act; waking: they did, and it
+// connects (onReady: what they did, done once connected).
+const conn = { ws: null, ready: null, refused: null, idle: null, asleep: false, waking: false, onReady: null, retries: 0,
+  retryTimer: 0, lost: false };
 // want: the user wants the mic recording (hands-free on, or the talk button / Space held down).
 const talk = { want: false, starting: false, keyHeld: false, chain: Promise.resolve(), closeTimer: 0 };
 // audioTurn: the turn whose audio frames are arriving; answering: the newest turn the server answers;
@@ -122,7 +126,7 @@ window.voiceAssistant = Object.freeze({
 // ------------------------------------------------------------------ state and controls
 
 function displayState() {
-  if (!conn.ready) return conn.lost ? "error" : "connecting";
+  if (!conn.ready) return conn.asleep ? "idle" : conn.lost ? "error" : "connecting";
   if (view.errorEvent) return "error";
   const server = view.serverState;
   if (server === "thinking" || server === "speaking") return server;
@@ -142,7 +146,8 @@ function render() {
   if (ui.state.textContent !== LABELS[state]) ui.state.textContent = LABELS[state];
   renderTalk();
   const ready = Boolean(conn.ready);
-  ui.send.disabled = !ready;
+  const wakes = conn.asleep || conn.waking; // sending or talking connects again, then is done
+  ui.send.disabled = !ready && !wakes;
   ui.reset.disabled = !ready;
   ui.settingsReset.disabled = !ready;
   ui.interrupt.disabled = !ready || !isReplying();
@@ -154,7 +159,7 @@ function renderTalk() {
   const recording = Boolean(mic.recording) || talk.starting;
   const ptt = settings.mode === "push_to_talk";
   // Not disabled while the mic starts: that would drop keyboard focus; presses are ignored instead.
-  ui.talk.disabled = !conn.ready;
+  ui.talk.disabled = !conn.ready && !conn.asleep && !conn.waking;
   ui.talk.setAttribute("aria-busy", String(talk.starting));
   ui.talk.setAttribute("aria-pressed", String(recording));
   const label = ptt ? (recording ? "Release to send" : "Hold to talk") : recording ? "Stop talking" : "Start talking";
@@ -195,22 +200,29 @@ function connect() {
     if (typeof event.data === "string") onEvent(JSON.parse(event.data));
     else onPcm(event.data);
   };
-  ws.onclose = () => onClose(ws);
+  ws.onclose = (event) => onClose(ws, event);
   conn.ws = ws;
   render();
 }
 
-function onClose(ws) {
+function onClose(ws, event) {
   if (ws !== conn.ws) return;
   const wasReady = Boolean(conn.ready);
   const starting = conn.refused && conn.refused.code === "loading";
+  const idle = conn.idle || (event.code === IDLE_CLOSE && event.reason === "idle");
   conn.ws = null;
   conn.ready = null;
-  conn.lost = !starting;
+  conn.lost = !starting && !idle;
+  conn.waking = false;
+  conn.onReady = null;
   micOff({ tellServer: false, close: true });
   player.flush();
   view.serverState = "idle";
   chat.abandon("connection lost");
+  if (idle) {
+    fallAsleep(conn.idle ? conn.idle.message : "Disconnected after a while without use.");
+    return;
+  }
   // Back off so a server that is down is not hammered; the button retries at once.
   const delay = starting ? STARTING_RETRY_MS : Math.min(1000 * 2 ** conn.retries, MAX_RETRY_MS);
   conn.retries += starting ? 0 : 1;
@@ -219,6 +231,26 @@ function onClose(ws) {
   conn.refused = null;
   if (starting) showError(why, { notice: true });
   else showError(`${why} Retrying in ${Math.round(delay / 1000)} s…`, { reconnect: true });
+  render();
+}
+
+/** The server closed the session for want of use: no retry loop; the user's next action connects again. */
+function fallAsleep(message) {
+  conn.idle = null;
+  conn.refused = null;
+  conn.asleep = true;
+  conn.retries = 0;
+  showError(message, { reconnect: true, notice: true });
+  render();
+}
+
+/** Connect again after an idle close, then do what the user did (`then`) once the session is ready. */
+function wakeUp(then = null) {
+  conn.asleep = false;
+  conn.waking = true;
+  hideError();
+  connect(); // no-op while it connects already
+  conn.onReady = then || conn.onReady;
   render();
 }
 
@@ -241,6 +273,10 @@ const handlers = {
     panel.showVoiceChoice(/csm/i.test(m.tts || ""));
     sendJson(helloMessage(settings));
     if (!ui.reconnect.hidden || ui.error.classList.contains("notice")) hideError();
+    const then = conn.onReady;
+    conn.waking = false;
+    conn.onReady = null;
+    if (then) then();
   },
   state(m) {
     view.serverState = m.state;
@@ -300,8 +336,9 @@ const handlers = {
   error(m) {
     // Before `ready`: the server turns the connection away (models still loading, or failed) and closes it.
     if (!conn.ready) conn.refused = m;
+    else if (m.code === "idle") conn.idle = m; // the close follows: onClose says it
     else view.errorEvent = true;
-    showError(m.message || m.code, { notice: m.code === "loading" });
+    showError(m.message || m.code, { notice: m.code === "loading" || m.code === "idle" });
   },
 };
 
@@ -494,10 +531,15 @@ function releaseTalk() {
 
 function onTalkClick() {
   player.unlock(); // iOS wants audio started from a click/touchend, also in push-to-talk
+  if (conn.asleep || conn.waking) {
+    wakeUp(settings.mode === "hands_free" ? toggleTalk : null); // push-to-talk: the next press talks
+    return;
+  }
   if (settings.mode === "hands_free" && conn.ready && !talk.starting) toggleTalk();
 }
 
 function onTalkPointerDown(event) {
+  if (settings.mode === "push_to_talk" && conn.asleep) wakeUp();
   if (settings.mode !== "push_to_talk" || !conn.ready || event.button !== 0) return;
   event.preventDefault(); // no focus-steal, text selection or long-press menu while held
   ui.talk.setPointerCapture(event.pointerId); // a finger sliding off the button still releases it
@@ -511,6 +553,7 @@ function onTalkPointerUp() {
 function onSubmit(event) {
   event.preventDefault();
   const text = ui.input.value.trim();
+  if (text && (conn.asleep || conn.waking)) wakeUp(() => ui.form.requestSubmit()); // sent once connected
   if (!text || !conn.ready) return;
   view.errorEvent = false;
   player.unlock();
@@ -547,6 +590,7 @@ function onKeyDown(event) {
   if (event.key !== " " || isTextField(event.target)) return;
   if (event.target.tagName === "BUTTON" && event.target !== ui.talk) return;
   event.preventDefault(); // no page scroll, no native click on the talk button
+  if ((conn.asleep || conn.waking) && !event.repeat) wakeUp(settings.mode === "hands_free" ? toggleTalk : null);
   if (event.repeat || !conn.ready) return;
   talk.keyHeld = true;
   if (settings.mode === "push_to_talk") pressTalk();
@@ -568,7 +612,12 @@ function onSettingsChanged() {
 function onReconnect() {
   hideError();
   conn.retries = 0;
-  connect();
+  if (conn.asleep) wakeUp();
+  else connect();
+}
+
+function onTyping() {
+  if (conn.asleep) wakeUp(); // connected again by the time the message is sent
 }
 
 // ------------------------------------------------------------------ screen wake lock
@@ -611,6 +660,7 @@ ui.talk.addEventListener("pointerup", onTalkPointerUp);
 ui.talk.addEventListener("pointercancel", onTalkPointerUp);
 ui.talk.addEventListener("contextmenu", (event) => event.preventDefault());
 ui.form.addEventListener("submit", onSubmit);
+ui.input.addEventListener("input", onTyping);
 ui.interrupt.addEventListener("click", stopReply);
 ui.reset.addEventListener("click", onReset);
 ui.settingsReset.addEventListener("click", onReset);

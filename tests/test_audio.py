@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 
@@ -68,6 +69,22 @@ def test_streamed_webm_opus_decodes_to_16k_mono(jfk_pcm):
     n = min(len(pcm), len(jfk_pcm))
     corr = np.corrcoef(pcm[:n], jfk_pcm[:n])[0, 1]
     assert corr > 0.8, corr
+
+
+def test_bytes_the_decoder_has_not_read_are_bounded_and_feed_says_when_one_is_dropped(jfk_pcm):
+    data = b"".join(encode_webm_opus(np.concatenate([jfk_pcm] * 3), ASR_RATE))  # about 200 KB
+    go, ended = threading.Event(), threading.Event()
+    decoder = StreamDecoder(lambda pcm: go.wait(WAIT_S), lambda error: ended.set(), max_pending=8 * 1024)
+    fed = [decoder.feed(data[i : i + 1500]) for i in range(0, len(data), 1500)]  # stuck on its first block
+    assert not all(fed), "every piece was taken while the decoder was stuck"
+    assert sum(fed) * 1500 < len(data) // 2
+    go.set()  # the decoder reads on: the pipe empties and takes more again
+    deadline = time.monotonic() + WAIT_S
+    while not decoder.feed(b"\x00" * 1500):
+        assert time.monotonic() < deadline, "the pipe never emptied"
+        time.sleep(0.05)
+    decoder.close()
+    assert ended.wait(WAIT_S)
 
 
 def test_decoding_starts_before_the_stream_ends(jfk_pcm):

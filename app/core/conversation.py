@@ -29,7 +29,7 @@ from app.core.answering import Answering
 from app.core.barge_in import cut_by_speech
 from app.core.chunking import ChunkSettings
 from app.core.echo import EchoGuard
-from app.core.limits import LimitSettings
+from app.core.limits import AudioAllowance, IdleClock, LimitSettings
 from app.core.listening import Listener
 from app.core.memory import Memory
 from app.core.metrics import Metrics
@@ -71,6 +71,7 @@ class Conversation:
         # Its `bytes`: reply audio is capped (limits.max_outgoing_bytes), other events are not, so an adapter
         # closes a client that keeps sending but never reads past a bound of its own.
         self.outbox = Outbox(settings.limits.max_outgoing_bytes)
+        self.idle, self.allowance = IdleClock(), AudioAllowance.of(settings.limits, self.metrics.count_input)
         self._answering = Answering(self, max_queued=settings.limits.max_queued_turns, chunking=settings.chunking,
                                     echo=EchoGuard(settings.turns.echo))
         self._ahead = ReadAhead(engines, self.turns, self.id, prompt_for=self._prompt_for, show=self._show_interim)
@@ -94,11 +95,10 @@ class Conversation:
         """Stop all work of this conversation; next_event() then returns None."""
         self.metrics.sessions.dec()
         self._ahead.close()
-        if self._runner is not None:
-            self._runner.cancel()
         if self._listener is not None:
             self._listener.end()
         if self._runner is not None:
+            self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)  # the last turn has ended
         self.outbox.put(None)
 
@@ -108,6 +108,7 @@ class Conversation:
         return await self.outbox.get()
 
     def emit(self, event: ev.Event) -> None:
+        self.idle.saw(event)
         if isinstance(event, ev.Error):
             self.metrics.errors.labels(event.code).inc()
         if self.outbox.put(event):
@@ -147,7 +148,7 @@ class Conversation:
         """A new recording: feed its PCM to the listener this returns."""
         self.stop_listening()
         self._listener = Listener(self, self.engines.vad_model, self.turns, self.options, self.engines.smart_turn,
-                                  echo=self._answering.echo)
+                                  echo=self._answering.echo, allowance=self.allowance)
         if not self._answering.busy:
             self.set_state("listening")
         return self._listener

@@ -171,12 +171,22 @@ ERROR_MESSAGES: dict[str, str] = {
     "turn_dropped": "Too many messages were waiting, so the oldest one was dropped.",
     "slow_client": "The connection could not keep up, so the rest of this reply's voice was skipped.",
     "load_failed": "The assistant could not start: its models could not be loaded. The server's log says why.",
+    "audio_too_fast": "The audio came faster than it can be heard, so some of it was skipped. Send it as it is "
+                      "recorded.",
+    "too_many_sessions": "Too many conversations are open from this device. Close one and try again.",
+    "idle": "Disconnected after {minutes} without use. Talk or type to connect again.",
 }
 
 
 def error(code: str, turn: int | None = None) -> Error:
     """The error event of `code`, with its one message."""
     return Error(code, ERROR_MESSAGES[code], turn)
+
+
+def idle_error(timeout_s: float) -> Error:
+    """The `idle` error of a session closed after `timeout_s` without use, the time in words."""
+    count, unit = (round(timeout_s / 60), "minute") if timeout_s >= 60 else (max(1, round(timeout_s)), "second")
+    return Error("idle", ERROR_MESSAGES["idle"].format(minutes=f"{count} {unit}{'s' * (count != 1)}"))
 
 
 Event = (

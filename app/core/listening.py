@@ -23,7 +23,9 @@ import onnxruntime
 from app.audio import ASR_RATE
 from app.core.echo import EchoCheck, EchoGuard
 from app.core.end_rule import EndRule
-from app.core.events import BargeIn, Options
+from app.core.events import BargeIn, Error, Options
+from app.core.events import error as error_event
+from app.core.limits import AudioAllowance
 from app.core.turns import Event, TurnDetector, TurnSettings
 from app.engines.smart_turn import SmartTurn
 from app.engines.vad import WINDOW, StreamingVad
@@ -34,9 +36,10 @@ log = logging.getLogger(__name__)
 class Heard(Protocol):
     """Where a Listener reports what it found, on the event loop (app/core/conversation.py is one)."""
 
+    id: str
     playback_end: float  # perf_counter() until which the assistant's voice plays (read on the thread)
 
-    def emit(self, event: BargeIn) -> None: ...
+    def emit(self, event: BargeIn | Error) -> None: ...
 
     def speech_started(self, t_onset: float) -> None: ...
 
@@ -78,8 +81,10 @@ class Listener:
         options: Options,
         smart_turn: SmartTurn | None = None,
         echo: EchoGuard | None = None,
+        allowance: AudioAllowance | None = None,
     ) -> None:
         self._conversation = conversation
+        self._allowance = allowance  # the session's: audio past it is dropped (None: all is heard)
         self._loop = asyncio.get_running_loop()
         # A VAD state of its own: the previous recording's thread may still be draining.
         self.detector = TurnDetector(settings, StreamingVad(vad_model))
@@ -93,6 +98,8 @@ class Listener:
         self.apply(options)
         self.turns_found = 0
         self._inbox: queue.SimpleQueue[np.ndarray | _Words | _End] = queue.SimpleQueue()
+        self._waiting = 0  # samples fed but not yet heard
+        self._waiting_lock = threading.Lock()
         threading.Thread(target=self._run, name="listener", daemon=True).start()
 
     def apply(self, options: Options) -> None:
@@ -109,9 +116,26 @@ class Listener:
             settings = msgspec.structs.replace(settings, unsure_silence_ms=unsure, end_silence_ms=unsure)
         self._rule = EndRule(settings)  # one attribute: the listener's thread reads it whole
 
-    def feed(self, pcm: np.ndarray) -> None:
-        """More of the recording: mono float32 at 16 kHz."""
+    def feed(self, pcm: np.ndarray) -> bool:
+        """More of the recording: mono float32 at 16 kHz. False: it came faster than the session's allowance
+        and was dropped (the client is told, now and then); so is audio that would leave more than the allowance's
+        burst waiting to be heard."""
+        if self._allowance is not None:
+            with self._waiting_lock:
+                fits = self._allowance.take(len(pcm) / ASR_RATE, self._waiting / ASR_RATE)
+                self._waiting += len(pcm) if fits else 0
+            if not fits:
+                self._dropped()
+                return False
         self._inbox.put(pcm)
+        return True
+
+    def _dropped(self) -> None:
+        assert self._allowance is not None
+        if self._allowance.tell_now():
+            log.info("conversation %s: the input audio comes faster than %.1fx real time, or than it can be "
+                     "heard: dropping it", self._conversation.id, self._allowance.speed)
+            self._post(self._conversation.emit, error_event("audio_too_fast"))
 
     def words_judged(self, audio: np.ndarray, probability: float | None) -> None:
         """The language model's probability that the words of the candidate `audio` end the turn
@@ -127,16 +151,21 @@ class Listener:
             if isinstance(item, _Words):
                 self._words(item)
                 continue
-            # While the assistant speaks, only confident speech counts (its own voice may leak in).
-            self.detector.strict = time.perf_counter() < self._conversation.playback_end
-            # One VAD window at a time, so a pause is judged before the audio after it is heard.
-            for start in range(0, len(item), WINDOW):
-                for event in self.detector.feed(item[start : start + WINDOW]):
-                    self._report(event)
-                self._judge_pause()  # the silence grew: it may be long enough now
+            self._hear(item)
+            with self._waiting_lock:
+                self._waiting -= len(item)
         if (event := self.detector.flush()) is not None:
             self._report(event)
         self._post(self._conversation.recording_ended, self, item.error)
+
+    def _hear(self, pcm: np.ndarray) -> None:
+        # While the assistant speaks, only confident speech counts (its own voice may leak in).
+        self.detector.strict = time.perf_counter() < self._conversation.playback_end
+        # One VAD window at a time, so a pause is judged before the audio after it is heard.
+        for start in range(0, len(pcm), WINDOW):
+            for event in self.detector.feed(pcm[start : start + WINDOW]):
+                self._report(event)
+            self._judge_pause()  # the silence grew: it may be long enough now
 
     def _report(self, event: Event) -> None:
         if event is Event.SPEECH_STARTED:

@@ -37,10 +37,17 @@ class Metrics:
                                     registry=self.registry)
         self.dropped_audio = Counter("voice_dropped_audio", "Replies whose audio was dropped: the client "
                                      "did not read it (limits.max_outgoing_bytes)", registry=self.registry)
+        self.input_seconds = Counter("voice_input_audio_seconds", "Seconds of the clients' audio by fate: heard, "
+                                     "or dropped because it came faster than limits.max_audio_speed allows",
+                                     ["fate"], registry=self.registry)
 
     def sessions_open(self) -> int:
         """Sessions of every protocol open now (the gauge both adapters count in)."""
         return int(self.registry.get_sample_value("voice_sessions_active") or 0)
+
+    def count_input(self, fate: str, seconds: float) -> None:
+        """Seconds of input audio heard or dropped (from any thread: the counters lock)."""
+        self.input_seconds.labels(fate).inc(seconds)
 
     def observe_turn(self, metrics: ev.TurnMetrics, reason: str) -> None:
         self.turns.labels(reason).inc()

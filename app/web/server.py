@@ -29,6 +29,7 @@ from litestar.template.config import TemplateConfig
 
 from app.config import Settings
 from app.core import events as ev
+from app.core.limits import ClientSessions
 from app.core.metrics import Metrics
 from app.engines.loaded import Engines
 from app.engines.loading import LoadState, LoadStatus
@@ -140,9 +141,13 @@ async def conversation(socket: WebSocket, state: State) -> None:
     if state.loading.state.phase != "ready":
         await _not_yet(socket, state.loading.state)
         return
-    session = WsSession(state.engines, state.settings, state.metrics)
-    log.info("session %s opened from %s", session.id, socket.client)
-    await session.serve(socket.receive, socket.send_text, socket.send_bytes)
+    with state.clients.hold(_address(socket)) as held:
+        if not held:
+            await _too_many(socket, state)
+            return
+        session = WsSession(state.engines, state.settings, state.metrics)
+        log.info("session %s opened from %s", session.id, socket.client)
+        await session.serve(socket.receive, socket.send_text, socket.send_bytes)
 
 
 # The OpenAI Realtime protocol (realtime/session.py), for the SDKs and clients that speak it: the same
@@ -154,9 +159,28 @@ async def realtime(socket: WebSocket, state: State) -> None:
     if state.loading.state.phase != "ready":
         await _not_yet(socket, state.loading.state, encode=lambda e: encode_realtime(error_event(e)))
         return
-    session = RealtimeSession(state.engines, state.settings, state.metrics)
-    log.info("realtime session %s opened from %s", session.id, socket.client)
-    await session.serve(socket.receive, socket.send_text)
+    with state.clients.hold(_address(socket)) as held:
+        if not held:
+            await _too_many(socket, state, encode=lambda e: encode_realtime(error_event(e)))
+            return
+        session = RealtimeSession(state.engines, state.settings, state.metrics)
+        log.info("realtime session %s opened from %s", session.id, socket.client)
+        await session.serve(socket.receive, socket.send_text)
+
+
+def _address(socket: WebSocket) -> str:
+    """The client's address, whose sessions count together (limits.max_sessions_per_client)."""
+    return socket.client.host if socket.client is not None else ""
+
+
+async def _too_many(socket: WebSocket, state: State, encode: Callable[[ev.Error], str] = p.encode_event) -> None:
+    """The client's address holds max_sessions_per_client sessions already: say so and close (1013, try again
+    later, as `busy`)."""
+    log.warning("session from %s refused: it has %d open (limits.max_sessions_per_client)", _address(socket),
+                state.clients.count(_address(socket)))
+    state.metrics.errors.labels("too_many_sessions").inc()
+    await socket.send_text(encode(ev.error("too_many_sessions")))
+    await socket.close(code=1013, reason="too_many_sessions")
 
 
 async def _not_yet(socket: WebSocket, now: LoadState, encode: Callable[[ev.Error], str] = p.encode_event) -> None:
@@ -190,7 +214,8 @@ def create_app(
     models = _models_lifespan(settings, engines, loading, fallback=fallback, on_failure=on_failure)
     hosts = access.served_hosts(settings.host, settings.access)
     state = {"settings": settings, "metrics": Metrics(), "loading": loading, "engines": engines,
-             "pairing": pairing, "fingerprint": fingerprint, "refused_origins": set()}
+             "pairing": pairing, "fingerprint": fingerprint, "refused_origins": set(),
+             "clients": ClientSessions(settings.limits.max_sessions_per_client)}
     return Litestar(
         route_handlers=[*ROUTES, create_static_files_router(path="/static", directories=[ROOT / "static"])],
         lifespan=[models],

@@ -23,6 +23,7 @@ from app.core.metrics import Metrics
 from app.engines.llm import system_prompt_budget
 from app.engines.loaded import Engines
 from app.web import ws_protocol as p
+from app.web.incoming import Incoming
 
 log = logging.getLogger(__name__)
 
@@ -47,37 +48,29 @@ class WsSession:
         send_text: Callable[[str], Awaitable[None]],
         send_bytes: Callable[[bytes], Awaitable[None]],
     ) -> None:
-        """Run until the client goes away; whatever happens, stop all work for this connection.
-        Past max_sessions, say `busy` and close (1013, try again later)."""
+        """Run until the client goes away or its session ends (app/web/incoming.py: idle, or not reading); whatever
+        happens, stop all work for this connection. Past max_sessions, say `busy` and close (1013, try again later)."""
         if self.conversation.metrics.sessions_open() >= self.limits.max_sessions:
             await self._refuse(send_text)
         self.conversation.start()  # counted open from here: no await before it lets another in
         writer: asyncio.Task[None] | None = None
+        incoming = Incoming(receive, self.conversation, self.limits, f"session {self.id}")
         try:
             ready = p.Ready(self.id, self.engines.tts.sample_rate, self.settings.preset, **self.settings.models())
             await send_text(p.encode_event(ready))
             writer = asyncio.create_task(self._write(send_text, send_bytes))
-            while (message := await receive())["type"] != "websocket.disconnect":
+            while (message := await incoming.next()) is not None:
                 if message.get("bytes") is not None:
                     self.on_audio(message["bytes"])
                 elif message.get("text") is not None:
                     self.on_control(message["text"])
-                self._check_backlog()
         finally:
+            incoming.close()
             self._stop_recording()
             await self.conversation.close()
             if writer is not None:
                 await writer
             log.info("session %s closed", self.id)
-
-    def _check_backlog(self) -> None:
-        """Reply audio past the cap is dropped, but every message a client sends may be answered: one
-        that keeps sending and never reads would pile up those answers. Past twice the cap, close it."""
-        waiting = self.conversation.outbox.bytes
-        if waiting > 2 * self.limits.max_outgoing_bytes:
-            log.warning("session %s closed: the client sends but does not read (%d bytes wait to go out)",
-                        self.id, waiting)
-            raise WebSocketException(detail="slow_client", code=1008)
 
     async def _refuse(self, send_text: Callable[[str], Awaitable[None]]) -> None:
         log.warning("session %s refused: %d sessions open (limits.max_sessions)", self.id,
@@ -105,6 +98,7 @@ class WsSession:
             log.info("session %s: skipped a malformed message: %s", self.id, exc)
             self.conversation.emit(ev.error("bad_message"))
             return
+        self.conversation.idle.used()  # a message but audio is the user at work (a silent microphone is not)
         match message:
             case p.Hello():
                 if self._prompt_fits(message.system_prompt):
@@ -152,7 +146,10 @@ class WsSession:
         if self._decoder is None:  # audio without audio_start: in the page's usual container
             self._start_recording(p.AudioStart())
         assert self._decoder is not None
-        self._decoder.feed(data)
+        if not self._decoder.feed(data) and self.conversation.allowance.tell_now():
+            log.info("session %s: dropped audio: %d bytes wait for the decoder already (max_pending_audio_bytes)",
+                     self.id, self.limits.max_pending_audio_bytes)
+            self.conversation.emit(ev.error("audio_too_fast"))
 
     def _start_recording(self, start: p.AudioStart) -> None:
         self._stop_recording()
@@ -162,8 +159,9 @@ class WsSession:
             self.conversation.emit(ev.error("bad_audio"))
             self._refused = True  # until the next audio_start or audio_stop
             return
-        listener = self.conversation.listen()
-        self._decoder = StreamDecoder(listener.feed, listener.end, container)
+        listener = self.conversation.listen()  # which drops the PCM that comes faster than the session's allowance
+        self._decoder = StreamDecoder(listener.feed, listener.end, container,
+                                      max_pending=self.limits.max_pending_audio_bytes)
 
     def _stop_recording(self) -> None:
         self._refused = False

@@ -1,7 +1,8 @@
 """When the listener ends a paused turn: at the silence the end rule asks for (app/core/end_rule.py, tested on
-its own in test_end_rule.py), once the words' verdict is in."""
+its own in test_end_rule.py), once the words' verdict is in; and what it does with audio that comes too fast."""
 
 import asyncio
+import threading
 
 import numpy as np
 
@@ -73,3 +74,51 @@ async def _unfinished_words(jfk_pcm):
     listener.feed(np.zeros(int(1.2 * ASR_RATE), np.float32))
     assert (await _next(heard, "speech_turn"))[3] == "silence"
     listener.end()
+
+
+class _Stalled(_Heard):
+    """A conversation whose listener thread stalls (on reading playback_end) until `go` is set: a server too
+    busy to hear the audio as fast as it comes."""
+
+    id = "stalled"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+
+    @property
+    def playback_end(self) -> float:
+        self.go.wait(30)
+        return 0.0
+
+
+def test_audio_past_the_allowance_is_dropped_and_never_waits_to_be_heard():
+    asyncio.run(_past_the_allowance())
+
+
+async def _past_the_allowance():
+    from app.core.events import Options
+    from app.core.limits import AudioAllowance
+    from app.core.listening import Listener
+    from app.engines.vad import load_vad_model
+
+    heard = _Stalled()
+    # So fast a clock that only what waits unheard can refuse: the listener is stalled on its first piece.
+    listener = Listener(heard, load_vad_model(), TurnSettings(), Options(),
+                        allowance=AudioAllowance(1000.0, 3.0))
+    second = np.zeros(ASR_RATE, np.float32)
+    taken = [listener.feed(second) for _ in range(10)]
+    assert taken == [True] * 3 + [False] * 7  # three seconds wait at most, whatever the pace
+    name, (error,) = await _next_any(heard)
+    assert (name, error.code) == ("emit", "audio_too_fast")  # once, not once per piece
+    heard.go.set()
+    deadline = asyncio.get_running_loop().time() + 30
+    while not listener.feed(second):  # heard now: there is room again
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    listener.end()
+    await _next(heard, "recording_ended")
+
+
+async def _next_any(heard: _Heard) -> tuple:
+    return await asyncio.wait_for(heard.calls.get(), timeout=10)

@@ -391,3 +391,37 @@ def watch_errors(page) -> list[str]:
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     page.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
     return errors
+
+
+def test_a_session_closed_as_unused_waits_for_the_user_and_typing_connects_again(cpu_settings, engines,
+                                                                                 browser) -> None:
+    """Closed for want of use (`idle`), the page says so and does not reconnect by itself in a loop; typing a
+    message connects again and sends it."""
+    from app.web.server import create_app
+    from tests.support import serving
+    from tests.web.test_limits import limited
+
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors, frames = watch_errors(page), Frames(page)
+    opened: list[str] = []
+    page.on("websocket", lambda ws: opened.append(ws.url))
+    try:
+        # The shared models, as live_server's (a server of the test's own engines drains them with asyncio.run,
+        # which Playwright's loop forbids).
+        with serving(create_app(limited(cpu_settings, idle_timeout_s=3.0), engines)) as url:
+            page.goto(f"{url}/")
+            page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=60_000)
+            page.get_by_text("Disconnected after 3 seconds without use").wait_for(timeout=30_000)
+            assert page.get_by_role("button", name="Reconnect").is_visible()
+            page.wait_for_timeout(5000)  # the page retried a lost connection after 1 s; not this one
+            assert len(opened) == 1 and page.evaluate("() => window.voiceAssistant.state") == "idle", opened
+            page.screenshot(path=str(SCREENSHOTS / "idle.png"))
+            page.get_by_label("Type a message").fill("Hello there")
+            page.get_by_label("Type a message").press("Enter")
+            page.wait_for_function("() => window.voiceAssistant.turnEnds.length > 0", timeout=TURN_TIMEOUT_MS)
+        assert len(opened) == 2, opened
+        assert {"type": "text", "text": "Hello there"} in frames.sent
+        assert page.evaluate("() => window.voiceAssistant.turnEnds")[0]["reason"] == "completed"
+        assert not errors, f"console errors: {errors}"
+    finally:
+        page.close()

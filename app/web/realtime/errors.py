@@ -43,5 +43,6 @@ def refusal(refused: Refused, event_id: str | None) -> rt.Error:
 
 def error_event(error: ev.Error) -> rt.Error:
     """One of the core's errors (app/core/events.py), in this protocol's shape."""
-    kind = "invalid_request_error" if error.code in ("too_long", "bad_message", "bad_audio") else "server_error"
+    client = ("too_long", "bad_message", "bad_audio", "audio_too_fast")
+    kind = "invalid_request_error" if error.code in client else "server_error"
     return rt.Error(error=rt.ErrorInfo(kind, error.code, error.message))

@@ -22,6 +22,7 @@ from app.core.conversation import Conversation
 from app.core.metrics import Metrics
 from app.engines.llm import system_prompt_budget
 from app.engines.loaded import Engines
+from app.web.incoming import Incoming
 from app.web.realtime import protocol as rt
 from app.web.realtime.audio_in import InputAudio
 from app.web.realtime.errors import Refused, error_event, refusal
@@ -115,23 +116,24 @@ class RealtimeSession:
     # ------------------------------------------------------------ the socket
 
     async def serve(self, receive: Callable[[], Awaitable[dict]], send_text: Callable[[str], Awaitable[None]]) -> None:
-        """Run until the client goes away; whatever happens, stop all work for this connection.
-        Past max_sessions, say `busy` and close (1013, try again later)."""
+        """Run until the client goes away or its session ends (app/web/incoming.py: idle, or not reading); whatever
+        happens, stop all work for this connection. Past max_sessions, say `busy` and close (1013, try again later)."""
         self._send_text = send_text
         if self.conversation.metrics.sessions_open() >= self.limits.max_sessions:
             await self._refuse()
         self.conversation.start()  # counted open from here: no await before it lets another in
         self.conversation.configure(self._options(self.setup))
         writer: asyncio.Task[None] | None = None
+        incoming = Incoming(receive, self.conversation, self.limits, f"realtime session {self.id}")
         try:
             await self._send(rt.SessionCreated(session=self._info()))
             writer = asyncio.create_task(self._write())
-            while (message := await receive())["type"] != "websocket.disconnect":
+            while (message := await incoming.next()) is not None:
                 data = message.get("text") if message.get("text") is not None else message.get("bytes")
                 if data is not None:
                     await self.on_message(data)
-                self._check_backlog()
         finally:
+            incoming.close()
             self.audio.stop_listening()
             await self.conversation.close()
             if writer is not None:
@@ -143,14 +145,6 @@ class RealtimeSession:
                     self.conversation.metrics.sessions_open())
         await self._send(error_event(ev.error("busy")))
         raise WebSocketException(detail="busy", code=1013)
-
-    def _check_backlog(self) -> None:
-        """As on /ws: a client that keeps sending but never reads is closed past twice the cap."""
-        waiting = self.conversation.outbox.bytes
-        if waiting > 2 * self.limits.max_outgoing_bytes:
-            log.warning("realtime session %s closed: the client sends but does not read (%d bytes wait)",
-                        self.id, waiting)
-            raise WebSocketException(detail="slow_client", code=1008)
 
     async def _send(self, event: rt.ServerEvent) -> bool:
         """Send one event with its id; False once the client is gone (the receive loop then ends)."""
@@ -189,6 +183,8 @@ class RealtimeSession:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await self._not_understood(data, exc)
             return
+        if not isinstance(event, rt.BufferAppend):  # the user at work (a silent microphone is not)
+            self.conversation.idle.used()
         try:
             for out in self._dispatch(event):
                 await self._send(out)
