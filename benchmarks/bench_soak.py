@@ -3,6 +3,10 @@ client (texts and junk as fast as it can send them) and a client that never read
 turns completed, errors, p50/p95 first audio of the well-behaved sessions, server RSS before/after.
 
     uv run python benchmarks/bench_soak.py --sessions 3 --turns 4 --out bench-results/soak.json
+    uv run python benchmarks/bench_soak.py --attacks --turns 0 --out bench-results/attacks.json
+
+`--attacks` first sends each attack of benchmarks/attacks.py to the same models served as `serve --lan` serves
+them, and prints and reports what held (the command exits 1 if any did not).
 
 The server runs in this process (cpu preset), so RSS is this process's: server plus clients. Its language
 model is in process unless the VA_LLM__* variables point it at an OpenAI-compatible server, or
@@ -14,18 +18,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
+import tempfile
 import threading
 import time
 import urllib.request
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from pathlib import Path
 
-from bench_latency import QUESTIONS, listen_to_turn, run_turn, spoken_questions, start_local_server
+import attacks
+import msgspec
+from bench_latency import QUESTIONS, listen_to_turn, run_turn, serve, spoken_questions
 from websockets.sync.client import connect
 
+from app.config import load_settings
+from app.startup import load_and_warm
 from tests.llm_server import LlamaServer
 from tests.support import raw_client, send_text_frame
 
@@ -113,6 +123,32 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(statistics.quantiles(values, n=100, method="inclusive")[q - 1], 1) if len(values) > 1 else values[0]
 
 
+def attack_target(engines, settings, stack: ExitStack, idle_s: int) -> attacks.Target:
+    """The models served again as `serve --lan` serves them (all interfaces, HTTPS, pairing, the access log
+    without tokens), bound to loopback, with loopback clients untrusted and sessions idle after `idle_s`."""
+    import msgspec
+
+    from app.web import lan
+    from app.web.access import hide_tokens_in_access_log
+    from app.web.devices import open_pairing
+    from app.web.server import create_app
+    from tests.support import serving
+
+    folder = attacks.private(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "tls")
+    tls, pairing = lan.ensure_certificate(folder), open_pairing(folder)
+    settings = msgspec.structs.replace(
+        settings, host=lan.ALL_INTERFACES,
+        access=msgspec.structs.replace(settings.access, trust_loopback=False),
+        limits=msgspec.structs.replace(settings.limits, idle_timeout_s=idle_s))
+    app = create_app(settings, engines, pairing=pairing, fingerprint=lan.fingerprint(tls.cert))
+    url = stack.enter_context(serving(app, log_level="info", access_log=True, **lan.uvicorn_tls(tls)))
+    hide_tokens_in_access_log()
+    access_log = attacks.AccessLog()
+    logging.getLogger("uvicorn.access").addHandler(access_log)
+    return attacks.Target(url, pairing.token, folder, access_log.lines, msgspec.structs.asdict(settings.limits),
+                          settings.turns.max_turn_s)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=3)
@@ -121,14 +157,21 @@ def main() -> None:
     parser.add_argument("--llm-server", action="store_true",
                         help="the language model on llama-cpp-python's server (backend openai), started here")
     parser.add_argument("--llm-threads", type=int, help="that server's threads (default: all cores)")
+    parser.add_argument("--attacks", action="store_true", help="first send the attacks of benchmarks/attacks.py")
+    parser.add_argument("--idle-s", type=int, default=30, help="the attacked server's idle timeout (seconds)")
     parser.add_argument("--out", type=Path, default=Path("bench-results/soak.json"))
     args = parser.parse_args()
     speech = spoken_questions(len(QUESTIONS))
     with ExitStack() as stack:
         llm_server = stack.enter_context(LlamaServer(threads=args.llm_threads)) if args.llm_server else None
-        if llm_server is not None:  # start_local_server reads the VA_* environment
+        if llm_server is not None:  # load_settings reads the VA_* environment
             os.environ.update(llm_server.env())
-        url = start_local_server("cpu", stack)
+        settings = load_settings("cpu")
+        engines = stack.enter_context(closing(load_and_warm(settings)))
+        held = attacks.run(attack_target(engines, settings, stack, args.idle_s)) if args.attacks else []
+        # Every client here shares one address (loopback): as many sessions as the server holds may be its.
+        limits = msgspec.structs.replace(settings.limits, max_sessions_per_client=settings.limits.max_sessions)
+        url = serve(engines, msgspec.structs.replace(settings, limits=limits), stack)
         health = json.loads(urllib.request.urlopen(_http(url) + "/health").read())
         rss_before = rss_mb()
         stop, flood_stats, silent_stats = threading.Event(), Counter(), Counter()
@@ -166,10 +209,15 @@ def main() -> None:
                                      if line.startswith("voice_dropped_audio_total")),
         "rss_mb_before": rss_before, "rss_mb_after": rss_after, "llm_server_rss_mb_after": llm_rss,
         "turns": sorted(results, key=lambda r: (r["session"], r["turn"])),
+        "attacks": [msgspec.structs.asdict(outcome) for outcome in held],
     }
     print(json.dumps(report, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if held:
+        print(f"attacks held: {sum(o.held for o in held)} of {len(held)}")
+    if not all(o.held for o in held):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
