@@ -303,8 +303,21 @@ def test_the_reply_heard_back_and_a_cough_do_not_cut_it_and_the_user_does(live_s
     # All sent before the test began to play it, the reply ended "completed"; the user's turn is answered.
     final = [e for _, e in seen if e["type"] == "transcript" and e["turn"] == 2][-1]["text"]
     print("the user's turn:", final)
-    # Whole, not its second half: its first word and its "fellow" are there, and at most two of its five words
-    # are misheard (losing "And so my" would be three). The echo still plays under its first 1.8 s: tiny Whisper
-    # has heard "And stole my fellow America." and "and so am I fellow Americans." in it.
-    heard = words(final)
-    assert heard[0] == "and" and "fellow" in heard and word_error_rate(final, "And so my fellow Americans") < 0.5, final
+    assert whole_turn(final), final
+
+
+def whole_turn(heard: str, truth: str = "And so my fellow Americans") -> bool:
+    """Whether the user's turn was heard whole, not its second half: from an "and" on, at most two of its five
+    words misheard (losing "And so my" would be three), "fellow" among them. The echo still plays under its
+    first 1.8 s: tiny Whisper has heard "And stole my fellow America." and "and so am I fellow Americans." in
+    it, and once the echo's own last words before it ("to have been amazing. And so my fellow Americans.")."""
+    said = words(heard)
+    starts = [i for i, word in enumerate(said) if word == "and"]
+    return any("fellow" in said[i:] and word_error_rate(" ".join(said[i:]), truth) < 0.5 for i in starts)
+
+
+def test_a_whole_turn_may_follow_the_echos_last_words_but_not_lose_its_first_half() -> None:
+    assert whole_turn("to have been amazing. And so my fellow Americans.")
+    assert whole_turn("And stole my fellow America.") and whole_turn("and so am I fellow Americans.")
+    assert not whole_turn("fellow Americans.") and not whole_turn("my fellow Americans.")
+    assert not whole_turn("to have been amazing, and fellow dragons were there.")
