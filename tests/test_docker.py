@@ -1,6 +1,8 @@
 """The GPU image's Dockerfile: lint-clean (hadolint, warnings fail), the same packages as uv.lock,
-CUDA that matches torch's wheels, llama.cpp built for CUDA, non-root with a model volume and a
-health check. Building the image needs Docker (and a GPU to run it): that test skips without them.
+CUDA that matches torch's wheels, llama.cpp built for CUDA, .python-version's Python, a runtime stage
+that can compile Triton's launchers, a dependency layer that README and app edits leave cached,
+non-root with a model volume and a health check. Building the image needs Docker (and a GPU to run
+it): that test skips without them.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The compiled frame step against the eager one: same greedy codes and logits, and a safe fallback.
+"""The compiled frame step against the eager one: same greedy codes and logits; a loud fallback to eager
+when compiling fails in the warm-up, and only then (a later error is raised, not retried eagerly).
 
 Tiny random weights in float32 on the CPU (inductor's C++ backend), so it runs in CI; on a GPU
 the same two functions become CUDA graphs. Compiling costs ~30-60 s on 2 cores with a cold cache,
