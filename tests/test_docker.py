@@ -1,6 +1,8 @@
 """The GPU image's Dockerfile: lint-clean (hadolint, warnings fail), the same packages as uv.lock,
-CUDA that matches torch's wheels, llama.cpp built for CUDA, non-root with a model volume and a
-health check. Building the image needs Docker (and a GPU to run it): that test skips without them.
+CUDA that matches torch's wheels, llama.cpp built for CUDA, .python-version's Python, a runtime stage
+that can compile Triton's launchers, a dependency layer that README and app edits leave cached,
+non-root with a model volume and a health check. Building the image needs Docker (and a GPU to run
+it): that test skips without them.
 """
 
 from __future__ import annotations
@@ -104,15 +106,87 @@ def test_the_image_installs_exactly_the_lock_file(steps):
     assert "uv.lock" in copied and "pyproject.toml" in copied
 
 
-def test_the_images_python_is_one_the_lock_covers(steps):
+def minor(version: str) -> str:
+    return ".".join(version.split(".")[:2])
+
+
+def apt_packages(stage: list[tuple[str, str]]) -> set[str]:
+    """The packages a stage's `apt-get install` commands name."""
+    found: set[str] = set()
+    for keyword, args in stage:
+        for command in re.split(r"&&|;|\|\|", args) if keyword == "RUN" else ():
+            words = command.split()
+            if words[:2] == ["apt-get", "install"]:
+                found |= {w for w in words[2:] if not w.startswith("-")}
+    return found
+
+
+def runs_with(stage: list[tuple[str, str]], text: str) -> list[int]:
+    return [i for i, (k, a) in enumerate(stage) if k == "RUN" and text in a]
+
+
+def test_the_images_python_is_the_projects_own(steps):
+    """One Python version: .python-version's, the one the tests run on (Ubuntu 24.04's own is 3.12),
+    installed by uv (its CPython has the headers) before the venv is made, and copied whole, at the same
+    path, into the runtime stage, which installs no other."""
     from packaging.specifiers import SpecifierSet
 
-    python = env_values(stages(steps)[1])["UV_PYTHON"]
-    version = re.search(r"python(3\.\d+)", python)[1]
+    build, runtime = stages(steps)[1], stages(steps)[-1]
+    env = env_values(build)
+    wanted = minor((ROOT / ".python-version").read_text().strip())
+    assert minor(env["UV_PYTHON"]) == wanted
     lock = tomllib.loads((ROOT / "uv.lock").read_text())
-    assert f"{version}.0" in SpecifierSet(lock["requires-python"])
-    runtime_installs = " ".join(a for k, a in stages(steps)[-1] if k == "RUN")
-    assert f"python{version}" in runtime_installs  # the venv's interpreter exists in the runtime image
+    assert f"{wanted}.0" in SpecifierSet(lock["requires-python"])
+    # uv's own CPython only, and downloaded only by the explicit install: never the distribution's.
+    assert env["UV_MANAGED_PYTHON"] == "1" and env["UV_PYTHON_DOWNLOADS"] == "manual"
+    (install,) = runs_with(build, "uv python install")
+    assert build[install][1].split()[-1] in (env["UV_PYTHON"], '"${UV_PYTHON}"')
+    assert install < runs_with(build, "uv sync")[0]
+    home = env["UV_PYTHON_INSTALL_DIR"]
+    assert ("COPY", f"--from=build {home} {home}") in runtime  # the venv's links point into it
+    assert not [p for p in apt_packages(build) | apt_packages(runtime) if p.startswith(("python3", "libpython"))]
+
+
+def test_the_runtime_stage_can_compile_tritons_launchers(steps):
+    """The compiled CSM step runs Triton kernels, and Triton builds each launcher (a Python C extension)
+    with gcc at first use, against the interpreter's headers: without a compiler `csm.compile=auto`
+    fell back to the eager step in the image."""
+    runtime = stages(steps)[-1]
+    # libc6-dev: gcc only recommends it, and recommends are not installed; Triton's C includes libc's headers.
+    assert {"gcc", "libc6-dev"} <= apt_packages(runtime)
+    # ...and the image build proves it: Triton's own build function compiles and imports an extension there.
+    (probe,) = runs_with(runtime, "compile_module_from_src")
+    assert probe > runtime.index(("COPY", "--from=build /app /app"))
+    assert "#include <Python.h>" in runtime[probe][1] and "/app/.venv/bin/python -c" in runtime[probe][1]
+
+
+def test_the_runtime_stages_compile_probe_runs(steps, tmp_path):
+    """The probe above, as the image's shell runs it, with this venv's Python: it builds and imports, and a
+    missing compiler fails it (so the image build stops instead of shipping a step that cannot compile)."""
+    runtime = stages(steps)[-1]
+    (probe,) = [runtime[i][1] for i in runs_with(runtime, "compile_module_from_src")]
+    command = probe.replace("/app/.venv/bin/python", sys.executable).replace("/tmp/triton-probe", str(tmp_path / "t"))
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    no_compiler = {**os.environ, "CC": str(tmp_path / "no-such-cc")}
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=120, env=no_compiler)
+    assert done.returncode != 0 and "no-such-cc" in done.stderr
+
+
+def test_only_the_dependency_files_come_before_the_dependency_layer(steps):
+    """The slow layer (torch, llama.cpp for seven GPU architectures) is rebuilt whenever a file copied
+    before it changes: only the two that name the dependencies are. README.md (pyproject.toml's readme,
+    which uv reads only to build the project), the app, templates and static come after it."""
+    build = stages(steps)[1]
+    first, second = runs_with(build, "uv sync")
+
+    def copied(part: list[tuple[str, str]]) -> list[str]:
+        return [src.removeprefix("./") for k, a in part if k == "COPY" and not a.startswith("--from")
+                for src in a.split()[:-1]]
+
+    assert "--no-install-project" in build[first][1].split()
+    assert sorted(copied(build[:first])) == ["pyproject.toml", "uv.lock"]
+    assert {"README.md", "app", "static", "templates"} <= set(copied(build[first:second]))
 
 
 def test_cuda_images_match_torchs_cuda_wheels(steps):

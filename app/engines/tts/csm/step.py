@@ -62,7 +62,10 @@ class FrameStep:
     """The two step functions of one frame, with their static device inputs; compiled on request.
 
     The compiled versions are kept beside the eager ones: the prompt (many positions) always runs
-    eagerly, and a compile failure falls back to eager for good, with one log line.
+    eagerly. Only the warm-up may fall back to eager (for good, with a WARNING naming the cause): there
+    a failure is one of compiling or of capturing the graphs. After it, an error in a step (out of
+    memory, a device assert) is raised: the step may have half-updated the KV caches, so running it
+    again eagerly would speak from a corrupted state.
     """
 
     def __init__(self, model: CsmModel, sampled_vocab: int) -> None:
@@ -114,22 +117,11 @@ class FrameStep:
         backbone = self.backbone if tokens.shape[1] == 1 else self.backbone_step  # the prompt: eager
         codes = torch.empty(1, k, dtype=torch.long, device=self.device)
         # Copy each code out at once: a CUDA graph's outputs are overwritten by its next replay.
-        codes[:, :1] = self._call(backbone, self.backbone_step, tokens, mask, positions, gumbel[:1], topk,
-                                  temperature)[0]
+        codes[:, :1] = backbone(tokens, mask, positions, gumbel[:1], topk, temperature)[0]
         for i in range(1, k):
-            codes[:, i : i + 1] = self._call(self.decoder, self.decoder_step, codes[:, i - 1 : i],
-                                             self.positions[i], self.codebooks[i], gumbel[i : i + 1], topk,
-                                             temperature)[0]
+            codes[:, i : i + 1] = self.decoder(codes[:, i - 1 : i], self.positions[i], self.codebooks[i],
+                                               gumbel[i : i + 1], topk, temperature)[0]
         return codes
-
-    def _call(self, fast: Callable[..., StepOutput], eager: Callable[..., StepOutput], *args) -> StepOutput:
-        if fast is eager:
-            return eager(*args)
-        try:
-            return fast(*args)
-        except Exception as exc:  # compilation happens on a first call: never let it break the voice
-            self.use_eager(f"the compiled step failed: {_first_line(exc)}")
-            return eager(*args)
 
     # ---- compiling ----
 
@@ -144,7 +136,7 @@ class FrameStep:
             self.backbone = torch.compile(self.backbone_step, **options)
             self.decoder = torch.compile(self.decoder_step, **options)
         except Exception as exc:  # e.g. a platform torch.compile does not support
-            log.warning("csm: running the frame step eagerly: torch.compile is unavailable: %s", _first_line(exc))
+            log.warning("csm: running the frame step eagerly: torch.compile is unavailable: %s", describe(exc))
             self.use_eager("")
             return
         self.compiled = True
@@ -157,8 +149,22 @@ class FrameStep:
     @torch.no_grad()
     def warm(self, *, topk: int, temperature: float, frames: int = 3) -> float:
         """Compile (or load from the inductor cache) and, on CUDA, record the graphs: a few frames
-        of one-position steps on the real caches, which it leaves reset. Returns the seconds it took."""
+        of one-position steps on the real caches, which it leaves reset. Returns the seconds it took.
+
+        The one place a compiled step may fail and the voice go on eagerly: what fails here is
+        compiling (no C compiler, a missing header, an unsupported op) or capturing the graphs."""
         start = time.perf_counter()
+        try:
+            self._warm_frames(topk=topk, temperature=temperature, frames=frames)
+        except Exception as exc:
+            if not self.compiled:
+                raise  # the eager step itself fails: nothing to fall back to
+            self.use_eager(f"torch.compile failed in the warm-up: {describe(exc)}")
+        finally:
+            self.model.reset_caches()  # no warm-up frame, and nothing a failed step half-wrote, is kept
+        return time.perf_counter() - start
+
+    def _warm_frames(self, *, topk: int, temperature: float, frames: int) -> None:
         width = self.model.config.frame_width
         tokens = torch.zeros(1, 1, width, dtype=torch.long, device=self.device)
         mask = torch.ones(1, 1, width, dtype=torch.bool, device=self.device)
@@ -168,12 +174,24 @@ class FrameStep:
             self.frame(tokens, mask, position, topk=topk, temperature=temperature, generator=None)
             position.add_(1)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.model.reset_caches()
-        return time.perf_counter() - start
+            torch.cuda.synchronize(self.device)  # an error of the last replay shows here, not mid-reply
 
 
-def _first_line(exc: Exception) -> str:
+def describe(exc: BaseException) -> str:
+    """One line naming what failed. torch wraps the compiler's own error (no C compiler, Python.h
+    missing) in its own, whose message starts "backend='inductor' raised:": name the innermost too."""
+    inner = exc
+    for _ in range(8):  # torch's wrappers nest a few deep; a cycle must not hang the warm-up
+        cause = getattr(inner, "inner_exception", None) or inner.__cause__
+        if not isinstance(cause, BaseException):
+            break
+        inner = cause
+    if inner is exc:
+        return _first_line(exc)
+    return f"{type(exc).__name__} <- {_first_line(inner)}"
+
+
+def _first_line(exc: BaseException) -> str:
     """A compile error's message can run to pages; the log gets its first line."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
