@@ -78,9 +78,9 @@ def test_topk_with_fixed_noise_keeps_the_codes_tied_at_the_kth(noise, temperatur
 
 def test_topk_bound_is_per_row_and_clamped_to_the_vocabulary() -> None:
     logits = torch.stack([TIED, -TIED])  # row 1: top-2 are 0.0 (c4) and -1.0 (c1)
-    noise = _noise(c1=1.5, c3=100.0)[None].repeat(2, 1)
-    assert pick_code(logits, noise, topk=2, temperature=1.0).tolist() == [[3], [1]]
-    assert pick_code(logits, noise, topk=50, temperature=1.0).tolist() == [[3], [3]]  # k over V keeps all
+    noise = torch.stack([_noise(c4=100.0), _noise(c1=1.5, c2=100.0)])  # c4 and c2 fall below their row's k-th
+    assert pick_code(logits, noise, topk=2, temperature=1.0).tolist() == [[0], [1]]
+    assert pick_code(logits, noise, topk=50, temperature=1.0).tolist() == [[4], [2]]  # k over V keeps all
 
 
 def test_sample_topk_adds_minus_log_exponential_noise_from_the_generator() -> None:
