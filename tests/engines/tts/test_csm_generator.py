@@ -16,6 +16,7 @@ from app.engines.tts.csm.generator import (
     sample_topk,
     segment_rows,
 )
+from app.engines.tts.csm.step import gumbel_noise, pick_code
 
 from .conftest import varying_frame
 
@@ -42,6 +43,54 @@ def test_sampling_stays_inside_the_top_k_and_follows_the_seed() -> None:
     assert set(draws) <= allowed and len(set(draws)) >= 3  # random within the top 5, not stuck on one
     again = torch.Generator().manual_seed(7)
     assert draws[:20] == [int(sample_topk(logits, topk=5, temperature=1.0, generator=again)) for _ in range(20)]
+
+
+# Three codes share the 2nd-best logit: top-2 keeps all of them, as Sesame's sample_topk and
+# transformers' TopKLogitsWarper do (both drop only logits below the k-th), and nothing below.
+TIED = torch.tensor([4.0, 1.0, 2.0, 2.0, 0.0, 2.0])
+
+
+def _noise(**at: float) -> torch.Tensor:
+    """Gumbel noise that is zero but at the given codes (c0..c5)."""
+    noise = torch.zeros(6)
+    for name, value in at.items():
+        noise[int(name[1:])] = value
+    return noise
+
+
+@pytest.mark.parametrize(
+    ("noise", "temperature", "code"),
+    [
+        (_noise(c4=100.0), 1.0, 0),  # below the k-th logit: no noise brings it back
+        (_noise(c1=100.0, c4=100.0), 1.0, 0),
+        (_noise(c2=2.5), 1.0, 2),  # each code tied at the boundary can win
+        (_noise(c3=2.5), 1.0, 3),
+        (_noise(c5=2.5), 1.0, 5),
+        (_noise(c2=2.1, c5=2.4), 1.0, 5),
+        (_noise(c5=2.5), 0.5, 0),  # logits / 0.5 = 8 vs 4 + 2.5: the noise is not scaled with them
+        (_noise(c3=1.5), 2.0, 3),  # logits / 2 = 2 vs 1 + 1.5
+    ],
+)
+def test_topk_with_fixed_noise_keeps_the_codes_tied_at_the_kth(noise, temperature: float, code: int) -> None:
+    got = pick_code(TIED[None], noise[None], topk=2, temperature=temperature)
+    assert got.tolist() == [[code]]
+
+
+def test_topk_bound_is_per_row_and_clamped_to_the_vocabulary() -> None:
+    logits = torch.stack([TIED, -TIED])  # row 1: top-2 are 0.0 (c4) and -1.0 (c1)
+    noise = torch.stack([_noise(c4=100.0), _noise(c1=1.5, c2=100.0)])  # c4 and c2 fall below their row's k-th
+    assert pick_code(logits, noise, topk=2, temperature=1.0).tolist() == [[0], [1]]
+    assert pick_code(logits, noise, topk=50, temperature=1.0).tolist() == [[4], [2]]  # k over V keeps all
+
+
+def test_sample_topk_adds_minus_log_exponential_noise_from_the_generator() -> None:
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
+    exponential = torch.empty(4, 100).exponential_(generator=torch.Generator().manual_seed(2))
+    noise = gumbel_noise((4, 100), torch.device("cpu"), torch.Generator().manual_seed(2))
+    assert torch.equal(noise, -exponential.log())  # the same draws, the same elementwise ops: bit for bit
+    expected = pick_code(logits, -exponential.log(), topk=7, temperature=0.8)
+    assert torch.equal(sample_topk(logits, topk=7, temperature=0.8, generator=torch.Generator().manual_seed(2)),
+                       expected)
 
 
 def test_low_temperature_concentrates_on_the_best_code() -> None:

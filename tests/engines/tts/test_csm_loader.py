@@ -56,15 +56,30 @@ def test_sesame_config_json_names_the_flavours(tmp_path: Path) -> None:
     assert loader.infer_config(state) == CsmModelConfig.full()  # and the sizes alone say the same
 
 
-def test_unpermute_is_the_inverse_of_the_transformers_rope_permutation() -> None:
-    config = CsmModelConfig.tiny()
-    heads, head_dim, dim = config.backbone.num_heads, config.backbone.head_dim, config.backbone.embed_dim
-    original = torch.randn(heads * head_dim, dim)
+@pytest.mark.parametrize("stack", ["backbone", "decoder"])
+@pytest.mark.parametrize("proj", ["q", "k"])
+def test_unpermute_is_the_inverse_of_the_transformers_rope_permutation(stack: str, proj: str) -> None:
+    config = CsmModelConfig.tiny()  # 4 query heads and 2 KV heads in each stack: each head is un-permuted alone
+    shape = getattr(config, stack)
+    heads = shape.num_heads if proj == "q" else shape.num_kv_heads
+    original = torch.randn(heads * shape.head_dim, shape.embed_dim)
     # transformers' conversion: rows (i, half) of each head become rows (half, i)
-    permuted = original.view(heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(heads * head_dim, dim)
-    restored = loader.unpermute_qk({"backbone.layers.0.attn.q_proj.weight": permuted}, config)
-    assert torch.equal(restored["backbone.layers.0.attn.q_proj.weight"], original)
+    permuted = original.view(heads, shape.head_dim // 2, 2, -1).transpose(1, 2).reshape(original.shape)
+    key = f"{stack}.layers.1.attn.{proj}_proj.weight"
+    restored = loader.unpermute_qk({key: permuted}, config)
+    assert torch.equal(restored[key], original)
     assert not torch.equal(permuted, original)
+
+
+def test_untied_embeddings_named_by_config_json_alone_are_refused() -> None:
+    table = torch.randn(6, 4)
+    tied = {"backbone_model.embed_tokens.embed_audio_tokens.weight": table,
+            "depth_decoder.model.embed_tokens.weight": table.clone()}
+    loader.check_tied_embeddings(tied, {"tie_codebooks_embeddings": False})  # equal tables: one network
+    one_table = {"depth_decoder.model.embed_tokens.weight": table}  # save_pretrained keeps one of two twins
+    loader.check_tied_embeddings(one_table, {})
+    with pytest.raises(CheckpointMismatchError, match="is not stored beside"):
+        loader.check_tied_embeddings(one_table, {"tie_codebooks_embeddings": False})
 
 
 def test_a_checkpoint_that_does_not_fit_names_missing_and_unexpected_keys(tmp_path: Path) -> None:

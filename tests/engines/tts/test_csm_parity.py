@@ -1,14 +1,21 @@
 """CSM against transformers' CsmForConditionalGeneration with the same random weights.
 
-The reference has CSM-1B's structure where a loading bug would hide: 32 codebooks of 2051 codes,
-64-wide backbone heads and 128-wide decoder heads, grouped-query attention, the RoPE scaling of the
-published config.json, and every weight random, norm scales included (a norm left at 1.0 cannot
-tell a swapped norm). Only the widths, depths and text vocabulary are small, to run on a CPU.
+Two references, each with CSM-1B's structure where a loading bug would hide: 32 codebooks of 2051
+codes, decoder heads twice as wide as the backbone's, grouped-query attention, Llama-3 RoPE scaling,
+and every weight random, norm scales included (a norm left at 1.0 cannot tell a swapped norm). Only
+the widths, depths and text vocabulary are small, to run on a CPU.
+  - published: 64-wide backbone heads, one KV head, and the RoPE and norm settings of the published
+    config.json, which are also CsmModel's defaults;
+  - grouped: two KV heads of two query heads each (a k_proj un-permute right only for one head, or
+    query heads grouped in the wrong order, shows), and rope_theta, rms_norm_eps and the RoPE factor
+    all off CSM-1B's values (a setting the loader or the network drops shows).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -24,23 +31,58 @@ from app.engines.tts.csm.generator import (
     build_prompt,
     text_rows,
 )
+from app.engines.tts.csm.loader import CheckpointMismatchError
 from app.engines.tts.csm.model import CsmModel
 
 K, V, TEXT_VOCAB = 32, 2051, 512
 AUDIO_TOKEN, AUDIO_EOS_TOKEN = TEXT_VOCAB - 2, TEXT_VOCAB - 1  # placeholders no test text uses
-# sesame/csm-1b's config.json as transformers' conversion wrote it: Sesame's Llama-3 schedule (factor 32,
-# wavelengths 8192 and 2048) restated over each stack's own context (2048 and 33 positions).
-BACKBONE_ROPE = {"rope_type": "llama3", "factor": 32.0, "original_max_position_embeddings": 1024,
-                 "low_freq_factor": 0.125, "high_freq_factor": 0.5}
-DECODER_ROPE = {"rope_type": "llama3", "factor": 32.0, "original_max_position_embeddings": 16,
-                "low_freq_factor": 0.001953125, "high_freq_factor": 0.0078125}
 
 
-def _reference_config() -> transformers.CsmConfig:
+class Spec(NamedTuple):
+    """The attention shapes and arithmetic of one reference."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int  # the backbone's; the decoder's heads are twice as wide, as in CSM-1B
+    rope_theta: float
+    norm_eps: float
+    rope_factor: float
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(backbone, decoder) hidden sizes."""
+        return self.heads * self.head_dim, self.heads * self.head_dim * 2
+
+
+PUBLISHED = Spec(heads=2, kv_heads=1, head_dim=64, rope_theta=500_000.0, norm_eps=1e-5, rope_factor=32.0)
+# Each setting far enough from CSM-1B's to show: left at CSM-1B's value, the backbone logits move by
+# 0.9 (theta), 4e-2 (eps) and 3e-3 (factor), where the two implementations differ by 2e-6 and 1e-4 is allowed.
+GROUPED = Spec(heads=4, kv_heads=2, head_dim=32, rope_theta=10_000.0, norm_eps=1e-2, rope_factor=2.0)
+
+
+def _rope(factor: float, original: int, low: float, high: float) -> dict:
+    return {"rope_type": "llama3", "factor": factor, "original_max_position_embeddings": original,
+            "low_freq_factor": low, "high_freq_factor": high}
+
+
+# sesame/csm-1b's config.json as transformers' conversion wrote it: Sesame's Llama-3 schedule (wavelengths
+# 8192 and 2048) restated over each stack's own context (2048 and 33 positions).
+def _backbone_rope(factor: float) -> dict:
+    return _rope(factor, 1024, 0.125, 0.5)
+
+
+def _decoder_rope(factor: float) -> dict:
+    return _rope(factor, 16, 0.001953125, 0.0078125)
+
+
+def _reference_config(spec: Spec, **overrides) -> transformers.CsmConfig:
+    width, decoder_width = spec.widths
+    shared = {"num_hidden_layers": 2, "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads,
+              "rope_theta": spec.rope_theta, "rms_norm_eps": spec.norm_eps}
     decoder = transformers.CsmDepthDecoderConfig(
-        num_codebooks=K, backbone_hidden_size=128, vocab_size=V, hidden_size=256, intermediate_size=512,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=128,
-        max_position_embeddings=K + 1, rope_scaling=dict(DECODER_ROPE),
+        num_codebooks=K, backbone_hidden_size=width, vocab_size=V, hidden_size=decoder_width,
+        intermediate_size=2 * decoder_width, head_dim=2 * spec.head_dim, max_position_embeddings=K + 1,
+        rope_scaling=_decoder_rope(spec.rope_factor), **shared,
     )
     codec = transformers.MimiConfig(  # a tiny Mimi: it only turns the voice context into codes
         hidden_size=32, num_filters=4, codebook_dim=16, vector_quantization_hidden_dimension=16,
@@ -48,11 +90,10 @@ def _reference_config() -> transformers.CsmConfig:
         upsample_groups=32, num_quantizers=K, codebook_size=2048,
     )
     return transformers.CsmConfig(
-        num_codebooks=K, vocab_size=V, text_vocab_size=TEXT_VOCAB, hidden_size=128, intermediate_size=256,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=64,
-        max_position_embeddings=2048, rope_scaling=dict(BACKBONE_ROPE), depth_decoder_config=decoder,
-        codec_config=codec, bos_token_id=0, pad_token_id=TEXT_VOCAB - 3, audio_token_id=AUDIO_TOKEN,
-        audio_eos_token_id=AUDIO_EOS_TOKEN,
+        num_codebooks=K, vocab_size=V, text_vocab_size=TEXT_VOCAB, hidden_size=width, intermediate_size=2 * width,
+        head_dim=spec.head_dim, max_position_embeddings=2048, rope_scaling=_backbone_rope(spec.rope_factor),
+        depth_decoder_config=decoder, codec_config=codec, bos_token_id=0, pad_token_id=TEXT_VOCAB - 3,
+        audio_token_id=AUDIO_TOKEN, audio_eos_token_id=AUDIO_EOS_TOKEN, **shared, **overrides,
     )
 
 
@@ -71,22 +112,46 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 tensor.normal_(0.0, 1.0 / math.sqrt(tensor.shape[1]), generator=generator)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory):
-    """The transformers model and the folder it saved itself to (weights + config.json)."""
+def _saved_reference(spec: Spec, folder: Path, **overrides) -> transformers.CsmForConditionalGeneration:
+    """A random transformers model of `spec`, saved to `folder` (weights + config.json) as its own."""
     torch.manual_seed(0)
-    model = transformers.CsmForConditionalGeneration(_reference_config()).eval()
+    model = transformers.CsmForConditionalGeneration(_reference_config(spec, **overrides)).eval()
     _randomise(model, seed=0)
-    folder = tmp_path_factory.mktemp("hf_csm")
     model.save_pretrained(folder)
-    return model, folder
+    return model
 
 
-@pytest.fixture(scope="module")
-def ours(reference) -> CsmModel:
-    _, folder = reference
+def _load_folder(folder: Path) -> CsmModel:
     paths = loader.resolve_checkpoint(str(folder))
     return loader.load_csm_model(paths, hints=loader.resolve_config_json(str(folder), paths[0]))
+
+
+class Reference(NamedTuple):
+    spec: Spec
+    hf: transformers.CsmForConditionalGeneration
+    ours: CsmModel  # loaded from the folder transformers saved itself to
+
+
+def _reference(spec: Spec, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    folder = tmp_path_factory.mktemp("hf_csm")
+    hf = _saved_reference(spec, folder)
+    return Reference(spec, hf, _load_folder(folder))
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    return _reference(PUBLISHED, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    return _reference(GROUPED, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=["published", "grouped"])
+def reference(request: pytest.FixtureRequest) -> Reference:
+    """Each reference in turn."""
+    return request.getfixturevalue(request.param)
 
 
 def _mixed_prompt(text_len: int = 12, frames: int = 28):
@@ -141,14 +206,15 @@ def _assert_same_generation(got: tuple[torch.Tensor, torch.Tensor], expected: tu
     torch.testing.assert_close(logits[:n], expected_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_transformers_layout_loads_with_the_published_sizes_read_off(ours: CsmModel) -> None:
-    config = ours.config
+def test_transformers_layout_loads_with_the_sizes_and_arithmetic_read_off(reference: Reference) -> None:
+    config, spec = reference.ours.config, reference.spec
     assert (config.audio_num_codebooks, config.audio_vocab_size, config.text_vocab_size) == (K, V, TEXT_VOCAB)
-    assert (config.backbone.num_heads, config.backbone.num_kv_heads, config.backbone.head_dim) == (2, 1, 64)
-    assert (config.decoder.num_heads, config.decoder.num_kv_heads, config.decoder.head_dim) == (2, 1, 128)
-    assert (config.rope_scale_factor, config.rope_base, config.norm_eps) == (32.0, 500_000.0, 1e-5)
+    assert (config.backbone.num_heads, config.backbone.num_kv_heads, config.backbone.head_dim) == spec[:3]
+    decoder = (config.decoder.num_heads, config.decoder.num_kv_heads, config.decoder.head_dim)
+    assert decoder == (spec.heads, spec.kv_heads, 2 * spec.head_dim)
+    assert (config.rope_base, config.norm_eps, config.rope_scale_factor) == spec[3:]
     assert config.max_seq_len == 2048
-    layer = ours.decoder.layers[1]  # every weight random: a swapped or dropped norm would show
+    layer = reference.ours.decoder.layers[1]  # every weight random: a swapped or dropped norm would show
     assert not torch.allclose(layer.sa_norm.scale, layer.mlp_norm.scale)
     assert not torch.allclose(layer.sa_norm.scale, torch.ones_like(layer.sa_norm.scale), atol=0.1)
 
@@ -164,25 +230,34 @@ def _codebook0_logits(hf, model: CsmModel) -> tuple[torch.Tensor, torch.Tensor]:
     return expected, model.codebook0_logits(hidden)
 
 
-def test_backbone_logits_match_transformers(reference, ours: CsmModel) -> None:
-    expected, got = _codebook0_logits(reference[0], ours)
+def test_backbone_logits_match_transformers(reference: Reference) -> None:
+    expected, got = _codebook0_logits(reference.hf, reference.ours)
     assert expected.abs().max() > 1.0  # logits with real spread, so the comparison means something
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_original_layout_without_rope_fields_matches_transformers(reference, ours: CsmModel, tmp_path) -> None:
-    """Sesame's own checkpoints: original key names and a config.json that names no RoPE or norm
-    settings, so the network's defaults must be CSM-1B's published ones."""
+def _sesame_hints(spec: Spec) -> dict:
+    """A config.json for an original-layout checkpoint: the head counts, and the arithmetic only where
+    it is not CSM-1B's (Sesame's own config.json names no RoPE or norm settings)."""
+    section: dict = {"num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads}
+    if spec != PUBLISHED:
+        section |= {"rope_theta": spec.rope_theta, "rms_norm_eps": spec.norm_eps,
+                    "rope_scaling": _backbone_rope(spec.rope_factor)}
+    return {**section, "depth_decoder_config": section}
+
+
+def test_original_layout_matches_transformers(reference: Reference, tmp_path: Path) -> None:
+    """Sesame's key names: for the published reference with no RoPE or norm settings in config.json,
+    so the network's defaults must be CSM-1B's published ones."""
     path = tmp_path / "ckpt.safetensors"
-    save_file({k: v.contiguous() for k, v in ours.state_dict().items()}, str(path))
-    heads = {"num_attention_heads": 2, "num_key_value_heads": 1}
-    original = loader.load_csm_model([path], hints={**heads, "depth_decoder_config": heads})
-    expected, got = _codebook0_logits(reference[0], original)
+    save_file({k: v.contiguous() for k, v in reference.ours.state_dict().items()}, str(path))
+    original = loader.load_csm_model([path], hints=_sesame_hints(reference.spec))
+    expected, got = _codebook0_logits(reference.hf, original)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_depth_decoder_logits_match_transformers(reference, ours: CsmModel) -> None:
-    hf, _ = reference
+def test_depth_decoder_logits_match_transformers(reference: Reference) -> None:
+    hf, ours = reference.hf, reference.ours
     text, codes, _, _ = _mixed_prompt()
     frame = torch.randint(1, 2048, (1, K), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
@@ -200,8 +275,8 @@ def test_depth_decoder_logits_match_transformers(reference, ours: CsmModel) -> N
     torch.testing.assert_close(torch.cat(got), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_frames_match_transformers_generate(reference, ours: CsmModel) -> None:
-    hf, _ = reference
+def test_greedy_frames_match_transformers_generate(reference: Reference) -> None:
+    hf, ours = reference.hf, reference.ours
     text = torch.tensor([[0, 40, 41, 42, 43, 1]])
     expected = _generate(hf, input_ids=text, attention_mask=torch.ones_like(text), max_new_tokens=12)
     tokens, mask = text_rows(text[0].tolist(), K + 1)
@@ -217,10 +292,11 @@ def _voice(frames: int) -> torch.Tensor:
     return 0.3 * torch.sin(2 * math.pi * 180 * t) * torch.sin(2 * math.pi * 3 * t) + 0.05 * noise
 
 
-def test_greedy_frames_after_a_voice_context_match_transformers(reference, ours: CsmModel, text_tokenizer) -> None:
+def test_greedy_frames_after_a_voice_context_match_transformers(published: Reference, text_tokenizer) -> None:
     """A past turn's text and audio, then the new text: our prompt rows against transformers' own
-    audio merge (its codec encodes the recording; placeholders and the audio-EOS token mark it)."""
-    hf, _ = reference
+    audio merge (its codec encodes the recording; placeholders and the audio-EOS token mark it).
+    The prompt rows do not depend on the attention shapes: the published reference alone."""
+    hf, ours = published.hf, published.ours
     wave = _voice(frames=12)[None, None]  # (1, 1, samples)
     with torch.no_grad():
         codes = hf.codec_model.encode(wave).audio_codes[0].T  # (F, K)
@@ -239,3 +315,16 @@ def test_greedy_frames_after_a_voice_context_match_transformers(reference, ours:
     text_only = build_prompt(text_tokenizer, text=new_text, speaker=1, context=[], pinned=0, max_frames=10,
                              capacity=ours.config.max_seq_len, width=K + 1)
     assert not torch.equal(_greedy(ours, text_only)[0], got[0])  # the context did steer the voice
+
+
+def test_untied_decoder_embeddings_are_refused(tmp_path: Path) -> None:
+    """A depth decoder with codebook embeddings of its own: CsmModel has one table for both stacks,
+    so loading it would silently run the backbone's table in the decoder."""
+    hf = _saved_reference(PUBLISHED, tmp_path, tie_codebooks_embeddings=False)
+    decoder_table = hf.depth_decoder.model.embed_tokens.weight
+    assert not torch.equal(decoder_table, hf.backbone_model.embed_tokens.embed_audio_tokens.weight)
+    with pytest.raises(CheckpointMismatchError, match="untied codebook embeddings") as error:
+        _load_folder(tmp_path)
+    message = str(error.value)
+    assert "depth_decoder.model.embed_tokens.weight differs from" in message
+    assert "backbone_model.embed_tokens.embed_audio_tokens.weight" in message

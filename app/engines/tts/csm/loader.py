@@ -11,9 +11,10 @@ at start-up before any model loads (fetching.py), and engine.py's load_csm_engin
                 torchtune rotates interleaved pairs, so the conversion reordered the rows of each head);
   - the Llama-3.2 text tokenizer (any `tokenizers` tokenizer.json);
   - the Mimi codec (moshi's safetensors, used with all 32 codebooks).
-A checkpoint that does not fit is refused with the missing and unexpected keys named, and a
-config.json that asks for RoPE, norm or head arithmetic the network lacks by the field (config_json.py):
-both are ModelMismatchErrors, which start-up reports in one line.
+A checkpoint that does not fit is refused with the missing and unexpected keys named; one whose depth
+decoder has codebook embeddings of its own (transformers' tie_codebooks_embeddings off) with both keys
+named; a config.json that asks for RoPE, norm or head arithmetic the network lacks by the field
+(config_json.py): all are ModelMismatchErrors, which start-up reports in one line.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ _TRANSFORMERS_RENAMES = (
     (r"^depth_decoder\.codebooks_head\.weight$", "audio_head"),
     (r"^depth_decoder\.model\.inputs_embeds_projector\.", "projection."),
 )
+_AUDIO_EMBEDDINGS = "backbone_model.embed_tokens.embed_audio_tokens.weight"
 _TIED_DECODER_EMBEDDINGS = "depth_decoder.model.embed_tokens.weight"  # a copy of the audio embeddings
 
 
@@ -186,9 +188,29 @@ def is_transformers_layout(state: dict[str, torch.Tensor]) -> bool:
     return any(k.startswith(("backbone_model.", "depth_decoder.")) for k in state)
 
 
+def check_tied_embeddings(state: dict[str, torch.Tensor], hints: dict[str, Any] | None) -> None:
+    """Refuse a transformers checkpoint whose depth decoder has its own codebook embeddings.
+
+    CsmModel, like Sesame's, embeds the decoder's inputs with the backbone's audio table, and the
+    transformers layout drops its copy: loading untied tables would run a different network.
+    """
+    tied = (hints or {}).get("tie_codebooks_embeddings", True)
+    both = _AUDIO_EMBEDDINGS in state and _TIED_DECODER_EMBEDDINGS in state
+    if both and torch.equal(state[_AUDIO_EMBEDDINGS], state[_TIED_DECODER_EMBEDDINGS]):
+        return
+    if both or not tied:
+        found = "differs from" if both else "is not stored beside"
+        raise CheckpointMismatchError(
+            f"untied codebook embeddings: {_TIED_DECODER_EMBEDDINGS} {found} {_AUDIO_EMBEDDINGS} "
+            f"(config.json tie_codebooks_embeddings = {tied}); the CSM network shares one table between "
+            "the backbone and the depth decoder, as Sesame's CSM-1B does, so it cannot run this checkpoint"
+        )
+
+
 def rename_transformers_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers' names -> original names; drops the bundled Mimi and the tied embedding copy."""
-    audio_key = "backbone_model.embed_tokens.embed_audio_tokens.weight"
+    """transformers' names -> original names; drops the bundled Mimi and the tied embedding copy
+    (check_tied_embeddings first: that it is a copy)."""
+    audio_key = _AUDIO_EMBEDDINGS
     if audio_key not in state and _TIED_DECODER_EMBEDDINGS in state:
         state = {**state, audio_key: state[_TIED_DECODER_EMBEDDINGS]}  # the file kept only the other twin
     renamed = {}
@@ -305,6 +327,7 @@ def to_original_layout(
     state = strip_wrappers(state)
     layout = "transformers" if is_transformers_layout(state) else "original"
     if layout == "transformers":
+        check_tied_embeddings(state, hints)
         state = rename_transformers_keys(state)
     if config is None:
         try:
