@@ -205,6 +205,7 @@ def test_static_sizes_pad_the_batch() -> None:
     assert [step_size(n) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     with pytest.raises(ValueError, match="largest"):
         step_size(9)
+    assert _batch(slots=4).sizes == (1, 2, 4) and _batch(slots=3).sizes == (1, 2, 3)
 
 
 def test_rows_of_one_batch_sample_alike(solo) -> None:

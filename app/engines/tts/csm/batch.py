@@ -75,7 +75,7 @@ class CsmBatch:
         self.step = BatchFrameStep(model, sampled_vocab)
         self.model, self.device = model, self.step.device
         slots = model.slots or 0
-        self.sizes = tuple(s for s in sizes if s <= slots) or (slots,)
+        self.sizes = tuple(s for s in sizes if s < slots) + (slots,)  # a full batch is always a size
         self.rows: list[BatchRow | None] = [None] * slots
         width = model.config.frame_width
         # Each row's next backbone input, rewritten in place after every frame.
