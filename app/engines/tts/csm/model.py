@@ -196,6 +196,7 @@ class CsmModel(nn.Module):
         if not self.audio_head.is_meta:
             nn.init.normal_(self.audio_head, std=0.02)  # torch.empty may hold NaNs; checkpoints overwrite it
         self.register_buffer("audio_offsets", torch.arange(k) * vocab, persistent=False)  # (K,)
+        self.slots: int | None = None  # the KV caches' rows when batched (setup_caches)
 
     def prepare(self, *, device: torch.device | str, dtype: torch.dtype) -> CsmModel:
         """Move to `device`/`dtype` for inference: eval mode, float32 RoPE tables, caches allocated.
