@@ -8,6 +8,14 @@ one run, and ends with the line `compiled/eager frames per second: X.XX`:
 
     uv run python benchmarks/bench_csm.py --size tiny --compile both --out bench-results/csm-tiny-cpu.json
     uv run python benchmarks/bench_csm.py --size full --device cuda --compile both --out bench-results/csm-full-gpu.json
+
+`--batch B` instead makes the same B x `--utterances` replies of `--frames` frames twice on the same
+weights: one at a time (the single-reply frame step), then through a CsmBatch of B rows (one frame step
+for all of them, a reply joining as soon as a slot frees), and ends with the line
+`batched/single aggregate frames per second at B=4: X.XX`. These are frames of codes per second, the
+chunk transfers and stop checks included and Mimi's decoding left out (one decode a frame either way):
+
+    uv run python benchmarks/bench_csm.py --size tiny --batch 4
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from app.engines.tts.csm.generator import SAMPLES_PER_FRAME, CsmGenerator, GenerationConfig
+from app.engines.tts.csm.batch import CsmBatch
+from app.engines.tts.csm.generator import SAMPLES_PER_FRAME, CsmGenerator, GenerationConfig, Prompt, StopRules
 from app.engines.tts.csm.loader import load_text_tokenizer
 from app.engines.tts.csm.model import CsmModel, CsmModelConfig
 from app.engines.tts.csm.step import compile_mode
@@ -121,6 +130,64 @@ def compile_step(generator: CsmGenerator, config: GenerationConfig) -> float:
     return time.perf_counter() - start
 
 
+def batch_prompts(generator: CsmGenerator, config: GenerationConfig, count: int, frames: int) -> list[Prompt]:
+    """`count` replies of different texts and speakers (so different prompt lengths), `frames` frames each."""
+    return [generator.utterance(TEXTS[i % len(TEXTS)], speaker=i % 5, config=config, max_frames=frames).prompt
+            for i in range(count)]
+
+
+def frames_alone(generator: CsmGenerator, config: GenerationConfig, prompts: list[Prompt]) -> float:
+    """Frames of codes per second, one reply after another (per chunk: one transfer, the stop rules)."""
+    sync(generator.device)
+    start, total = time.perf_counter(), 0
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            generator.rng.manual_seed(i)
+            generator.model.reset_caches()
+            stops = StopRules(config.repeat_stop_frames)
+            for chunk in generator.frame_chunks(prompt, config, cancel=None):
+                total += chunk.shape[0]
+                if stops.scan(chunk.cpu())[1]:
+                    break
+    return total / (time.perf_counter() - start)
+
+
+def frames_batched(batch: CsmBatch, config: GenerationConfig, prompts: list[Prompt]) -> float:
+    """Frames of codes per second through the batch: a waiting reply joins whenever a slot is free."""
+    device = batch.device
+    waiting, rows = list(enumerate(prompts)), []
+    sync(device)
+    start = time.perf_counter()
+    while waiting or batch.live():
+        while waiting and batch.free_slots():
+            i, prompt = waiting.pop(0)
+            rows.append(batch.join(prompt, config, rng=torch.Generator(device=device).manual_seed(i)))
+        batch.advance()
+    return sum(row.frames for row in rows) / (time.perf_counter() - start)
+
+
+def measure_batch(generator: CsmGenerator, config: GenerationConfig, args: argparse.Namespace) -> dict:
+    """The same replies one at a time and through a batch of `args.batch` rows, on the same weights."""
+    model, size = generator.model, args.batch
+    prompts = batch_prompts(generator, config, size * args.utterances, args.frames)
+    warm = batch_prompts(generator, config, size, 6)
+    frames_alone(generator, config, warm[:1])  # first-call costs, not counted
+    alone = frames_alone(generator, config, prompts)
+    dtype = model.text_embeddings.weight.dtype
+    model.setup_caches(dtype, slots=size)
+    try:
+        batch = CsmBatch(model, generator.sampled_vocab)
+        frames_batched(batch, config, warm)
+        batched = frames_batched(batch, config, prompts)
+    finally:
+        model.setup_caches(dtype)  # back to the single-reply caches
+    print(f"  {len(prompts)} replies of {args.frames} frames, frames of codes per second (Mimi not included):")
+    print(f"    one at a time     {alone:.1f}")
+    print(f"    batched, B={size}      {batched:.1f}  (all rows together)")
+    return {"batch": size, "replies": len(prompts), "alone_frames_per_s": alone, "batched_frames_per_s": batched,
+            "batched_over_alone": batched / alone}
+
+
 def report(name: str, result: dict, args: argparse.Namespace) -> None:
     print(f"  {name}:")
     print(f"    frames per second {result['frames_per_s']:.1f}  ({result['median_ms_per_frame']:.1f} ms a frame:"
@@ -129,6 +196,13 @@ def report(name: str, result: dict, args: argparse.Namespace) -> None:
     print(f"    first chunk       {1000 * result['median_first_chunk_s']:.0f} ms  ({args.first_chunk_frames} frames)")
     if result["peak_gpu_memory_gb"] is not None:
         print(f"    peak GPU memory   {result['peak_gpu_memory_gb']:.2f} GiB")
+
+
+def write(summary: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2))
+        print(f"  wrote {out}")
 
 
 def main() -> None:
@@ -144,6 +218,8 @@ def main() -> None:
                         help="the frame step eager, compiled (torch.compile; CUDA graphs on a GPU), or both in turn")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 for the tiny model, whose ops are too small to split)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="compare one-at-a-time with a batch of this many rows (eager; see above)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -163,6 +239,12 @@ def main() -> None:
     }
     print(f"CSM {args.size} on {device} ({summary['dtype']}, {torch.get_num_threads()} CPU threads),"
           f" {args.utterances} x {args.frames} frames:")
+    if args.batch:
+        summary["batched"] = measure_batch(generator, config, args)
+        write(summary, args.out)
+        print(f"batched/single aggregate frames per second at B={args.batch}:"
+              f" {summary['batched']['batched_over_alone']:.2f}")
+        return
     if args.compile in ("off", "both"):
         summary["eager"] = measure(generator, config, args)
         report("eager", summary["eager"], args)
@@ -177,10 +259,7 @@ def main() -> None:
         summary["compiled_over_eager_fps"] = compiled["frames_per_s"] / eager["frames_per_s"]
         print(f"  the frame step alone, compiled/eager speed: {summary['compiled_over_eager_step']:.2f}"
               " (frames per second below include Mimi's decoding, the same in both)")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(summary, indent=2))
-        print(f"  wrote {args.out}")
+    write(summary, args.out)
     if args.compile == "both":  # last, so that scripts can read it off the final line
         print(f"compiled/eager frames per second: {summary['compiled_over_eager_fps']:.2f}")
 

@@ -108,6 +108,55 @@ class StaticKVCache(KVCache):
         torch.arange(self.cache_pos.numel(), out=self.cache_pos)
 
 
+class SlotCursor:
+    """Where a stack's next forward writes its keys and values: its slot range and each row's positions.
+
+    torchtune's attention hands a cache only the new keys and values, so the batched step points
+    every layer's cache here (one cursor per stack) before each forward. Set from eager code.
+    """
+
+    def __init__(self) -> None:
+        self.rows = slice(0, 1)  # the slots this forward runs on (the batch's rows)
+        self.index = torch.zeros(1, 1, dtype=torch.long)  # (b, 1): 0..b-1, each row within `rows`
+        self.positions = torch.zeros(1, 1, dtype=torch.long)  # (b, S): where each row writes
+
+    def point(self, rows: slice, index: torch.Tensor, positions: torch.Tensor) -> None:
+        self.rows, self.index, self.positions = rows, index, positions
+
+
+class SlotKVCache(nn.Module):
+    """A KV cache of `slots` rows, each row one reply's own context, written at that row's positions.
+
+    Rows join and leave between frames: a new reply's prompt overwrites its slot from position 0, and
+    the causal mask never lets a position read a slot's stale tail, so a freed slot needs no reset.
+    """
+
+    def __init__(self, slots: int, length: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 cursor: SlotCursor) -> None:
+        super().__init__()
+        shape = (slots, num_kv_heads, length, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.cursor = cursor
+
+    def update(self, k_val: torch.Tensor, v_val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, n_kv, S, head_dim) new keys/values -> the b rows' whole caches, these written in."""
+        cursor = self.cursor
+        k, v = self.k_cache[cursor.rows], self.v_cache[cursor.rows]  # views: written in place
+        k[cursor.index, :, cursor.positions] = k_val.transpose(1, 2)  # [(b, S), :] <- (b, S, n_kv, hd)
+        v[cursor.index, :, cursor.positions] = v_val.transpose(1, 2)
+        return k, v
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+
+    def move(self, source: int, target: int) -> None:
+        """Copy one slot's context into another (compacting the batch when a row leaves)."""
+        self.k_cache[target] = self.k_cache[source]
+        self.v_cache[target] = self.v_cache[source]
+
+
 def _llama(shape: LlamaShape, config: CsmModelConfig, max_seq_len: int) -> TransformerDecoder:
     """A torchtune Llama 3.2 stack that takes and returns hidden states (no token table, no head)."""
     stack = llama3_2(
@@ -147,6 +196,7 @@ class CsmModel(nn.Module):
         if not self.audio_head.is_meta:
             nn.init.normal_(self.audio_head, std=0.02)  # torch.empty may hold NaNs; checkpoints overwrite it
         self.register_buffer("audio_offsets", torch.arange(k) * vocab, persistent=False)  # (K,)
+        self.slots: int | None = None  # the KV caches' rows when batched (setup_caches)
 
     def prepare(self, *, device: torch.device | str, dtype: torch.dtype) -> CsmModel:
         """Move to `device`/`dtype` for inference: eval mode, float32 RoPE tables, caches allocated.
@@ -166,20 +216,25 @@ class CsmModel(nn.Module):
 
     # ---- caches: allocated once, for the largest context, reused by every utterance ----
 
-    def setup_caches(self, dtype: torch.dtype) -> None:
-        """Allocate both KV caches and causal masks on the model's device (batch size 1).
+    def setup_caches(self, dtype: torch.dtype, slots: int | None = None) -> None:
+        """Allocate both KV caches and causal masks on the model's device: for one reply (batch 1,
+        the default), or with `slots` rows for batched replies (SlotKVCache, see batch.py).
 
         The masks are buffers, not plain attributes, so that a compiled step treats them as fixed
         addresses (a CUDA graph then reads them in place instead of copying them in every replay).
         """
         device = self.text_embeddings.weight.device
-        for name, stack, length in (
-            ("backbone", self.backbone, self.config.max_seq_len),
-            ("decoder", self.decoder, self.config.audio_num_codebooks),
+        self.slots = slots
+        self.backbone_cursor, self.decoder_cursor = SlotCursor(), SlotCursor()
+        for name, stack, length, cursor in (
+            ("backbone", self.backbone, self.config.max_seq_len, self.backbone_cursor),
+            ("decoder", self.decoder, self.config.audio_num_codebooks, self.decoder_cursor),
         ):
             for layer in stack.layers:
                 attn = layer.attn
-                attn.kv_cache = StaticKVCache(1, length, attn.num_kv_heads, attn.head_dim, dtype).to(device)
+                shape = (length, attn.num_kv_heads, attn.head_dim, dtype)
+                cache = StaticKVCache(1, *shape) if slots is None else SlotKVCache(slots, *shape, cursor=cursor)
+                attn.kv_cache = cache.to(device)
                 attn.cache_enabled = True
             # mask[p] = which cache slots the token at position p may attend to: (length, length)
             causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=device))
@@ -189,6 +244,11 @@ class CsmModel(nn.Module):
         """Forget the whole context (start of an utterance)."""
         self.backbone.reset_caches()
         self.decoder.reset_caches()
+
+    def move_slot(self, source: int, target: int) -> None:
+        """Move one batched reply's backbone context to another slot (the decoder's lasts one frame)."""
+        for layer in self.backbone.layers:
+            layer.attn.kv_cache.move(source, target)
 
     def reset_decoder_cache(self) -> None:
         """Forget the previous frame's codebooks (start of a frame)."""
