@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from app.engines.tts.csm.model import CsmModel
-from app.engines.tts.csm.step import FrameStep, StepOutput, pick_code
+from app.engines.tts.csm.step import FrameStep, StepOutput, describe, pick_code
 
 STEP_SIZES = (1, 2, 4, 8)
 
@@ -85,13 +85,11 @@ class BatchFrameStep(FrameStep):
         cursors[1].point(rows, index, decoder_positions[0])
         codes = torch.empty(size, k, dtype=torch.long, device=self.device)
         # Copy each code out at once: a CUDA graph's outputs are overwritten by its next replay.
-        codes[:, :1] = self._call(self.backbone, self.backbone_step, tokens, mask, positions, gumbel[:, 0], topk,
-                                  temperature)[0]
+        codes[:, :1] = self.backbone(tokens, mask, positions, gumbel[:, 0], topk, temperature)[0]
         for i in range(1, k):
             cursors[1].point(rows, index, decoder_positions[i])
-            codes[:, i : i + 1] = self._call(self.decoder, self.decoder_step, codes[:, i - 1 : i],
-                                             decoder_positions[i], self.codebooks[i], gumbel[:, i], topk,
-                                             temperature)[0]
+            codes[:, i : i + 1] = self.decoder(codes[:, i - 1 : i], decoder_positions[i], self.codebooks[i],
+                                               gumbel[:, i], topk, temperature)[0]
         return codes
 
     def prefill(self, slot: int, tokens: torch.Tensor, mask: torch.Tensor) -> None:
@@ -100,20 +98,29 @@ class BatchFrameStep(FrameStep):
         self.model.backbone_cursor.point(slice(slot, slot + 1), self.static_inputs(1)[0], positions)
         self.model.backbone_hidden(self.model.embed_frames(tokens, mask), positions)
 
+    def _warm_size(self, size: int, *, topk: int, temperature: float, frames: int) -> None:
+        width, k = self.model.config.frame_width, len(self.codebooks)
+        tokens = torch.zeros(size, 1, width, dtype=torch.long, device=self.device)
+        mask = torch.ones_like(tokens, dtype=torch.bool)
+        positions = torch.zeros(size, 1, dtype=torch.long, device=self.device)
+        gumbel = torch.zeros(size, k, self.vocab, device=self.device)
+        for _ in range(frames):  # torch.compile's CUDA graphs record on the second or third call
+            self.batch_frame(tokens, mask, positions, gumbel, topk=topk, temperature=temperature)
+            positions.add_(1)
+
     @torch.no_grad()
     def warm_sizes(self, sizes: Sequence[int], *, topk: int, temperature: float, frames: int = 3) -> float:
         """Compile (or load) and record the step for every batch size: idle frames at the first
-        positions of the slots (before any reply holds one). Returns the seconds it took."""
+        positions of the slots (before any reply holds one). Returns the seconds it took. As FrameStep.warm,
+        the one place a compiled step may fail and the voice go on eagerly."""
         start = time.perf_counter()
-        width, k = self.model.config.frame_width, len(self.codebooks)
-        for size in sizes:
-            tokens = torch.zeros(size, 1, width, dtype=torch.long, device=self.device)
-            mask = torch.ones_like(tokens, dtype=torch.bool)
-            positions = torch.zeros(size, 1, dtype=torch.long, device=self.device)
-            gumbel = torch.zeros(size, k, self.vocab, device=self.device)
-            for _ in range(frames):  # torch.compile's CUDA graphs record on the second or third call
-                self.batch_frame(tokens, mask, positions, gumbel, topk=topk, temperature=temperature)
-                positions.add_(1)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        try:
+            for size in sizes:
+                self._warm_size(size, topk=topk, temperature=temperature, frames=frames)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # an error of the last replay shows here, not mid-reply
+        except Exception as exc:
+            if not self.compiled:
+                raise  # the eager step itself fails: nothing to fall back to
+            self.use_eager(f"torch.compile failed in the warm-up: {describe(exc)}")
         return time.perf_counter() - start
