@@ -85,13 +85,11 @@ class BatchFrameStep(FrameStep):
         cursors[1].point(rows, index, decoder_positions[0])
         codes = torch.empty(size, k, dtype=torch.long, device=self.device)
         # Copy each code out at once: a CUDA graph's outputs are overwritten by its next replay.
-        codes[:, :1] = self._call(self.backbone, self.backbone_step, tokens, mask, positions, gumbel[:, 0], topk,
-                                  temperature)[0]
+        codes[:, :1] = self.backbone(tokens, mask, positions, gumbel[:, 0], topk, temperature)[0]
         for i in range(1, k):
             cursors[1].point(rows, index, decoder_positions[i])
-            codes[:, i : i + 1] = self._call(self.decoder, self.decoder_step, codes[:, i - 1 : i],
-                                             decoder_positions[i], self.codebooks[i], gumbel[:, i], topk,
-                                             temperature)[0]
+            codes[:, i : i + 1] = self.decoder(codes[:, i - 1 : i], decoder_positions[i], self.codebooks[i],
+                                               gumbel[:, i], topk, temperature)[0]
         return codes
 
     def prefill(self, slot: int, tokens: torch.Tensor, mask: torch.Tensor) -> None:
