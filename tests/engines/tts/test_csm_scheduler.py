@@ -174,3 +174,46 @@ def test_batch_setting_and_the_workers_threads(make_generator) -> None:
     assert engine.concurrency == 2
     assert Worker("tts", threads=engine.concurrency)._executor._max_workers == 2
     engine.scheduler.close()
+
+
+def test_a_session_remembers_a_phrase_that_ended_on_eos_before_its_next(make_generator) -> None:
+    """Voice memory as on the one-at-a-time path: phrase 1 stops on EOS after 5 frames and is
+    remembered on the batch thread; phrase 2 of the same session, already waiting, is planned after
+    that, so its prompt holds phrase 1."""
+    engine = _batched_engine(make_generator)
+    scheduler, voice = engine.scheduler, engine.new_voice()
+    jobs = _recording(scheduler)
+
+    def eos_at_six(tokens, mask, positions, gumbel, *, topk, temperature) -> torch.Tensor:
+        out = torch.ones(tokens.shape[0], 32, dtype=torch.long)
+        for row in scheduler.batch.live():
+            out[row.slot] = torch.tensor([0] * 32 if row.frames == 5 else varying_frame(row.frames))
+        return out
+
+    scheduler.batch.step.batch_frame = eos_at_six
+    scheduler.hold(True)
+    streams = [engine.synthesize(text, voice=voice) for text in ("Hello there.", "How are you?")]
+    consumers = [threading.Thread(target=list, args=(stream,)) for stream in streams]
+    for n, consumer in enumerate(consumers, 1):
+        consumer.start()
+        _wait_until(lambda n=n: scheduler.waiting_count() == n)  # in this order
+    prompts = []
+    for job in jobs:
+        plan = job.plan
+        job.plan = lambda plan=plan: prompts.append(plan()) or prompts[-1]
+    scheduler.hold(False)
+    for consumer in consumers:
+        consumer.join(timeout=120)
+    scheduler.close()
+    assert [segment.text for segment in voice.segments] == ["Hello there.", "How are you?"]
+    assert prompts[0].segments_used == 0 and prompts[1].segments_used == 1
+    assert voice.segments[0].codes.shape[0] == jobs[0].codes.shape[0] == 5
+
+
+def test_a_batched_engine_warms_up_on_its_batch_thread(make_generator) -> None:
+    engine = _batched_engine(make_generator)
+    jobs = _recording(engine.scheduler)
+    engine.warm_up()  # compile is auto: off on a CPU; one short phrase through the batch
+    assert len(jobs) == 1 and jobs[0].stop_reason == "max_length" and jobs[0].codes.shape[0] == 12
+    assert engine.scheduler.call(threading.current_thread).name == "csm-batch"
+    engine.scheduler.close()
