@@ -190,8 +190,14 @@ class CsmEngine:
             on_end=lambda reason, codes: self._remember(memory, speaker, text, reason, codes),
         )
         assert self.scheduler is not None
+        start, first = time.monotonic(), None
         for pcm in job_pcm(self.scheduler.submit(job), cancel):
+            first = time.monotonic() - start if first is None else first
             yield float_to_int16(pcm)
+        frames = job.codes.shape[0] if job.codes is not None else 0
+        log.info("csm batch: %d frames (%.2f s audio) in %.2f s, first chunk %s, stop %s: %.40r", frames,
+                 frames / 12.5, time.monotonic() - start, f"{first:.3f} s" if first is not None else "none",
+                 job.stop_reason, text)
 
     def _job_rng(self) -> Any:
         """Each phrase's own sampler noise: seeded from settings.seed and the phrase's number when set."""
