@@ -7,6 +7,7 @@ and must equal the one-at-a-time path's exactly.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 import time
@@ -217,3 +218,30 @@ def test_a_batched_engine_warms_up_on_its_batch_thread(make_generator) -> None:
     assert len(jobs) == 1 and jobs[0].stop_reason == "max_length" and jobs[0].codes.shape[0] == 12
     assert engine.scheduler.call(threading.current_thread).name == "csm-batch"
     engine.scheduler.close()
+
+
+def test_the_tts_worker_hands_several_sessions_phrases_to_the_batch(make_generator) -> None:
+    """Through the server's Worker.stream: with as many threads as slots, the second session's phrase
+    reaches the batch while the first one's is still waiting (one thread would hold it back)."""
+    engine = _batched_engine(make_generator)
+    scheduler, texts = engine.scheduler, ("Hello there.", "How are you?")
+    voices, jobs = {text: engine.new_voice() for text in texts}, _recording(engine.scheduler)
+    worker = Worker("tts", threads=engine.concurrency)
+
+    async def consume(text: str) -> list:
+        return [chunk async for chunk in worker.stream(
+            lambda cancel: engine.synthesize(text, voice=voices[text], cancel=cancel))]
+
+    async def both() -> list:
+        scheduler.hold(True)
+        tasks = [asyncio.create_task(consume(text)) for text in texts]
+        await asyncio.to_thread(_wait_until, lambda: scheduler.waiting_count() == 2)
+        scheduler.hold(False)
+        return await asyncio.gather(*tasks)
+
+    chunks = asyncio.run(both())
+    worker.close()
+    scheduler.close()
+    assert all(len(spoken) >= 2 for spoken in chunks)
+    a, b = jobs
+    assert a.first_frame < b.last_frame and b.first_frame < a.last_frame
