@@ -30,7 +30,9 @@ class Engines:
         self.llm_worker = Worker("llm")
         # The LLM's second context judges whether a turn's words are finished beside the reply.
         self.judge_worker = Worker("judge")
-        self.tts_worker = Worker("tts")
+        # A batching voice (CSM with tts.csm.batch > 1) takes as many sessions' phrases at once as it
+        # has slots; its own thread runs them. Other engines (Piper) say nothing: one at a time.
+        self.tts_worker = Worker("tts", threads=getattr(tts, "concurrency", 1))
 
     def llm_backend(self) -> str:
         """Where the language model runs: in this process, or on an OpenAI-compatible server (its

@@ -13,11 +13,12 @@ _DONE = object()
 
 
 class Worker:
-    """Runs jobs for one engine, one at a time, in the order they were submitted."""
+    """Runs jobs for one engine, one at a time, in the order they were submitted; or, with `threads`
+    > 1, that many at once (an engine that batches them, such as CSM with `tts.csm.batch`)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, threads: int = 1) -> None:
         self.name = name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=name)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -8,11 +8,13 @@ optional voice prompt.
 
 from __future__ import annotations
 
+import copy
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -24,10 +26,13 @@ from app.engines.tts.csm.settings import CsmSettings
 if TYPE_CHECKING:
     from app.engines.tts.csm.generator import CsmGenerator, GenerationConfig, Segment, Utterance
     from app.engines.tts.csm.loader import CsmFiles
+    from app.engines.tts.csm.scheduler import BatchScheduler, Job
 
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 24_000
+
+
 def generation_config(settings: CsmSettings) -> GenerationConfig:
     """The generator's per-utterance settings (imports torch: only when CSM loads)."""
     from app.engines.tts.csm.generator import GenerationConfig
@@ -40,6 +45,23 @@ def generation_config(settings: CsmSettings) -> GenerationConfig:
         max_audio_seconds=settings.max_audio_seconds,
         repeat_stop_frames=settings.repeat_stop_frames,
     )
+
+
+def job_pcm(job: Job, cancel: threading.Event | None) -> Iterator[np.ndarray]:
+    """A batched phrase's float32 PCM chunks as the batch thread hands them over. A cancelled phrase
+    returns at once: the thread drops it before it joins, or takes its row out at the next frame."""
+    while True:
+        try:
+            kind, value, _ = job.items.get(timeout=0.05)
+        except queue.Empty:
+            if cancel is not None and cancel.is_set():
+                return
+            continue
+        if kind == "error":
+            raise value
+        if kind == "end":
+            return
+        yield value
 
 
 class CsmVoice:
@@ -72,20 +94,33 @@ def _speakable(text: str) -> bool:
 
 
 class CsmEngine:
-    """TtsEngine over a loaded CsmGenerator. Calls come from one worker thread."""
+    """TtsEngine over a loaded CsmGenerator. Calls come from one worker thread, or with a batch
+    scheduler from as many as it has slots (each phrase then waits on its job's queue)."""
 
     name = "csm"
     sample_rate = SAMPLE_RATE
 
     def __init__(
-        self, generator: CsmGenerator, settings: CsmSettings, *, voice_prompt: Segment | None = None
+        self,
+        generator: CsmGenerator,
+        settings: CsmSettings,
+        *,
+        voice_prompt: Segment | None = None,
+        scheduler: BatchScheduler | None = None,
     ) -> None:
         self.generator = generator
         self.settings = settings
         self.voice_prompt = voice_prompt
         self.speaker = settings.speaker_id()
         self.config = generation_config(settings)
-        self.last_utterance: Utterance | None = None  # for metrics and tests
+        self.last_utterance: Utterance | None = None  # for metrics and tests (one-at-a-time path)
+        self.scheduler = scheduler  # settings.batch > 1: phrases share the batch thread's frame steps
+        self.jobs = 0
+
+    @property
+    def concurrency(self) -> int:
+        """How many phrases may be under way at once (the TTS worker's threads)."""
+        return self.settings.batch if self.scheduler is not None else 1
 
     def new_voice(self, speaker: int | None = None) -> CsmVoice:
         return CsmVoice(self.settings.context_frames, speaker)
@@ -102,6 +137,20 @@ class CsmEngine:
         if not _speakable(text):
             return
         memory = voice if isinstance(voice, CsmVoice) else None
+        if self.scheduler is not None:
+            yield from self._synthesize_batched(text, memory, cancel, max_frames)
+            return
+        speaker, utterance = self._plan(text, memory, cancel, max_frames)
+        self.last_utterance = utterance
+        start = time.monotonic()
+        for pcm in utterance:
+            yield float_to_int16(pcm)
+        self._log(text, utterance, time.monotonic() - start)
+        self._remember(memory, speaker, text, utterance.stop_reason, utterance.codes)
+
+    def _plan(
+        self, text: str, memory: CsmVoice | None, cancel: threading.Event | None, max_frames: int | None
+    ) -> tuple[int, Utterance]:
         speaker = memory.speaker if memory is not None and memory.speaker is not None else self.speaker
         # The voice prompt shows how the default speaker sounds; it would mislead another one.
         pinned = [self.voice_prompt] if self.voice_prompt is not None and speaker == self.speaker else []
@@ -114,15 +163,53 @@ class CsmEngine:
             cancel=cancel,
             max_frames=max_frames,
         )
-        self.last_utterance = utterance
-        start = time.monotonic()
-        for pcm in utterance:
-            yield float_to_int16(pcm)
-        self._log(text, utterance, time.monotonic() - start)
-        if memory is not None and utterance.stop_reason == "eos" and utterance.codes.shape[0]:
+        return speaker, utterance
+
+    @staticmethod
+    def _remember(memory: CsmVoice | None, speaker: int, text: str, reason: str | None, codes: Any) -> None:
+        if memory is not None and reason == "eos" and codes.shape[0]:
             from app.engines.tts.csm.generator import Segment
 
-            memory.remember(Segment(speaker=speaker, text=text, codes=utterance.codes))
+            memory.remember(Segment(speaker=speaker, text=text, codes=codes))
+
+    def _synthesize_batched(
+        self, text: str, memory: CsmVoice | None, cancel: threading.Event | None, max_frames: int | None
+    ) -> Iterator[np.ndarray]:
+        """The phrase as a job of the batch thread; its prompt is planned when the thread admits it,
+        after the session's previous phrase was remembered (so the voice memory is as up to date as
+        on the one-at-a-time path), and remembered there on EOS before the session's next phrase."""
+        from app.engines.tts.csm.scheduler import Job
+
+        speaker = memory.speaker if memory is not None and memory.speaker is not None else self.speaker
+        job = Job(
+            session=memory if memory is not None else object(),  # no memory: a session of its own
+            plan=lambda: self._plan(text, memory, None, max_frames)[1].prompt,
+            config=self.config,
+            rng=self._job_rng(),
+            cancel=cancel,
+            on_end=lambda reason, codes: self._remember(memory, speaker, text, reason, codes),
+        )
+        assert self.scheduler is not None
+        start, first = time.monotonic(), None
+        for pcm in job_pcm(self.scheduler.submit(job), cancel):
+            first = time.monotonic() - start if first is None else first
+            yield float_to_int16(pcm)
+        frames = job.codes.shape[0] if job.codes is not None else 0
+        log.info("csm batch: %d frames (%.2f s audio) in %.2f s, first chunk %s, stop %s: %.40r", frames,
+                 frames / 12.5, time.monotonic() - start, f"{first:.3f} s" if first is not None else "none",
+                 job.stop_reason, text)
+
+    def _job_rng(self) -> Any:
+        """Each phrase's own sampler noise: seeded from settings.seed and the phrase's number when set."""
+        import torch
+
+        rng = torch.Generator(device=self.generator.device)
+        self.jobs += 1
+        if self.settings.seed is None:
+            rng.seed()
+        else:
+            rng.manual_seed(self.settings.seed + self.jobs)
+        return rng
 
     def _log(self, text: str, utterance: Utterance, seconds: float) -> None:
         frames = utterance.codes.shape[0]
@@ -143,21 +230,26 @@ class CsmEngine:
         """Compile the frame step if asked, then about a second of speech, remembered nowhere:
         first-call kernels, allocator, Mimi state. Start-up runs this before the port answers ok."""
         start = time.monotonic()
-        self._compile()
+        if self.scheduler is None:
+            step = self.generator.step
+            self._compile(step, lambda: step.warm(topk=self.config.topk, temperature=self.config.temperature))
+        else:  # on the batch thread, which replays what it records (CUDA graphs are per thread)
+            batch = self.scheduler.batch
+            self.scheduler.call(lambda: self._compile(batch.step, lambda: batch.step.warm_sizes(
+                batch.sizes, topk=self.config.topk, temperature=self.config.temperature)))
         for _ in self._synthesize("Hello, I am ready.", voice=None, cancel=None, max_frames=12):
             pass
         log.info("csm: warmed up in %.2f s", time.monotonic() - start)
 
-    def _compile(self) -> None:
+    def _compile(self, step: Any, warm: Callable[[], float]) -> None:
         from app.engines.tts.csm.step import compile_mode, use_model_cache_for_inductor
 
-        step = self.generator.step
         mode = compile_mode(self.settings.compile, step.device)
         if mode is None or step.compiled:
             return
         cache = use_model_cache_for_inductor()
         step.compile(mode)
-        seconds = step.warm(topk=self.config.topk, temperature=self.config.temperature)
+        seconds = warm()
         if step.compiled:  # else step said once why it runs eagerly
             log.info("csm: compiled the frame step (%s) in %.1f s; inductor cache in %s", mode, seconds, cache)
 
@@ -194,10 +286,24 @@ def load_csm_engine(settings: CsmSettings, files: CsmFiles | None = None) -> Csm
     model = loader.load_csm_model(files.checkpoint, config=config, hints=files.hints, device=device, dtype=dtype)
     tokenizer = loader.load_text_tokenizer(str(files.tokenizer))
     mimi = loader.load_mimi(str(files.mimi), device=device, num_codebooks=model.config.audio_num_codebooks)
+    spares = [copy.deepcopy(mimi) for _ in range(settings.batch - 1)]  # copied before any streaming state
     generator = CsmGenerator(model, tokenizer, mimi, seed=settings.seed)
     voice_prompt = _voice_prompt(settings, generator)
-    log.info("csm: loaded on %s (%s) in %.1f s", device, dtype, time.monotonic() - start)
-    return CsmEngine(generator, settings, voice_prompt=voice_prompt)
+    scheduler = batch_scheduler(generator, spares, slots=settings.batch, dtype=dtype) if spares else None
+    log.info("csm: loaded on %s (%s) in %.1f s, batch %d", device, dtype, time.monotonic() - start, settings.batch)
+    return CsmEngine(generator, settings, voice_prompt=voice_prompt, scheduler=scheduler)
+
+
+def batch_scheduler(generator: CsmGenerator, spare_mimis: list[Any], *, slots: int, dtype: Any) -> BatchScheduler:
+    """Slot caches for `slots` replies (the one-at-a-time path is then off), and the batch thread with
+    one Mimi decoder per slot: the generator's own (the voice prompt was encoded with it) and the spares."""
+    from app.engines.tts.csm.batch import CsmBatch
+    from app.engines.tts.csm.scheduler import BatchScheduler, MimiDecoder
+
+    generator.model.setup_caches(dtype, slots=slots)
+    batch = CsmBatch(generator.model, generator.sampled_vocab)
+    mimis = [generator.mimi, *spare_mimis]
+    return BatchScheduler(batch, [MimiDecoder(mimi, generator.decode_frame_by_frame) for mimi in mimis])
 
 
 def _voice_prompt(settings: CsmSettings, generator: CsmGenerator) -> Segment | None:

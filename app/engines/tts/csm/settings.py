@@ -31,12 +31,17 @@ class CsmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     max_audio_seconds: float = 20.0
     repeat_stop_frames: int = 16
     seed: int | None = None
+    # Replies that share the frame step (scheduler.py): 1 = one at a time (FrameStep), else up to 8
+    # sessions' phrases in one batch, each with its own Mimi decoder (about 0.2 GB each in bf16).
+    batch: int = 1
     offline: bool = False  # never reach the hub; only cached or local files
     model_config: dict[str, Any] | None = None  # CsmModelConfig fields; None = read off the checkpoint
 
     def __post_init__(self) -> None:
         if (self.voice_prompt_wav is None) != (self.voice_prompt_text is None):
             raise ValueError("csm voice_prompt_wav and voice_prompt_text go together: set both or neither")
+        if not 1 <= self.batch <= 8:
+            raise ValueError("csm batch must be 1..8 (the batched step's largest static size)")
         if self.context_frames < 0:
             raise ValueError("csm context_frames must be >= 0")
         # The same limits GenerationConfig enforces, checked here without importing torch.
