@@ -103,10 +103,10 @@ class HostCheck:
         self.app, self.hosts = app, hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or host_name(_header(scope, "host")) in self.hosts:
+        if scope["type"] not in ("http", "websocket") or host_name(header(scope, "host")) in self.hosts:
             await self.app(scope, receive, send)
             return
-        log.debug("refused a request for host %r", _header(scope, "host"))
+        log.debug("refused a request for host %r", header(scope, "host"))
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": "host not allowed"})
             return
@@ -116,7 +116,8 @@ class HostCheck:
         await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: str) -> str:
+def header(scope: Scope, name: str) -> str:
+    """A request's header by its lower-case name, from the ASGI scope ("" when absent)."""
     wanted = name.encode()
     return next((value.decode("latin-1") for key, value in scope["headers"] if key == wanted), "")
 

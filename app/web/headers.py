@@ -15,6 +15,8 @@ import re
 from litestar.datastructures import MutableScopeHeaders
 from litestar.types import Message, Scope
 
+from app.web.access import header
+
 POLICY = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
           "connect-src 'self'{socket}; object-src 'none'; base-uri 'none'; form-action 'self'; "
           "frame-ancestors 'self'")
@@ -29,7 +31,7 @@ HOST = re.compile(r"[A-Za-z0-9.:\[\]-]+")  # a Host header that can go into the 
 
 def policy(scope: Scope) -> str:
     """The Content-Security-Policy for this request: its own ws:// or wss:// address besides 'self'."""
-    host = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"host"), "")
+    host = header(scope, "host")
     secure = scope.get("scheme") in ("https", "wss")
     socket = f" {'wss' if secure else 'ws'}://{host}" if HOST.fullmatch(host) else ""
     return POLICY.format(socket=socket)

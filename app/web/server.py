@@ -157,11 +157,11 @@ async def realtime(socket: WebSocket, state: State) -> None:
     offered = socket.scope.get("subprotocols") or []
     await socket.accept(subprotocols="realtime" if "realtime" in offered else None)  # browsers offer it
     if state.loading.state.phase != "ready":
-        await _not_yet(socket, state.loading.state, encode=lambda e: encode_realtime(error_event(e)))
+        await _not_yet(socket, state.loading.state, encode=_realtime_error)
         return
     with state.clients.hold(_address(socket)) as held:
         if not held:
-            await _too_many(socket, state, encode=lambda e: encode_realtime(error_event(e)))
+            await _too_many(socket, state, encode=_realtime_error)
             return
         session = RealtimeSession(state.engines, state.settings, state.metrics)
         log.info("realtime session %s opened from %s", session.id, socket.client)
@@ -179,8 +179,7 @@ async def _too_many(socket: WebSocket, state: State, encode: Callable[[ev.Error]
     log.warning("session from %s refused: it has %d open (limits.max_sessions_per_client)", _address(socket),
                 state.clients.count(_address(socket)))
     state.metrics.errors.labels("too_many_sessions").inc()
-    await socket.send_text(encode(ev.error("too_many_sessions")))
-    await socket.close(code=1013, reason="too_many_sessions")
+    await _turn_away(socket, ev.error("too_many_sessions"), encode)
 
 
 async def _not_yet(socket: WebSocket, now: LoadState, encode: Callable[[ev.Error], str] = p.encode_event) -> None:
@@ -191,8 +190,17 @@ async def _not_yet(socket: WebSocket, now: LoadState, encode: Callable[[ev.Error
     else:
         event = ev.Error(code="loading", message=f"The assistant is still starting ({now.message}). "
                                                 "It will connect by itself when it is ready.")
+    await _turn_away(socket, event, encode)
+
+
+async def _turn_away(socket: WebSocket, event: ev.Error, encode: Callable[[ev.Error], str]) -> None:
+    """Say why in words, then close with 1013 (try again later) and the code as the reason."""
     await socket.send_text(encode(event))
     await socket.close(code=1013, reason=event.code)
+
+
+def _realtime_error(event: ev.Error) -> str:
+    return encode_realtime(error_event(event))
 
 
 def create_app(
