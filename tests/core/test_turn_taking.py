@@ -306,18 +306,23 @@ def test_the_reply_heard_back_and_a_cough_do_not_cut_it_and_the_user_does(live_s
     assert whole_turn(final), final
 
 
-def whole_turn(heard: str, truth: str = "And so my fellow Americans") -> bool:
-    """Whether the user's turn was heard whole, not its second half: from an "and" on, at most two of its five
-    words misheard (losing "And so my" would be three), "fellow" among them. The echo still plays under its
-    first 1.8 s: tiny Whisper has heard "And stole my fellow America." and "and so am I fellow Americans." in
-    it, and once the echo's own last words before it ("to have been amazing. And so my fellow Americans.")."""
+def whole_turn(heard: str, first_half: tuple[str, ...] = ("and", "so", "my")) -> bool:
+    """Whether the user's turn ("And so my fellow Americans") was heard whole, not its second half: at least two
+    of its first three words among the four heard before "fellow". Losing the first half leaves at most one.
+    The echo still plays under its first 1.8 s, and tiny Whisper mishears the mix: "And stole my fellow
+    America.", "and so am I fellow Americans.", "He was an so my fellow Americans.", and once the echo's own
+    last words before it ("to have been amazing. And so my fellow Americans.")."""
     said = words(heard)
-    starts = [i for i, word in enumerate(said) if word == "and"]
-    return any("fellow" in said[i:] and word_error_rate(" ".join(said[i:]), truth) < 0.5 for i in starts)
+    if "fellow" not in said:
+        return False
+    at = len(said) - 1 - said[::-1].index("fellow")
+    return sum(word in said[max(0, at - 4) : at] for word in first_half) >= 2
 
 
 def test_a_whole_turn_may_follow_the_echos_last_words_but_not_lose_its_first_half() -> None:
     assert whole_turn("to have been amazing. And so my fellow Americans.")
     assert whole_turn("And stole my fellow America.") and whole_turn("and so am I fellow Americans.")
+    assert whole_turn("He was an so my fellow Americans.") and whole_turn("And so am I, fellow American.")
     assert not whole_turn("fellow Americans.") and not whole_turn("my fellow Americans.")
     assert not whole_turn("to have been amazing, and fellow dragons were there.")
+    assert not whole_turn("So the dragon flew. My fellow Americans.")  # "so" is the echo's, far before
