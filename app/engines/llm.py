@@ -26,6 +26,12 @@ DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful voice assistant. Always answer in English, in one or two short "
     "sentences. Your words are spoken aloud: no lists, no markdown, no emoji."
 )
+# The end-of-turn judge reads the user's words under this system prompt, always: its thresholds were
+# calibrated with it (app/core/turns.py), and a person's own prompt, or a new default, would move them.
+JUDGE_SYSTEM_PROMPT = (
+    "You are a helpful voice assistant. Always answer in English, in one or two short "
+    "sentences. Your words are spoken aloud: no lists, no markdown, no emoji."
+)
 
 
 class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -297,10 +303,12 @@ class ChatModel(ContextWindow):
         probability of the template's end-of-message token right after its text (LiveKit's turn
         detector asks a small LM the same). Asked with the system prompt but without the history: after
         a few exchanges a small model expects every user message to end, and a fragment such as "And so
-        my fellow Americans." scores 0.4-0.8 instead of 0.04 (SmolLM2-135M, measured)."""
+        my fellow Americans." scores 0.4-0.8 instead of 0.04 (SmolLM2-135M, measured). The system prompt
+        is always JUDGE_SYSTEM_PROMPT, whatever the conversation's."""
         llama = self._judge
         message = messages[-1]["content"]
-        text = self._format(messages=[messages[0], messages[-1]]).prompt
+        judged = [{"role": "system", "content": JUDGE_SYSTEM_PROMPT}, messages[-1]]
+        text = self._format(messages=judged).prompt
         cut = text.rfind(message) + len(message)
         head = llama.tokenize(text[:cut].encode(), add_bos=False, special=True)
         end_token = llama.tokenize(text[cut:].encode(), add_bos=False, special=True)[0]

@@ -134,6 +134,11 @@ def test_the_end_of_a_message_is_likelier_after_a_whole_question_than_a_fragment
     # Judged without the history: the same words score the same after any conversation.
     assert whole == pytest.approx(llm.end_of_turn_probability(llm.build_messages([], "What is the capital of France?")),
                                   rel=0.02)
+    # ...and under any system prompt: the judge always reads the one it was calibrated with. (The same tokens
+    # after another cached prefix are evaluated in other batches: 0.616 against 0.602 was seen, 0.06 in logit,
+    # where the rule's thresholds are 3 apart. Judged under the pirate's prompt it read 0.679, 0.34 in logit.)
+    pirate = llm.build_messages([], "What is the capital of France?", "You are a pirate. Answer only in rhyme.")
+    assert llm.end_of_turn_probability(pirate) == pytest.approx(whole, rel=0.05)
 
 
 def test_prefill_evaluates_the_prompt_up_to_the_users_words(engines):
