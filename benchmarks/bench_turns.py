@@ -15,8 +15,9 @@ The rules: "silence" (a fixed 500 ms, the old default), "sound" (Smart Turn alon
 "words" (the LLM alone there, at 0.1: the rule tuned on synthetic questions; both wait 1.6 s otherwise),
 "default-sound" (app/core/end_rule.py without the words: the gpu preset's) and "default" (end_rule.py as
 the listener runs it on the cpu preset). Per kind (question, statement, command, paused) and overall, for each
-half: the median and p90 added delay and the cuts. JSON to --out; the last line is the default rule on the
-held-out half.
+half: the median and p90 added delay and the cuts. Then, per half, the "floor": the least median and p90 delay per
+kind that any rule reading only these two verdicts can reach without cutting an unpaused utterance (see
+zero_cut_floor). JSON to --out; the last line is the default rule on the held-out half.
 
     uv run python benchmarks/bench_turns.py --out bench-results/turns.json
 """
@@ -161,6 +162,25 @@ def as_sent(audio: np.ndarray) -> np.ndarray:
     return read_audio_file(io.BytesIO(data), ASR_RATE)[: len(audio)]  # type: ignore[arg-type]
 
 
+def zero_cut_floor(utterances: list[Utterance], gaps: dict[str, list[Gap]]) -> dict[str, dict]:
+    """A bound, per kind of finished utterance: the least median and p90 added delay that ANY rule reading
+    only these two verdicts can reach without cutting an unpaused utterance, if it never waits less for a
+    pause that both verdicts find less finished. Such a rule must outwait every pause inside a sentence
+    (its length, and the window that notices it), so each finished sentence that looks no more finished
+    (sound and words no higher) than one of those pauses waits at least as long; model time is left out."""
+    inside = [g for u in utterances if not u.paused for g in gaps[u.id][:-1]]
+    waits: dict[str, list[float]] = {}
+    for u in utterances:
+        if u.paused:
+            continue
+        end = gaps[u.id][-1]
+        wait = max([g.length_s + WINDOW / ASR_RATE for g in inside if end.sound <= g.sound and end.words <= g.words],
+                   default=0.0)
+        waits.setdefault(u.kind, []).append((end.start_s + wait - u.end_s) * 1000)
+    return {kind: {"median_ms": round(statistics.median(w)), "p90_ms": round(float(np.percentile(w, 90)))}
+            for kind, w in sorted(waits.items())}
+
+
 def summary(results: list[tuple[Utterance, Result]]) -> dict:
     delays = [r.delay_ms for _, r in results if r.delay_ms is not None]
     return {
@@ -216,6 +236,11 @@ def main() -> None:
         for half in ("tune", "heldout"):
             results = [(u, outcome(gaps[u.id], u.end_s, rule, turns)) for u in utterances if u.half == half]
             report["rules"][name][half] = table(name, half, results)
+    report["zero_cut_floor"] = {}
+    for half in ("tune", "heldout"):
+        floor = report["zero_cut_floor"][half] = zero_cut_floor([u for u in utterances if u.half == half], gaps)
+        print(f"floor    {half:8s} no unpaused cut, any rule of these verdicts: " +
+              "  ".join(f"{kind} {f['median_ms']}/{f['p90_ms']}" for kind, f in floor.items()))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

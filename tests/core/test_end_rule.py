@@ -105,3 +105,28 @@ def test_a_real_sentence_with_a_thinking_pause_is_one_turn(engines, cpu_settings
     result = _outcome(engines, cpu_settings, paused)
     assert not result.cut and result.delay_ms <= 300
     assert _outcome(engines, cpu_settings, paused, "silence").cut  # the old 500 ms rule cuts it there
+
+
+def test_the_zero_cut_floor_makes_a_finished_sentence_outwait_a_pause_that_sounds_as_finished():
+    """bench_turns' bound: a sentence whose end sounds no more finished than a pause inside another must wait
+    that pause out under any rule that never waits less for a less finished turn; a surer end need not."""
+    import numpy as np
+
+    from benchmarks.bench_turns import Gap, zero_cut_floor
+    from tests.turn_set import Utterance
+
+    def said(uid: str, end_s: float) -> Utterance:
+        return Utterance(uid, np.zeros(1, np.float32), "statement", uid, "tune", "", end_s)
+
+    def gap(start_s: float, length_s: float, sound: float, words: float) -> Gap:
+        return Gap(start_s, length_s, sound, words, "", 0.0, 0.0)
+
+    gaps = {
+        "clauses": [gap(1.0, 0.4, 0.95, 0.1), gap(3.0, math.inf, 0.99, 0.3)],  # a pause that sounds finished
+        "unsure": [gap(2.0, math.inf, 0.9, 0.05)],  # ends no surer than that pause: must outwait its 0.4 s
+    }
+    utterances = [said("clauses", 2.95), said("unsure", 1.9)]
+    floor = zero_cut_floor(utterances, gaps)["statement"]
+    # "clauses" ends surer than its own pause: 50 ms (where the detector hears the end); "unsure": 100 + 400 + 32.
+    assert floor["median_ms"] == round((50 + 532) / 2)
+    assert floor["p90_ms"] == round(50 + 0.9 * (532 - 50))
