@@ -1,4 +1,4 @@
-"""Every message of the WebSocket contract, as msgspec Structs (the README documents them).
+"""Every message of the WebSocket contract, as msgspec Structs (docs/protocol.md documents them).
 
 Client -> server: text frames carry one JSON control message; binary frames carry the recorded
 audio stream (the container named by the last `audio_start`, e.g. WebM/Opus).
