@@ -546,8 +546,10 @@ async function micOn() {
   talk.starting = true;
   render();
   try {
-    await mic.openStream(player.ctx);
-    if (!talk.want || !mic.open) return; // let go (or closed) before the microphone was ready
+    // Pressed off and on again while the browser was opening it: that stream was dropped (Mic.openStream), and
+    // the last press wants one, so ask again.
+    do await mic.openStream(player.ctx); while (talk.want && !mic.open);
+    if (!talk.want) return; // let go before the microphone was ready
     adviseOnEcho();
     const rec = mic.record((r, blob) => enqueue(() => sendBlob(r, blob)));
     rec.ws = conn.ws;

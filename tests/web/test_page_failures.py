@@ -70,6 +70,12 @@ KEEP_STREAMS = """(() => {
     return stream;
   };
 })();"""
+# The browser takes a second to open the microphone (a permission prompt, a slow device).
+SLOW_MICROPHONE = """(() => {
+  const open = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = (constraints) =>
+    new Promise((resolve) => setTimeout(resolve, 1000)).then(() => open(constraints));
+})();"""
 # Keeps the page's AudioContexts; resume() does nothing, as on an iPhone during a call.
 KEEP_CONTEXTS_UNRESUMABLE = """(() => {
   window.contexts = [];
@@ -185,6 +191,26 @@ def test_twenty_microphone_openings_leave_no_audio_nodes_behind(live_server, sil
         assert min(open_counts) >= closed_counts[0] + 4, (open_counts, closed_counts)
         # ...and all of it is gone after each close: the count does not grow with the openings.
         assert closed_counts == [closed_counts[0]] * 20, closed_counts
+        assert not errors, errors
+    finally:
+        page.close()
+
+
+def test_quick_presses_while_the_microphone_opens_leave_it_as_the_last_press_says(live_server, silent_browser):
+    """Space pressed on, off, on while the browser is still opening the microphone (slowed here to 1 s): the
+    stream granted after the "off" is not kept by nobody, and the last press gets a microphone that records."""
+    page, errors, frames = open_page(silent_browser, live_server, KEEP_STREAMS, SLOW_MICROPHONE)
+    try:
+        for _ in range(3):
+            page.keyboard.press(" ")
+        page.wait_for_function("() => window.voiceAssistant.state === 'listening'", timeout=10_000)
+        page.wait_for_timeout(1_500)  # every open the presses started has come back
+        tracks = page.evaluate("() => window.streams.map((s) => s.getAudioTracks()[0].readyState)")
+        assert tracks.count("live") == 1 and page.evaluate("() => window.voiceAssistant.micOpen"), tracks
+        assert page.locator("#talk").get_attribute("aria-pressed") == "true"
+        page.keyboard.press(" ")  # off
+        page.wait_for_function("() => !window.voiceAssistant.micOpen", timeout=5_000)
+        assert set(page.evaluate("() => window.streams.map((s) => s.getAudioTracks()[0].readyState)")) == {"ended"}
         assert not errors, errors
     finally:
         page.close()
