@@ -279,6 +279,59 @@ def test_a_half_open_socket_is_found_by_the_heartbeat_within_10_s_and_the_page_c
         page.close()
 
 
+def test_reconnect_while_a_socket_hangs_connecting_starts_over_at_once(live_server, browser):  # noqa: F811
+    """The first try is refused; the page's own retry then hangs (a server that takes the socket and never says
+    `ready`); pressing Reconnect gives that socket up and connects now, not after CONNECT_TIMEOUT_MS."""
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors = watch_errors(page)
+    tries: list[object] = []
+
+    def route(ws) -> None:
+        tries.append(ws)
+        if len(tries) == 1:
+            ws.close()  # refused
+        elif len(tries) > 2:
+            ws.connect_to_server()  # the second is left hanging: never connected, never answered
+
+    page.route_web_socket("**/ws", route)
+    try:
+        page.goto(f"{live_server}/")
+        page.get_by_role("button", name="Reconnect").wait_for(timeout=10_000)
+        page.wait_for_timeout(1_500)  # the page's retry after 1 s: it hangs
+        assert len(tries) == 2 and page.evaluate("() => window.voiceAssistant.state") == "error"
+        page.get_by_role("button", name="Reconnect").click()
+        clicked = time.monotonic()
+        page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=10_000)
+        assert len(tries) == 3 and time.monotonic() - clicked < 5, (len(tries), time.monotonic() - clicked)
+        assert not errors, errors
+    finally:
+        page.close()
+
+
+def test_a_socket_that_never_becomes_ready_is_given_up_and_tried_again(live_server, browser):  # noqa: F811
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors = watch_errors(page)
+    tries: list[object] = []
+
+    def route(ws) -> None:
+        tries.append(ws)
+        if len(tries) > 1:
+            ws.connect_to_server()  # the first hangs
+
+    page.route_web_socket("**/ws", route)
+    try:
+        page.goto(f"{live_server}/")
+        opened = time.monotonic()
+        page.wait_for_function("() => window.voiceAssistant.state === 'idle'", timeout=20_000)
+        waited = time.monotonic() - opened
+        print(f"a hanging socket given up and the next ready after {waited:.1f} s")
+        # CONNECT_TIMEOUT_MS is 10 s, then the retry after 1 s (counted here from the load, a little after the try)
+        assert len(tries) == 2 and 5 < waited < 15, (len(tries), waited)
+        assert not errors, errors
+    finally:
+        page.close()
+
+
 def test_a_reply_stopped_after_its_turn_ended_keeps_what_was_heard_marked_interrupted(live_server, browser):  # noqa: F811
     page, errors, frames = open_page(browser, live_server)
     try:
