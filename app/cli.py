@@ -29,7 +29,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="model set: gpu needs CUDA; auto picks gpu when a GPU is present")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
-    serve.add_argument("--asr-model", help="speech-to-text model reference (see README)")
+    serve.add_argument("--asr-model", help="speech-to-text model reference (see docs/configuration.md)")
     serve.add_argument("--llm-model", help="language model reference (GGUF)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning"], help="log detail")
     serve.add_argument("--lan", action="store_true",

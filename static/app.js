@@ -5,7 +5,18 @@ import { Mic, Player, micErrorText } from "./audio.js";
 import { Chat } from "./chat.js";
 import { SettingsPanel, helloMessage, loadSettings } from "./settings.js";
 
-const MAX_RETRY_MS = 15000;
+// At most this long between tries: a server that restarted is found again within ~5 s, and one try every 4 s
+// costs a server that is down nothing.
+const MAX_RETRY_MS = 4000;
+// The heartbeat: one ping at a time, every few seconds once ready. Nothing at all heard for PONG_TIMEOUT_MS after
+// a ping (no pong, no event, no audio) means a half-open socket (sleep, a Wi-Fi change), which the browser would
+// show as open for minutes: found within ~7.5 s of the cut. Counted from the ping, not from the last message, so
+// that a background tab whose timers the browser slows to one a minute is not taken for dead.
+const PING_EVERY_MS = 2500;
+const PONG_TIMEOUT_MS = 4000;
+const CONNECT_TIMEOUT_MS = 10000; // a socket not ready by then is given up and tried again
+const TAP_MS = 350; // push-to-talk: a press shorter than this is a tap (tap to start, tap again to send)
+const CLICK_AFTER_POINTER_MS = 600; // the click a pointer press ends with comes within this
 const STARTING_RETRY_MS = 2000; // the server is up but its models still load: ask again soon
 const IDLE_CLOSE = 1000; // with reason "idle": the server closed a session nobody used (limits.idle_timeout_s)
 const PTT_KEEP_MIC_MS = 30000; // push-to-talk keeps the mic open between presses, so no word is lost
@@ -37,6 +48,7 @@ const ui = {
   input: $("text-input"),
   send: $("send"),
   log: $("conversation"),
+  announcer: $("announcer"),
   chat: $("chat"),
   emptyHint: $("empty-hint"),
   error: $("error"),
@@ -65,14 +77,20 @@ const record = {
   micLevelMax: 0,
   wakeLock: false,
   bargeIns: [], // {onsetAt, quietAt, verdict}: what the page's detector heard over a reply (ctx seconds)
+  frames: 0, // animation frames run: none while nothing moves (idle, reading, typing)
+  echoCancelled: null, // the open microphone's echo cancellation, as the browser reports it
 };
 // refused: the error event of a connection the server turned away before `ready`; idle: its `idle` error, before
 // it closed an unused session; asleep: closed so, the page waits for the user to act; waking: they did, and it
 // connects (onReady: what they did, done once connected).
 const conn = { ws: null, ready: null, refused: null, idle: null, asleep: false, waking: false, onReady: null, retries: 0,
-  retryTimer: 0, lost: false };
+  retryTimer: 0, lost: false, heardAt: 0, pingAt: 0, heartbeat: 0, connectTimer: 0 };
 // want: the user wants the mic recording (hands-free on, or the talk button / Space held down).
-const talk = { want: false, starting: false, keyHeld: false, chain: Promise.resolve(), closeTimer: 0 };
+// tapped: push-to-talk started by a tap, click, Enter or a screen reader, sent by the next one; pressedAt: when the
+// pointer went down; pointerDone: that press started here; pointerUpAt: when it ended (the click after it is no tap);
+// epoch: counts mic on/off, so that a slow off does not close the stream of a newer on.
+const talk = { want: false, starting: false, keyHeld: false, chain: Promise.resolve(), closeTimer: 0, tapped: false,
+  pressedAt: 0, pointerDone: false, pointerUpAt: -Infinity, epoch: 0 };
 // audioTurn: the turn whose audio frames are arriving; answering: the newest turn the server answers;
 // discardUpTo: turns stopped here whose events and frames may still be on the wire.
 const view = { serverState: "idle", errorEvent: false, audioTurn: null, answering: -Infinity, discardUpTo: -Infinity };
@@ -80,16 +98,18 @@ const wake = { lock: null, pending: false };
 // held: a reply paused on the page's own detector, awaiting the server's verdict.
 const barge = { held: null, timer: 0, quietTimer: 0, distrustUntil: 0 };
 
-const chat = new Chat(ui.log, ui.chat);
+const chat = new Chat(ui.log, ui.chat, ui.announcer);
 // ?tap: the microphone is also tapped on the playback clock, for measuring latency as heard (bench_heard.py).
 const TAP_MIC = new URLSearchParams(location.search).has("tap");
-const mic = new Mic({ onSource: TAP_MIC ? tapMicrophone : null });
+const mic = new Mic({ onSource: TAP_MIC ? tapMicrophone : null, onEnded: onMicEnded });
 mic.onVoice = onLocalVoice;
 const player = new Player({
   workletUrl: new URL("player-worklet.js", import.meta.url),
   onChange: onPlayerChange,
   onError: (message) => showError(message),
 });
+// The orb follows the voice only for those who accept motion; the levels are still measured (and recorded).
+const REDUCED_MOTION = window.matchMedia("(prefers-reduced-motion: reduce)");
 const panel = new SettingsPanel(ui.settings, settings, () => {
   sendJson(helloMessage(settings)); // the server takes a hello at any time
   render();
@@ -120,6 +140,9 @@ window.voiceAssistant = Object.freeze({
       micLatency: (track && track.getSettings().latency) ?? null };
   },
   get bargeIns() { return record.bargeIns.map((b) => ({ ...b })); },
+  get frames() { return record.frames; },
+  get echoCancelled() { return record.echoCancelled; },
+  get micOpen() { return mic.open; },
   get settings() { return { ...settings }; },
 });
 
@@ -153,6 +176,7 @@ function render() {
   ui.interrupt.disabled = !ready || !isReplying();
   ui.emptyHint.hidden = !chat.empty;
   syncWakeLock();
+  startTicking();
 }
 
 function renderTalk() {
@@ -162,7 +186,8 @@ function renderTalk() {
   ui.talk.disabled = !conn.ready && !conn.asleep && !conn.waking;
   ui.talk.setAttribute("aria-busy", String(talk.starting));
   ui.talk.setAttribute("aria-pressed", String(recording));
-  const label = ptt ? (recording ? "Release to send" : "Hold to talk") : recording ? "Stop talking" : "Start talking";
+  const pttLabel = !recording ? "Hold or tap to talk" : talk.tapped ? "Tap to send" : "Release to send";
+  const label = ptt ? pttLabel : recording ? "Stop talking" : "Start talking";
   if (ui.talkLabel.textContent !== label) ui.talkLabel.textContent = label;
 }
 
@@ -197,16 +222,58 @@ function connect() {
   ws.binaryType = "arraybuffer";
   ws.onmessage = (event) => {
     if (ws !== conn.ws) return;
+    conn.heardAt = performance.now(); // anything heard says the socket works
     if (typeof event.data === "string") onEvent(JSON.parse(event.data));
     else onPcm(event.data);
   };
   ws.onclose = (event) => onClose(ws, event);
   conn.ws = ws;
+  // A socket stuck connecting (a server that takes the connection but never answers) is given up in time.
+  conn.connectTimer = setTimeout(() => { if (ws === conn.ws && !conn.ready) abandonSocket(ws); }, CONNECT_TIMEOUT_MS);
   render();
+}
+
+/** Give a socket up now, as if it had closed: its own close event may come minutes later, or never. */
+function abandonSocket(ws, reason = "no answer") {
+  try {
+    ws.close(4000, reason);
+  } catch (err) {
+    // Closing a socket that is still connecting may throw in some browsers; it is dropped all the same.
+  }
+  onClose(ws, { code: 4000, reason });
+}
+
+/** Ping while ready; a ping left unanswered for PONG_TIMEOUT_MS means the socket is half-open: drop it, reconnect. */
+function startHeartbeat(ws) {
+  clearInterval(conn.heartbeat);
+  conn.pingAt = 0;
+  conn.heartbeat = setInterval(() => {
+    if (ws !== conn.ws) return clearInterval(conn.heartbeat);
+    const waiting = conn.pingAt > conn.heardAt; // nothing heard since the last ping
+    if (waiting && performance.now() - conn.pingAt > PONG_TIMEOUT_MS) abandonSocket(ws, "heartbeat");
+    else if (!waiting) ping();
+  }, PING_EVERY_MS);
+}
+
+function ping() {
+  conn.pingAt = performance.now();
+  sendJson({ type: "ping" });
+}
+
+/** Back online, or the page seen again (a laptop that woke): check the socket now rather than at the next beat. */
+function checkConnection() {
+  if (conn.asleep) return;
+  if (conn.ready && conn.pingAt <= conn.heardAt) ping();
+  else if (!conn.ws) {
+    conn.retries = 0;
+    connect();
+  }
 }
 
 function onClose(ws, event) {
   if (ws !== conn.ws) return;
+  clearInterval(conn.heartbeat);
+  clearTimeout(conn.connectTimer);
   const wasReady = Boolean(conn.ready);
   const starting = conn.refused && conn.refused.code === "loading";
   const idle = conn.idle || (event.code === IDLE_CLOSE && event.reason === "idle");
@@ -227,7 +294,9 @@ function onClose(ws, event) {
   const delay = starting ? STARTING_RETRY_MS : Math.min(1000 * 2 ** conn.retries, MAX_RETRY_MS);
   conn.retries += starting ? 0 : 1;
   conn.retryTimer = setTimeout(connect, delay);
-  const why = conn.refused ? conn.refused.message : wasReady ? "Disconnected from the server." : "Cannot reach the server.";
+  const why = conn.refused ? conn.refused.message
+    : event.reason === "heartbeat" ? "The server stopped answering."
+      : wasReady ? "Disconnected from the server." : "Cannot reach the server.";
   conn.refused = null;
   if (starting) showError(why, { notice: true });
   else showError(`${why} Retrying in ${Math.round(delay / 1000)} s…`, { reconnect: true });
@@ -261,8 +330,11 @@ function sendJson(message) {
 // ------------------------------------------------------------------ server events
 
 const handlers = {
+  pong() {}, // the heartbeat's answer: being heard is all it says
   ready(m) {
     conn.ready = m;
+    clearTimeout(conn.connectTimer);
+    startHeartbeat(conn.ws);
     conn.retries = 0;
     conn.lost = false;
     // A new server session: turn ids start again and it knows nothing of the settings yet.
@@ -372,6 +444,7 @@ function discardUpTo(turn) {
 
 function onPlayerChange(kind) {
   if (kind === "drained") chat.drained();
+  if (kind === "failed") chat.audioFailed(); // its text, shown whole: the words are not lost with the voice
   render();
 }
 
@@ -424,8 +497,22 @@ function stopReply() {
   render();
 }
 
-// Levels and text reveal follow the audio clock, once per frame.
+// Levels and text reveal follow the audio clock, once per frame, but only while something moves: an idle page
+// (or one left open on a phone) runs no frames at all.
+let ticking = false;
+
+function needsFrames() {
+  return record.state === "speaking" || record.state === "listening" || chat.revealing;
+}
+
+function startTicking() {
+  if (ticking || !needsFrames()) return;
+  ticking = true;
+  requestAnimationFrame(tick);
+}
+
 function tick() {
+  record.frames += 1;
   const out = player.level();
   const voice = mic.level();
   record.outputLevel = out;
@@ -433,9 +520,11 @@ function tick() {
   record.micLevel = voice;
   record.micLevelMax = Math.max(record.micLevelMax, voice);
   const level = record.state === "speaking" ? out : record.state === "listening" ? voice : 0;
-  ui.orb.style.setProperty("--level", level.toFixed(3));
+  ui.orb.style.setProperty("--level", REDUCED_MOTION.matches ? "0" : level.toFixed(3));
   chat.reveal((turn) => player.playedOf(turn));
-  requestAnimationFrame(tick);
+  ticking = needsFrames();
+  if (ticking) requestAnimationFrame(tick);
+  else ui.orb.style.setProperty("--level", "0");
 }
 
 // ------------------------------------------------------------------ microphone
@@ -452,12 +541,16 @@ function enqueue(task) {
 /** Make sure a recording runs (the stream is opened first if needed). */
 async function micOn() {
   talk.want = true;
+  talk.epoch += 1;
   if (talk.starting || mic.recording) return;
   talk.starting = true;
   render();
   try {
-    await mic.openStream(player.ctx);
+    // Pressed off and on again while the browser was opening it: that stream was dropped (Mic.openStream), and
+    // the last press wants one, so ask again.
+    do await mic.openStream(player.ctx); while (talk.want && !mic.open);
     if (!talk.want) return; // let go before the microphone was ready
+    adviseOnEcho();
     const rec = mic.record((r, blob) => enqueue(() => sendBlob(r, blob)));
     rec.ws = conn.ws;
     // A recording that fails (its encoder, the device) is said in words, and the microphone goes off:
@@ -490,17 +583,36 @@ async function sendBlob(rec, blob) {
 
 async function micOff({ tellServer = true, close = false } = {}) {
   talk.want = false;
+  talk.tapped = false;
+  const epoch = ++talk.epoch;
   const stopping = mic.stopRecording(); // "stop" fires after the last piece, so audio_stop follows it
   render();
   const rec = await stopping;
-  // Talk pressed again while the recorder flushed: the new recording runs on this stream, keep it.
-  if (close && !talk.want) mic.close();
+  // Talk pressed (even pressed and let go) while the recorder flushed: a newer on/off owns the stream now.
+  if (close && epoch === talk.epoch) mic.close();
   if (rec && tellServer) {
     enqueue(() => {
       if (rec.started && rec.ws === conn.ws) sendJson({ type: "audio_stop" });
     });
   }
   render();
+}
+
+/** The microphone went away by itself (unplugged, taken by another app): say so, and turn it off cleanly. */
+function onMicEnded() {
+  showError("The microphone was disconnected. Plug it in (or allow it again), then press the talk button.");
+  micOff({ close: true });
+}
+
+/** Without echo cancellation the assistant hears its own voice through the speaker and answers itself. Said once
+ * a visit, not at every press. */
+function adviseOnEcho() {
+  const advised = record.echoCancelled === false;
+  record.echoCancelled = mic.echoCancelled;
+  if (!record.echoCancelled && !advised) {
+    showError("This browser does not cancel echo on this microphone: use headphones, or the assistant may hear "
+      + "itself.", { notice: true });
+  }
 }
 
 // ------------------------------------------------------------------ user actions
@@ -523,6 +635,7 @@ function pressTalk() {
 }
 
 function releaseTalk() {
+  talk.tapped = false;
   if (!talk.want && !mic.recording) return;
   micOff();
   clearTimeout(talk.closeTimer);
@@ -536,6 +649,20 @@ function onTalkClick() {
     return;
   }
   if (settings.mode === "hands_free" && conn.ready && !talk.starting) toggleTalk();
+  else if (settings.mode === "push_to_talk") onTalkTapped();
+}
+
+/** Push-to-talk without holding: a click from Enter, a screen reader or switch access starts a turn, the next
+ * one sends it. A pointer's press and release were handled already: its click is not a second tap. */
+function onTalkTapped() {
+  if (performance.now() - talk.pointerUpAt < CLICK_AFTER_POINTER_MS || !conn.ready) return;
+  if (talk.tapped) {
+    releaseTalk();
+    return;
+  }
+  pressTalk();
+  talk.tapped = true;
+  render();
 }
 
 function onTalkPointerDown(event) {
@@ -543,11 +670,23 @@ function onTalkPointerDown(event) {
   if (settings.mode !== "push_to_talk" || !conn.ready || event.button !== 0) return;
   event.preventDefault(); // no focus-steal, text selection or long-press menu while held
   ui.talk.setPointerCapture(event.pointerId); // a finger sliding off the button still releases it
-  pressTalk();
+  talk.pointerDone = true;
+  talk.pressedAt = performance.now();
+  if (!talk.tapped) pressTalk(); // else this press is the tap that sends, on its release
 }
 
-function onTalkPointerUp() {
-  if (settings.mode === "push_to_talk") releaseTalk();
+/** A hold sends on release; a tap (a short press) keeps listening until the next tap. */
+function onTalkPointerUp(event) {
+  if (settings.mode !== "push_to_talk" || !talk.pointerDone) return;
+  talk.pointerDone = false;
+  talk.pointerUpAt = performance.now();
+  const short = performance.now() - talk.pressedAt < TAP_MS;
+  if (event.type === "pointerup" && short && !talk.tapped && talk.want) {
+    talk.tapped = true;
+    render();
+    return;
+  }
+  releaseTalk();
 }
 
 function onSubmit(event) {
@@ -613,7 +752,14 @@ function onReconnect() {
   hideError();
   conn.retries = 0;
   if (conn.asleep) wakeUp();
-  else connect();
+  else if (conn.ws && !conn.ready) {
+    const stuck = conn.ws; // still connecting: start over now instead of waiting on it
+    conn.ws = null;
+    stuck.onclose = null;
+    clearTimeout(conn.connectTimer);
+    stuck.close();
+    connect();
+  } else connect();
 }
 
 function onTyping() {
@@ -649,6 +795,7 @@ async function syncWakeLock() {
 function onVisibilityChange() {
   // The browser drops the wake lock when the page is hidden; a held push-to-talk key or finger is let go.
   if (document.visibilityState === "hidden" && settings.mode === "push_to_talk") releaseTalk();
+  if (document.visibilityState === "visible") checkConnection();
   syncWakeLock();
 }
 
@@ -671,7 +818,7 @@ ui.settings.addEventListener("change", (event) => { if (event.target.name === "m
 document.addEventListener("keydown", onKeyDown);
 document.addEventListener("keyup", onKeyUp);
 document.addEventListener("visibilitychange", onVisibilityChange);
+window.addEventListener("online", checkConnection);
 window.addEventListener("blur", () => { if (talk.keyHeld) onKeyUp({ key: " ", preventDefault() {} }); });
 connect();
 render();
-requestAnimationFrame(tick);

@@ -12,6 +12,9 @@ const TIMESLICE_MS = 40;
 // ~8 ms old instead of 60-110 ms in MediaRecorder's 60 ms frames (tests' decoder, 2026-11-29).
 const OPUS_FRAME_US = 20_000;
 const OPUS_BITRATE = 32_000;
+// Reply audio queued while the AudioContext is not running (iOS locked, a phone call, a browser that suspended
+// it) is given up after this long: its text is shown whole instead of waiting for a voice that never plays.
+const STALL_MS = 1500;
 
 /** A 0..1 loudness from an AnalyserNode: RMS on a square-root scale (quiet speech still shows),
  * less a floor so that room noise keeps the animation still. */
@@ -38,8 +41,11 @@ export class LevelMeter {
 export class Player {
   constructor({ workletUrl, onChange, onError }) {
     this.workletUrl = workletUrl;
-    this.onChange = onChange; // playing started or drained
-    this.onError = onError;
+    this.onChange = onChange; // "playing", "drained", or "failed" (the queued audio was given up)
+    this.onError = onError; // (message): why the reply is not heard, in words
+    this.failed = false; // the worklet could not load: nothing can play, replies are text only
+    this.epoch = 0; // counts flushes: the worklet's "playing"/"drained" from before the last one are stale
+    this.stallTimer = 0;
     this.ctx = null;
     this.node = null;
     this.meter = null;
@@ -59,7 +65,9 @@ export class Player {
   /** Must run inside a user gesture (click, key, touch): browsers only let one start audio. */
   unlock() {
     if (!this.ctx) {
+      setAudioSession();
       this.ctx = createAudioContext(this.rate);
+      this.ctx.addEventListener("statechange", () => this.watchStall());
       this.loaded = this.load();
     }
     if (this.ctx.state !== "running") this.ctx.resume().catch(() => {});
@@ -76,7 +84,7 @@ export class Player {
       const node = new AudioWorkletNode(ctx, "pcm-player", {
         numberOfInputs: 0,
         outputChannelCount: [1],
-        processorOptions: { inputRate: this.rate || ctx.sampleRate },
+        processorOptions: { inputRate: this.rate || ctx.sampleRate, epoch: this.epoch },
       });
       // The analyser sits on the playback path, so the animation follows what is really heard.
       const analyser = ctx.createAnalyser();
@@ -87,9 +95,35 @@ export class Player {
       this.pending.splice(0).forEach((msg) => node.port.postMessage(msg));
       return node;
     } catch (err) {
-      this.onError(`Audio playback is unavailable: ${err.message}`);
+      console.warn("voice assistant: the audio player did not load", err);
+      this.failed = true;
+      this.pending = [];
+      this.giveUp("Replies cannot be played in this browser, so they are shown as text.");
       return null;
     }
+  }
+
+  /** The queued audio will not be heard: drop it, say why, and let the page show its text. */
+  giveUp(message) {
+    clearTimeout(this.stallTimer);
+    const wasActive = this.active;
+    this.flush();
+    this.accepted.clear(); // the rest of these replies' audio is dropped as it comes, not queued for later
+    this.onError(message);
+    if (wasActive || this.failed) this.onChange("failed");
+  }
+
+  /** Audio waits while the context is not running: try to resume it; if it stays stopped, give the audio up. */
+  watchStall() {
+    clearTimeout(this.stallTimer);
+    if (!this.ctx || !this.active || this.ctx.state === "running") return;
+    this.ctx.resume().catch(() => {});
+    this.stallTimer = setTimeout(() => {
+      if (this.active && this.ctx.state !== "running") {
+        this.giveUp("The device paused the sound (another app, a call or the lock screen), so the reply is shown "
+          + "as text. Tap the page to hear the next one.");
+      }
+    }, STALL_MS);
   }
 
   /** Listen to the microphone's `source` (a node of this context) on the playback clock: a measuring
@@ -102,6 +136,7 @@ export class Player {
   }
 
   post(msg, transfer) {
+    if (this.failed) return;
     if (this.node) this.node.port.postMessage(msg, transfer || []);
     else if (this.ctx) this.pending.push(msg);
   }
@@ -113,11 +148,12 @@ export class Player {
 
   /** Reply audio of `turn` begins; false when nothing can play it (no gesture yet). */
   begin(turn, rate) {
-    if (!this.ctx) return false;
+    if (!this.ctx || this.failed) return false;
     this.setRate(rate);
     this.accepted.add(turn);
     // Speaking from now on, not from the worklet's first "playing": no flicker while it buffers.
     this.active = true;
+    this.watchStall();
     return true;
   }
 
@@ -144,7 +180,8 @@ export class Player {
 
   /** Stop at once: everything queued is dropped. */
   flush() {
-    this.post({ type: "flush" });
+    this.epoch += 1;
+    this.post({ type: "flush", epoch: this.epoch });
     this.active = false;
     this.held = false;
   }
@@ -181,8 +218,19 @@ export class Player {
       this.quietAt.push(msg.at);
       return;
     }
+    // A "playing" sent just before the worklet took a flush would turn "Speaking" on for good: dropped.
+    if (msg.epoch !== this.epoch) return;
     this.active = msg.type === "playing";
     this.onChange(msg.type);
+  }
+}
+
+/** iOS: without this, the ring/silent switch can mute Web Audio while the microphone is closed. */
+function setAudioSession() {
+  try {
+    if (navigator.audioSession) navigator.audioSession.type = "play-and-record";
+  } catch (err) {
+    console.warn("voice assistant: the audio session type was refused", err);
   }
 }
 
@@ -198,10 +246,14 @@ function createAudioContext(rate) {
 
 /** The microphone: one stream kept while needed, one MediaRecorder (one container) per recording. */
 export class Mic {
-  /** onSource(context, source, sink), if given, is told of each microphone source node made. */
-  constructor({ onSource = null } = {}) {
+  /** onSource(context, source, sink), if given, is told of each microphone source node made; onEnded() when the
+   * microphone goes away by itself (unplugged, taken by another app, a permission withdrawn). */
+  constructor({ onSource = null, onEnded = () => {} } = {}) {
     this.onSource = onSource;
+    this.onEnded = onEnded;
     this.stream = null;
+    this.opening = 0; // counts opens and closes: a stream granted after a close is not kept
+    this.nodes = []; // this stream's audio nodes, disconnected on close so that no chain outlives it
     this.meter = null;
     this.meterCtx = null; // only when the player's context cannot take the mic (Firefox, other rate)
     this.recording = null;
@@ -216,11 +268,25 @@ export class Mic {
 
   async openStream(ctx) {
     if (this.stream) return;
-    this.stream = await navigator.mediaDevices.getUserMedia({
+    const opening = ++this.opening;
+    const stream = await navigator.mediaDevices.getUserMedia({
       audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
     });
+    if (opening !== this.opening) { // closed while the browser asked: this stream is nobody's
+      stream.getTracks().forEach((track) => track.stop());
+      return;
+    }
+    this.stream = stream;
+    const track = stream.getAudioTracks()[0];
+    track.addEventListener("ended", () => { if (this.stream === stream) this.onEnded(); });
     this.meter = this.makeMeter(ctx);
-    this.oggOpus = await OggOpusRecorder.usable(this.stream);
+    this.oggOpus = await OggOpusRecorder.usable(stream);
+  }
+
+  /** Whether the browser cancels the reply's echo on this microphone (false: the assistant may hear itself). */
+  get echoCancelled() {
+    const track = this.stream && this.stream.getAudioTracks()[0];
+    return !track || track.getSettings().echoCancellation !== false;
   }
 
   makeMeter(ctx) {
@@ -235,6 +301,7 @@ export class Mic {
         mute.gain.value = 0;
         const source = context.createMediaStreamSource(this.stream);
         source.connect(analyser).connect(mute).connect(context.destination);
+        this.nodes.push(source, analyser, mute);
         this.listen(context, source, mute);
         if (this.onSource) this.onSource(context, source, mute);
         return new LevelMeter(analyser);
@@ -247,12 +314,14 @@ export class Mic {
 
   /** The page's own voice detector (voice-worklet.js) on the echo-cancelled microphone, beside the meter. */
   async listen(context, source, sink) {
+    const stream = this.stream;
     try {
       await context.audioWorklet.addModule(new URL("voice-worklet.js", import.meta.url));
-      if (!this.stream) return; // closed meanwhile
+      if (this.stream !== stream) return; // closed (and maybe opened again) meanwhile: this source is gone
       const node = new AudioWorkletNode(context, "voice-detector", { numberOfInputs: 1, numberOfOutputs: 1 });
       node.port.onmessage = (event) => { if (this.onVoice) this.onVoice(event.data); };
       source.connect(node).connect(sink); // to the muted gain: every engine runs a node that reaches the output
+      this.nodes.push(node);
       this.detector = node;
     } catch (err) {
       console.warn("voice assistant: no voice detector in the page; barge-in waits for the server", err);
@@ -283,9 +352,12 @@ export class Mic {
   }
 
   close() {
+    this.opening += 1;
     if (this.stream) this.stream.getTracks().forEach((track) => track.stop());
     if (this.meterCtx) this.meterCtx.close().catch(() => {});
-    if (this.detector) this.detector.disconnect();
+    // The player's context lives on: a chain left connected to its output would run (and be kept) for good.
+    this.nodes.splice(0).forEach((node) => node.disconnect());
+    if (this.detector) this.detector.port.onmessage = null;
     this.stream = null;
     this.meter = null;
     this.meterCtx = null;

@@ -1,12 +1,16 @@
 // The conversation on screen: one <li> per turn with the user's bubble (interim, then final transcript),
-// the assistant's bubble (its text revealed as its voice plays) and a discreet latency line.
+// the assistant's bubble (its text revealed as its voice plays) and a discreet latency line. Screen readers hear
+// each message once it is final, from a separate live region: never a reply rewritten word by word.
 
 const DEFAULT_CHARS_PER_SECOND = 14; // speaking rate before any reply has been measured
+const ANNOUNCED_KEPT = 4; // the live region keeps its last few messages; older ones are removed (not announced)
+const PLACEHOLDER = "…";
 
 export class Chat {
-  constructor(log, scroller) {
+  constructor(log, scroller, announcer) {
     this.log = log;
     this.scroller = scroller;
+    this.announcer = announcer; // role=log: only finished messages are added to it
     this.turns = new Map(); // turn id -> entry, for the current server session
     this.pendingTyped = null; // a typed message's entry, until the server gives its turn an id
     this.charsPerSecond = DEFAULT_CHARS_PER_SECOND;
@@ -18,6 +22,30 @@ export class Chat {
 
   has(turn) {
     return this.turns.has(turn);
+  }
+
+  /** Some reply's text is still being revealed (the page keeps its frame loop for it). */
+  get revealing() {
+    for (const entry of this.turns.values()) {
+      if (entry.assistant && entry.shown !== entry.reply.length) return true;
+    }
+    return false;
+  }
+
+  /** One finished message for screen readers, added whole to the live region. */
+  announce(text) {
+    const line = document.createElement("p");
+    line.textContent = text;
+    this.announcer.append(line);
+    while (this.announcer.childElementCount > ANNOUNCED_KEPT) this.announcer.firstElementChild.remove();
+  }
+
+  /** The reply is final on screen (played out, interrupted, failed): say it once. */
+  announceIfSettled(entry) {
+    if (entry.announced || !entry.done || !entry.assistant || entry.shown !== entry.reply.length) return;
+    entry.announced = true;
+    const interrupted = entry.assistant.classList.contains("interrupted") ? " (interrupted)" : "";
+    this.announce(`Assistant: ${entry.reply}${interrupted}`);
   }
 
   /** A new server session numbers turns afresh: keep what is on screen, forget the ids. */
@@ -56,7 +84,7 @@ export class Chat {
     this.log.append(item);
     return {
       item, user: null, assistant: null, meta: null,
-      reply: "", shown: -1, final: false, audio: false, revealAll: false, done: false,
+      reply: "", shown: -1, final: false, audio: false, revealAll: false, done: false, announced: false,
       rate: 0, totalSamples: null,
     };
   }
@@ -75,7 +103,7 @@ export class Chat {
     const el = this.bubble(entry, "user");
     el.classList.add("interim", "placeholder");
     el.setAttribute("aria-busy", "true"); // screen readers wait for the final words
-    this.setText(el, "…");
+    this.setText(el, PLACEHOLDER);
   }
 
   transcript(m) {
@@ -87,8 +115,9 @@ export class Chat {
     el.classList.remove("placeholder");
     el.classList.toggle("interim", !m.final);
     el.setAttribute("aria-busy", String(!m.final));
+    if (m.final && !current.final && m.text.trim()) this.announce(`You: ${m.text.trim()}`);
     current.final = current.final || m.final;
-    this.setText(el, m.text.trim() || "…");
+    this.setText(el, m.text.trim() || PLACEHOLDER);
   }
 
   replyText(turn, delta) {
@@ -138,6 +167,16 @@ export class Chat {
     el.classList.toggle("waiting", count === 0 && !entry.revealAll);
     el.setAttribute("aria-busy", String(count < entry.reply.length));
     this.setText(el, count === 0 ? "" : entry.reply.slice(0, count));
+    this.announceIfSettled(entry);
+  }
+
+  /** The reply's voice could not play (no player, the device paused it): show its text whole now. */
+  audioFailed() {
+    for (const entry of this.turns.values()) {
+      if (!entry.audio || entry.revealAll) continue;
+      entry.audio = false;
+      entry.revealAll = true;
+    }
   }
 
   /** Playback of every queued reply has finished: whatever was said is all on screen. */
@@ -147,10 +186,11 @@ export class Chat {
     }
   }
 
-  /** Playback was cut short locally: replies the server had finished are shown whole (it remembers them so). */
+  /** Playback was cut short locally. A reply whose turn had ended but whose voice was still playing keeps what
+   * was heard, marked "(interrupted)": the server's history keeps just that much (the interrupt's played_samples). */
   flushed() {
     for (const entry of this.turns.values()) {
-      if (entry.audio && entry.done && !entry.assistant?.classList.contains("interrupted")) this.finishReveal(entry);
+      if (entry.audio && entry.done && !entry.revealAll && entry.assistant) this.interrupted(entry, null);
     }
   }
 
@@ -190,11 +230,12 @@ export class Chat {
     }
     if (entry.user && !entry.final) {
       entry.user.setAttribute("aria-busy", "false");
-      this.setText(entry.user, "…"); // no words were understood
+      this.setText(entry.user, PLACEHOLDER); // no words were understood
     }
     if (m.reason === "interrupted") this.interrupted(entry, m.reply);
     else if (m.reason === "error" && !entry.reply) this.failed(entry, "(no reply: something went wrong)");
     else if (!playing) this.finishReveal(entry);
+    this.announceIfSettled(entry);
   }
 
   interrupted(entry, spoken) {
@@ -250,7 +291,11 @@ export class Chat {
   }
 
   setText(el, text) {
-    el.querySelector(".text").textContent = text;
+    const span = el.querySelector(".text");
+    span.textContent = text;
+    // The "…" stands for words still on their way: nothing to read out.
+    if (text === PLACEHOLDER) span.setAttribute("aria-hidden", "true");
+    else span.removeAttribute("aria-hidden");
     this.scrollToEnd();
   }
 

@@ -26,6 +26,8 @@ class PcmPlayer extends AudioWorkletProcessor {
     this.blocks = 0;
     this.heardTurn = null; // the last turn whose first audible sample was reported
     this.held = false;
+    // The page's flush count: "playing" and "drained" carry it, so the page knows the stale ones.
+    this.epoch = (options.processorOptions || {}).epoch || 0;
     this.setRate((options.processorOptions || {}).inputRate || sampleRate);
     this.resetInterpolation();
     this.port.onmessage = (event) => this.onMessage(event.data);
@@ -56,6 +58,7 @@ class PcmPlayer extends AudioWorkletProcessor {
       if (msg.type === "hold" && !this.held && this.playing) this.port.postMessage({ type: "quiet", at: currentTime });
       this.held = msg.type === "hold";
     } else if (msg.type === "flush") {
+      this.epoch = msg.epoch;
       if (this.playing && !this.held) this.port.postMessage({ type: "quiet", at: currentTime });
       this.held = false;
       this.reportProgress();
@@ -101,7 +104,7 @@ class PcmPlayer extends AudioWorkletProcessor {
     this.ended = false;
     this.resetInterpolation();
     this.reportProgress();
-    this.port.postMessage({ type: "drained" });
+    this.port.postMessage({ type: "drained", epoch: this.epoch });
   }
 
   // Out of samples: silence for the rest of the block, then either finish or re-buffer.
@@ -125,7 +128,7 @@ class PcmPlayer extends AudioWorkletProcessor {
         return true;
       }
       this.playing = true;
-      this.port.postMessage({ type: "playing" });
+      this.port.postMessage({ type: "playing", epoch: this.epoch });
     }
     if (++this.blocks % PROGRESS_EVERY_BLOCKS === 0) this.reportProgress();
     for (let i = 0; i < out.length; i++) {

@@ -194,8 +194,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(app, **options) -> Iterator[str]:
-    """Run `app` under uvicorn on a free loopback port, on a thread; yields its base URL.
+def serving(app, port: int | None = None, **options) -> Iterator[str]:
+    """Run `app` under uvicorn on a free loopback port (or `port`: a server restarted where it was), on a
+    thread; yields its base URL.
 
     `options` go to uvicorn.Config; with TLS files (ssl_certfile) the URL is https. Frames are
     limited as `voice-assistant serve` limits them (the app's limits.max_frame_bytes).
@@ -207,7 +208,7 @@ def serving(app, **options) -> Iterator[str]:
         options.setdefault("ws_max_size", settings.limits.max_frame_bytes)
 
     options.setdefault("log_level", "warning")
-    config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), **options)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port or free_port(), **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

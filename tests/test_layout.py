@@ -1,4 +1,4 @@
-"""The shape of the house (README, Layout): few modules at the top, imports one way (web -> core -> engines)
+"""The shape of the house (docs/architecture.md): few modules at the top, imports one way (web -> core -> engines)
 with no circle, not even through an import made only for type checking, and classes and functions short
 enough to read at once. Read from the source with `ast`, so every import counts, wherever it stands."""
 

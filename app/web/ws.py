@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 from litestar.exceptions import WebSocketException
@@ -27,6 +28,7 @@ from app.web.incoming import Incoming
 
 log = logging.getLogger(__name__)
 
+_Frame = TypeVar("_Frame", str, bytes)
 MAX_AUDIO_FRAME = 512 * 1024  # bytes; MediaRecorder sends ~2 KB every 100 ms
 
 
@@ -41,6 +43,10 @@ class WsSession:
         self.limits = settings.limits
         self._decoder: StreamDecoder | None = None  # the recording being received
         self._refused = False  # the recording is in a container we do not read: its bytes are dropped
+        # The writer's sends and a pong's share the socket one at a time, so that no frame interleaves another.
+        self._sending = asyncio.Lock()
+        self._send_text: Callable[[str], Awaitable[None]] | None = None
+        self._pong: asyncio.Task[None] | None = None
 
     async def serve(
         self,
@@ -54,6 +60,8 @@ class WsSession:
             await self._refuse(send_text)
         self.conversation.start()  # counted open from here: no await before it lets another in
         writer: asyncio.Task[None] | None = None
+        send_text, send_bytes = self._locked(send_text), self._locked(send_bytes)
+        self._send_text = send_text
         incoming = Incoming(receive, self.conversation, self.limits, f"session {self.id}")
         try:
             ready = p.Ready(self.id, self.engines.tts.sample_rate, self.settings.preset, **self.settings.models())
@@ -66,11 +74,33 @@ class WsSession:
                     self.on_control(message["text"])
         finally:
             incoming.close()
+            if self._pong is not None:
+                self._pong.cancel()
             self._stop_recording()
             await self.conversation.close()
             if writer is not None:
                 await writer
             log.info("session %s closed", self.id)
+
+    def _locked(self, send: Callable[[_Frame], Awaitable[None]]) -> Callable[[_Frame], Awaitable[None]]:
+        async def send_alone(data: _Frame) -> None:
+            async with self._sending:
+                await send(data)
+
+        return send_alone
+
+    def _answer_ping(self) -> None:
+        """A `pong` now, beside the writer (not behind the replies it has queued). One at a time: a client that
+        pings but does not read gets no pile of them."""
+        if self._send_text is None or (self._pong is not None and not self._pong.done()):
+            return
+        self._pong = asyncio.create_task(self._send_pong(self._send_text))
+
+    async def _send_pong(self, send_text: Callable[[str], Awaitable[None]]) -> None:
+        try:
+            await send_text(p.encode_event(p.Pong()))
+        except Exception:  # the client vanished; the receive loop notices and cleans up
+            log.info("session %s: pong not sent, client gone", self.id)
 
     async def _refuse(self, send_text: Callable[[str], Awaitable[None]]) -> None:
         log.warning("session %s refused: %d sessions open (limits.max_sessions)", self.id,
@@ -97,6 +127,9 @@ class WsSession:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             log.info("session %s: skipped a malformed message: %s", self.id, exc)
             self.conversation.emit(ev.error("bad_message"))
+            return
+        if isinstance(message, p.Ping):  # a heartbeat is not use: it leaves the idle clock alone
+            self._answer_ping()
             return
         self.conversation.idle.used()  # a message but audio is the user at work (a silent microphone is not)
         match message:

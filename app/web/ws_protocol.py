@@ -1,4 +1,4 @@
-"""Every message of the WebSocket contract, as msgspec Structs (the README documents them).
+"""Every message of the WebSocket contract, as msgspec Structs (docs/protocol.md documents them).
 
 Client -> server: text frames carry one JSON control message; binary frames carry the recorded
 audio stream (the container named by the last `audio_start`, e.g. WebM/Opus).
@@ -65,7 +65,13 @@ class Reset(msgspec.Struct, tag="reset", forbid_unknown_fields=True):
     """Forget the conversation so far."""
 
 
-ClientMessage = Hello | AudioStart | AudioStop | UserText | Interrupt | Reset
+class Ping(msgspec.Struct, tag="ping", forbid_unknown_fields=True):
+    """The page's heartbeat: answered by a `pong` at once. A socket left half-open (a laptop that slept, a
+    phone that changed networks) still looks open to the browser; no pong tells the page so. It is not use:
+    the idle clock (limits.idle_timeout_s) runs on."""
+
+
+ClientMessage = Hello | AudioStart | AudioStop | UserText | Interrupt | Reset | Ping
 
 # ---------------------------------------------------------------- server -> client
 
@@ -91,7 +97,13 @@ EVENT_TYPES: dict[type, str] = {
     ev.ReplyAudioStart: "audio_start",
     ev.ReplyAudioEnd: "audio_end", ev.TurnMetrics: "metrics", ev.TurnEnd: "turn_end", ev.Error: "error",
 }
-ServerEvent = Ready | ev.Event
+
+
+class Pong(msgspec.Struct, tag="pong"):
+    """The answer to a `ping`, sent ahead of the events still queued (it says the socket works, nothing more)."""
+
+
+ServerEvent = Ready | Pong | ev.Event
 
 _decoder = msgspec.json.Decoder(ClientMessage)
 _encoder = msgspec.json.Encoder()
@@ -103,6 +115,6 @@ def decode_client(data: str | bytes) -> ClientMessage:
 
 
 def encode_event(event: ServerEvent) -> str:
-    if isinstance(event, Ready):
+    if isinstance(event, Ready | Pong):
         return _encoder.encode(event).decode()
     return _encoder.encode({"type": EVENT_TYPES[type(event)], **msgspec.structs.asdict(event)}).decode()

@@ -271,7 +271,7 @@ def test_phone_settings_persist_and_survive_a_dropped_connection(live_server: st
         page.wait_for_function("() => window.voiceAssistant.state === 'idle'")
         assert page.evaluate("() => window.voiceAssistant.settings") == {**PIRATE_SETTINGS}
         assert page.get_by_label("Push-to-talk").is_checked()
-        assert page.get_by_role("button", name="Hold to talk").is_visible()
+        assert page.get_by_role("button", name="Hold or tap to talk").is_visible()
         wait_until(page, lambda: frames.sent and frames.sent[-1] == PIRATE_HELLO)  # sent when a session starts
 
         push_to_talk(page, frames)
@@ -294,7 +294,7 @@ def test_phone_settings_persist_and_survive_a_dropped_connection(live_server: st
 
 def push_to_talk(page, frames: Frames) -> None:
     """Hold the talk button (pointer down ... up, as a finger does): the turn is what was said meanwhile."""
-    button = page.get_by_role("button", name="Hold to talk")
+    button = page.get_by_role("button", name="Hold or tap to talk")
     box = button.bounding_box()
     page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.mouse.down()

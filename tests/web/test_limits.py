@@ -340,6 +340,23 @@ def test_a_ws_session_with_only_a_silent_microphone_is_closed_as_idle(cpu_settin
     assert re.search(r"session \w+ closed: unused for 3 s", app_log.text)
 
 
+def test_a_ws_heartbeat_is_answered_at_once_but_is_no_use_that_keeps_a_session_open(cpu_settings, engines):
+    """Each `ping` gets a `pong` (the page finds a half-open socket by its absence), yet a session that only
+    pings is closed for want of use like any other."""
+    with served(own_engines(engines), limited(cpu_settings, idle_timeout_s=3.0)) as url, session(url) as ws:
+        pings = ['{"type":"ping"}'] * 100
+        events = []
+        with a_silent_microphone(ws.send, pings), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                if isinstance(message := ws.recv(timeout=TIMEOUT), str):
+                    events.append(json.loads(message))
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1000, "idle")
+    kinds = [e["type"] for e in events]
+    # A ping every 100 ms for the 3 s the session lived: about 30 answered (one at a time, so a few may merge).
+    assert kinds.count("pong") >= 10 and set(kinds) <= {"pong", "error", "state"}, kinds
+    assert [e["code"] for e in events if e["type"] == "error"] == ["idle"]
+
+
 class SlowStart(SpyLlm):
     """Thinks for `think_s` before each reply: a reply under way for longer than the idle timeout."""
 

@@ -17,6 +17,7 @@ def test_client_messages_decode_by_type():
     assert p.decode_client('{"type":"interrupt","played_samples":4410}') == p.Interrupt(played_samples=4410)
     assert p.decode_client('{"type":"reset"}') == p.Reset()
     assert p.decode_client('{"type":"audio_stop"}') == p.AudioStop()
+    assert p.decode_client('{"type":"ping"}') == p.Ping()
     hello = p.decode_client('{"type":"hello","temperature":0.3,"end_silence_ms":700}')
     assert hello == p.Hello(temperature=0.3, end_silence_ms=700)
 
@@ -40,6 +41,7 @@ def test_audio_start_names_the_only_demuxer_its_recording_is_opened_with(mime_ty
         '{"type":"text","text":"   "}',
         '{"type":"text","text":"x","extra":1}',
         '{"type":"hello","temperature":9}',
+        '{"type":"ping","extra":1}',
     ],
 )
 def test_bad_client_messages_are_rejected(raw):
@@ -50,6 +52,7 @@ def test_bad_client_messages_are_rejected(raw):
 def test_events_carry_their_type_tag():
     event = json.loads(p.encode_event(ev.TurnEnd(3, "no_speech")))
     assert event == {"type": "turn_end", "turn": 3, "reason": "no_speech", "reply": ""}
+    assert json.loads(p.encode_event(p.Pong())) == {"type": "pong"}
     assert json.loads(p.encode_event(ev.StateChanged("speaking"))) == {"type": "state", "state": "speaking"}
     ready = json.loads(p.encode_event(p.Ready("s1", 22050, "cpu", "a", "l", "t")))
     assert ready == {"type": "ready", "session_id": "s1", "sample_rate": 22050, "preset": "cpu", "asr": "a",

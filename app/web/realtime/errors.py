@@ -9,7 +9,7 @@ from app.web.realtime import protocol as rt
 MESSAGES = {
     "invalid_event": "The event was not understood and was skipped.",
     "unknown_event": "This server does not know that event type; it was skipped.",
-    "unsupported": "This server does not support that (see the README's OpenAI Realtime section).",
+    "unsupported": "This server does not support that (see docs/protocol.md, OpenAI Realtime API).",
     "invalid_value": "A setting is out of range (silence_duration_ms: 100 to 5000; instructions: at most 4000 "
                      "characters; max_output_tokens: 1 to 4096 or \"inf\"; tool_choice: auto, none, required or "
                      "one of the tools; tools: distinct names).",
