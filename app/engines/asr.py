@@ -8,6 +8,7 @@ import logging
 import os
 import time
 import zlib
+from collections.abc import Iterator
 
 import msgspec
 import numpy as np
@@ -57,6 +58,22 @@ NO_SPEECH = 0.8  # Whisper invents text on pure noise; its own no-speech estimat
 REPETITIVE = 2.4  # faster-whisper's compression-ratio limit: text this repetitive is a decoding loop
 
 
+class Segment(msgspec.Struct, frozen=True):
+    """One timed piece of a transcribed recording (seconds from its start), with Whisper's own measures."""
+
+    id: int
+    start: float
+    end: float
+    text: str
+    language: str  # the language it was heard in (the setting's, the request's or the model's guess)
+    tokens: list[int] = []
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float = 0.0
+    seek: int = 0
+
+
 class Transcriber:
     """One loaded Whisper model; transcribe() is blocking and runs on the ASR worker thread."""
 
@@ -102,6 +119,25 @@ class Transcriber:
         )
         texts = [s.text.strip() for s in segments if s.no_speech_prob < NO_SPEECH]
         return " ".join(t for t in texts if t).strip()
+
+    @property
+    def languages(self) -> list[str]:
+        """The languages it can be told to hear: one for an English-only model (tiny.en), else Whisper's."""
+        return list(self._model.supported_languages)  # ["en"] for an English-only model
+
+    def segments(self, audio: np.ndarray, *, language: str | None = None, prompt: str | None = None
+                 ) -> Iterator[Segment]:
+        """A recording of any length (16 kHz mono float32) as timed segments, lazily: each as Whisper decodes
+        it. `prompt` is text that came before, to guide spelling; `language` overrides the setting's."""
+        chosen = language or self.settings.language
+        found, info = self._model.transcribe(
+            audio.astype(np.float32, copy=False), language=chosen, beam_size=self.settings.beam_size,
+            initial_prompt=prompt or None, condition_on_previous_text=False, vad_filter=False,
+        )
+        for n, s in enumerate(s for s in found if s.no_speech_prob < NO_SPEECH and s.text.strip()):
+            yield Segment(n, round(s.start, 2), round(s.end, 2), s.text.strip(), chosen or info.language,
+                          list(s.tokens), s.avg_logprob, s.compression_ratio, s.no_speech_prob,
+                          s.temperature or 0.0, s.seek)
 
     def warm_up(self) -> None:
         self.transcribe(np.zeros(16_000, dtype=np.float32))

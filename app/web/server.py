@@ -38,6 +38,7 @@ from app.web import access, devices, headers
 from app.web import ws_protocol as p
 from app.web.devices import Pairing
 from app.web.lan import is_loopback, phone_url, qr_svg, token_link
+from app.web.openai_audio.routes import router as openai_audio_router
 from app.web.pairing import ROUTES as PAIRING_ROUTES
 from app.web.pairing import TITLE, pairing_step
 from app.web.realtime.errors import error_event
@@ -225,7 +226,8 @@ def create_app(
              "pairing": pairing, "fingerprint": fingerprint, "refused_origins": set(),
              "clients": ClientSessions(settings.limits.max_sessions_per_client)}
     return Litestar(
-        route_handlers=[*ROUTES, create_static_files_router(path="/static", directories=[ROOT / "static"])],
+        route_handlers=[*ROUTES, openai_audio_router(settings),
+                        create_static_files_router(path="/static", directories=[ROOT / "static"])],
         lifespan=[models],
         middleware=[DefineMiddleware(access.HostCheck, hosts=hosts)],
         before_send=[headers.security_headers, devices.renew_cookie],
