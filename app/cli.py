@@ -1,4 +1,5 @@
-"""The `voice-assistant` command: `voice-assistant serve [--preset auto|cpu|gpu] [--host H] [--port P]`."""
+"""The `voice-assistant` command:
+`voice-assistant serve [--preset auto|cpu|gpu] [--host H] [--port P] [--wyoming PORT]`."""
 
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="serve phones on the local network: all interfaces, HTTPS (self-signed unless --cert)")
     serve.add_argument("--cert", type=Path, help="TLS certificate (PEM file); with --key, serve HTTPS")
     serve.add_argument("--key", type=Path, help="private key of --cert (PEM file)")
+    serve.add_argument("--wyoming", type=int, metavar="PORT",
+                       help="also serve Home Assistant's Wyoming protocol on this port (its usual one: 10300)")
+    serve.add_argument("--zeroconf", action="store_true",
+                       help="announce the Wyoming server on the network for Home Assistant to discover (with --lan)")
     serve.add_argument("--new-token", action="store_true",
                        help="replace the pairing token and forget every paired device (a server on the network)")
     return parser.parse_args(argv)
@@ -52,6 +57,11 @@ def flag_overrides(args: argparse.Namespace) -> dict:
         values["asr"] = {"model": args.asr_model}
     if args.llm_model:
         values["llm"] = {"model": args.llm_model}
+    wyoming = {"port": args.wyoming} if args.wyoming is not None else {}
+    if args.zeroconf:
+        wyoming["zeroconf"] = True
+    if wyoming:
+        values["wyoming"] = wyoming
     return values
 
 
