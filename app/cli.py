@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.preset, flag_overrides(args))
         tls = tls_files(lan=args.lan, cert=args.cert, key=args.key)
         pairing = pairing_for(settings.host, new=args.new_token)
+        check_wyoming_port(settings)
     except ConfigError as exc:
         print(f"voice-assistant: {exc}", file=sys.stderr)
         return 2
@@ -90,6 +92,24 @@ def tls_files(*, lan: bool, cert: Path | None, key: Path | None) -> TlsFiles | N
                 raise ConfigError(f"{flag} {path}: no such file")
         return TlsFiles(cert, key)
     return ensure_certificate() if lan else None
+
+
+def check_wyoming_port(settings: Settings) -> None:
+    """The Wyoming port must be free before anything starts: found taken later, it would end the server with a
+    traceback from inside the app's start-up."""
+    port = settings.wyoming.port
+    if not port:
+        return
+    if port == settings.port:
+        raise ConfigError(f"--wyoming {port} is the web server's port too: give the Wyoming server a port of its own")
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server binds: TIME_WAIT is free
+        try:
+            probe.bind((settings.host, port))
+        except OSError as exc:
+            raise ConfigError(f"the Wyoming port {settings.host}:{port} cannot be used ({exc.strerror}): "
+                              "choose another with --wyoming") from None
 
 
 def pairing_for(host: str, *, new: bool) -> Pairing | None:

@@ -110,3 +110,16 @@ def test_serve_with_wyoming_answers_home_assistant_beside_the_web_server():
         proc.terminate()
         output = proc.communicate(timeout=30)[0]
     assert f"wyoming: listening on 127.0.0.1:{wyoming}" in output
+
+
+def test_a_wyoming_port_in_use_is_one_clear_line(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--preset", "cpu", "--port", str(free_port()), "--wyoming", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"voice-assistant: the Wyoming port 127.0.0.1:{port} cannot be used (")
+    assert "Traceback" not in err
