@@ -116,12 +116,14 @@ def _speech_request(raw: bytes, settings: Settings) -> SpeechRequest:
 
 
 async def _encoded(engines: Engines, settings: Settings, wanted: SpeechRequest) -> AsyncIterator[bytes]:
-    """The voice of the input, encoded phrase by phrase as it is made, then the encoder's tail."""
+    """The voice of the input, encoded phrase by phrase as it is made, then the encoder's tail. The encoder runs on
+    a thread: mp3 takes ~50 ms a second of audio on these CPUs, up to ~25 ms at a time, too long for the event loop
+    that carries every conversation's audio."""
     encoder = Encoder(wanted.response_format, engines.tts.sample_rate, wanted.speed)
     async for piece in speak(engines, wanted.input, settings.chunking):
-        if piece.pcm is not None and (data := encoder.add(piece.pcm)):
+        if piece.pcm is not None and (data := await asyncio.to_thread(encoder.add, piece.pcm)):
             yield data
-    yield encoder.finish()
+    yield await asyncio.to_thread(encoder.finish)
 
 
 async def _speech_audio(engines: Engines, settings: Settings, wanted: SpeechRequest) -> AsyncIterator[bytes]:
