@@ -263,3 +263,28 @@ def test_beyond_loopback_only_this_computer_and_allowed_peers_get_in(cpu_setting
     assert not server("0.0.0.0", trust_loopback=False).allowed("127.0.0.1")
     with pytest.raises(ValueError, match="not an IP address"):
         WyomingSettings(allowed_peers="homeassistant.local")
+
+
+def test_a_reply_whose_asker_went_away_is_not_taken_for_the_next_ones(wyoming):
+    async def ask_and_leave(text: str, conversation_id: str) -> None:
+        """Gone once the reply is being written: its events still come, into the conversation's outbox."""
+        async with AsyncTcpClient("127.0.0.1", wyoming.port) as client:
+            await client.write_event(Transcript(text, context={"conversation_id": conversation_id}).event())
+            while not wyoming.llm.turns:
+                await asyncio.sleep(0.01)
+
+    async def say(text: str, conversation_id: str) -> str:
+        async with AsyncTcpClient("127.0.0.1", wyoming.port) as client:
+            await client.write_event(Transcript(text, context={"conversation_id": conversation_id}).event())
+            return Handled.from_event((await until(client, "handled"))[-1]).text
+
+    async def talk() -> tuple[str, str]:
+        await ask_and_leave("Tell me a story about a brave little dragon.", "01JHALL")
+        answer = await say("What is the capital of France?", "01JHALL")
+        return answer, await say("Thank you.", "01JHALL")
+
+    wyoming.llm.turns.clear()
+    answer, _ = run(talk())
+    last = said_so_far(wyoming.llm.turns[-1])
+    asked = last.index({"role": "user", "content": "What is the capital of France?"})
+    assert last[asked + 1] == {"role": "assistant", "content": answer}  # the reply it got was the one to its words

@@ -89,7 +89,7 @@ async def speech(request: Request, state: State) -> Stream:
 
 
 def _speech_request(raw: bytes, settings: Settings) -> SpeechRequest:
-    """The request, checked before any work: Refused with words that say what to change."""
+    """The request, checked before any work: AudioError with words that say what to change."""
     try:
         wanted = msgspec.json.decode(raw, type=SpeechRequest)
     except msgspec.DecodeError:

@@ -77,13 +77,18 @@ class Chats:
 
 
 async def _answer(conversation: Conversation, text: str) -> str:
-    """Say `text`, then read the conversation's events up to the turn's end: its reply, or NotAnswered."""
-    conversation.respond(TEXT_ONLY, text=text.strip())
+    """Say `text`, then read the conversation's events up to the turn's end: its reply, or NotAnswered. The turn is
+    known by its transcript, so the leftovers of a turn whose asker went away (its events still come) are skipped."""
+    said = text.strip()
+    conversation.respond(TEXT_ONLY, text=said)
+    turn: int | None = None
     error: ev.Error | None = None
     while (event := await conversation.next_event()) is not None:
-        if isinstance(event, ev.Error):
+        if isinstance(event, ev.Transcript) and turn is None and event.text == said:
+            turn = event.turn
+        elif isinstance(event, ev.Error) and turn is not None and event.turn in (None, turn):
             error = event
-        elif isinstance(event, ev.TurnEnd):
+        elif isinstance(event, ev.TurnEnd) and turn is not None and event.turn == turn:
             if event.reason == "completed" and event.reply:
                 return event.reply
             raise NotAnswered(error.message if error is not None else "Sorry, I have no answer to that.")
