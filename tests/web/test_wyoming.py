@@ -21,7 +21,7 @@ from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeVoice
 
 from app.audio import ASR_RATE, float_to_int16
-from app.config import Settings
+from app.config import Settings, load_settings
 from app.core.metrics import Metrics
 from app.engines.loaded import Engines
 from app.web.access import AccessSettings
@@ -263,6 +263,9 @@ def test_beyond_loopback_only_this_computer_and_allowed_peers_get_in(cpu_setting
     assert not server("0.0.0.0", trust_loopback=False).allowed("127.0.0.1")
     with pytest.raises(ValueError, match="not an IP address"):
         WyomingSettings(allowed_peers="homeassistant.local")
+    # As the README gives it: from the environment.
+    environ = {"VA_WYOMING__ALLOWED_PEERS": "192.168.1.20,10.0.0.0/24", "VA_WYOMING__PORT": "10300"}
+    assert load_settings("cpu", environ=environ).wyoming.allowed_peers == ("192.168.1.20", "10.0.0.0/24")
 
 
 def test_a_reply_whose_asker_went_away_is_not_taken_for_the_next_ones(wyoming):
