@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import queue
 import threading
@@ -128,6 +129,31 @@ def read_audio_file(path: str, rate: int = ASR_RATE) -> np.ndarray:
         ]
         parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
+
+class NotAudio(ValueError):
+    """Bytes that are not audio in the container they were said to be, or hold more than allowed."""
+
+
+def decode_file(data: bytes, container: str, max_seconds: float, rate: int = ASR_RATE) -> np.ndarray:
+    """A whole file's bytes in FFmpeg's demuxer `container` (the only one tried) -> mono float32 at `rate`;
+    NotAudio when it cannot be read or holds more than `max_seconds` (decoding stops there)."""
+    parts: list[np.ndarray] = []
+    total, most = 0, int(max_seconds * rate)
+    try:
+        with av.open(io.BytesIO(data), mode="r", format=container) as opened:
+            if not opened.streams.audio:
+                raise NotAudio("no audio track")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            for frame in itertools.chain(opened.decode(audio=0), [None]):  # None drains the resampler
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray().reshape(-1).copy())
+                    total += len(parts[-1])
+                    if total > most:
+                        raise NotAudio(f"longer than {max_seconds:g} s")
+    except (av.error.FFmpegError, ValueError, OSError, IndexError) as exc:
+        raise exc if isinstance(exc, NotAudio) else NotAudio(str(exc)) from exc
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 def float_to_int16(pcm: np.ndarray) -> np.ndarray:

@@ -1,9 +1,11 @@
-"""The `voice-assistant` command: `voice-assistant serve [--preset auto|cpu|gpu] [--host H] [--port P]`."""
+"""The `voice-assistant` command:
+`voice-assistant serve [--preset auto|cpu|gpu] [--host H] [--port P] [--wyoming PORT]`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 from pathlib import Path
 
@@ -36,6 +38,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="serve phones on the local network: all interfaces, HTTPS (self-signed unless --cert)")
     serve.add_argument("--cert", type=Path, help="TLS certificate (PEM file); with --key, serve HTTPS")
     serve.add_argument("--key", type=Path, help="private key of --cert (PEM file)")
+    serve.add_argument("--wyoming", type=int, metavar="PORT",
+                       help="also serve Home Assistant's Wyoming protocol on this port (its usual one: 10300)")
+    serve.add_argument("--zeroconf", action="store_true",
+                       help="announce the Wyoming server on the network for Home Assistant to discover (with --lan)")
     serve.add_argument("--new-token", action="store_true",
                        help="replace the pairing token and forget every paired device (a server on the network)")
     return parser.parse_args(argv)
@@ -52,6 +58,11 @@ def flag_overrides(args: argparse.Namespace) -> dict:
         values["asr"] = {"model": args.asr_model}
     if args.llm_model:
         values["llm"] = {"model": args.llm_model}
+    wyoming = {"port": args.wyoming} if args.wyoming is not None else {}
+    if args.zeroconf:
+        wyoming["zeroconf"] = True
+    if wyoming:
+        values["wyoming"] = wyoming
     return values
 
 
@@ -62,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.preset, flag_overrides(args))
         tls = tls_files(lan=args.lan, cert=args.cert, key=args.key)
         pairing = pairing_for(settings.host, new=args.new_token)
+        check_wyoming_port(settings)
     except ConfigError as exc:
         print(f"voice-assistant: {exc}", file=sys.stderr)
         return 2
@@ -80,6 +92,24 @@ def tls_files(*, lan: bool, cert: Path | None, key: Path | None) -> TlsFiles | N
                 raise ConfigError(f"{flag} {path}: no such file")
         return TlsFiles(cert, key)
     return ensure_certificate() if lan else None
+
+
+def check_wyoming_port(settings: Settings) -> None:
+    """The Wyoming port must be free before anything starts: found taken later, it would end the server with a
+    traceback from inside the app's start-up."""
+    port = settings.wyoming.port
+    if not port:
+        return
+    if port == settings.port:
+        raise ConfigError(f"--wyoming {port} is the web server's port too: give the Wyoming server a port of its own")
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's server binds: TIME_WAIT is free
+        try:
+            probe.bind((settings.host, port))
+        except OSError as exc:
+            raise ConfigError(f"the Wyoming port {settings.host}:{port} cannot be used ({exc.strerror}): "
+                              "choose another with --wyoming") from None
 
 
 def pairing_for(host: str, *, new: bool) -> Pairing | None:

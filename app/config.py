@@ -17,6 +17,7 @@ from app.engines.asr import AsrSettings
 from app.engines.llm import LlmSettings
 from app.engines.tts.settings import TtsSettings
 from app.web.access import AccessSettings
+from app.web.wyoming.settings import WyomingSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     chunking: ChunkSettings = ChunkSettings()
     limits: LimitSettings = LimitSettings()
     access: AccessSettings = AccessSettings()  # Host names and page origins to trust (access.py)
+    wyoming: WyomingSettings = WyomingSettings()  # Home Assistant's protocol on a port of its own (off: port 0)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -47,7 +49,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def models(self) -> dict[str, str]:
         """The model reference of each slot, as /health, the page and the Realtime session name them."""
-        tts = self.tts.csm.model if self.tts.engine == "csm" else self.tts.piper.model
+        tts = {"csm": self.tts.csm.model, "openai": self.tts.openai.voice}.get(self.tts.engine, self.tts.piper.model)
         return {"asr": self.asr.model, "llm": self.llm.model, "tts": tts}
 
 

@@ -28,6 +28,7 @@ from app.engines.llm_remote import LlmServerError, RemoteChatModel
 from app.engines.loaded import Engines
 from app.engines.loading import LoadStatus, Phase
 from app.engines.models import ModelError, ModelMismatchError
+from app.engines.speech_remote import RemoteTranscriber, RemoteVoice, SpeechServerError
 from app.engines.tts.base import TtsEngine
 from app.engines.tts.piper import PiperEngine
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 SLOT_NAMES = {"asr": "speech-to-text model", "llm": "language model", "tts": "voice"}
 # Failures whose message says it all (slot, file or server, what to do): logged as one line, no traceback.
-SAYS_IT_ALL = (ModelError, ModelMismatchError, ConfigError, LlmServerError)
+SAYS_IT_ALL = (ModelError, ModelMismatchError, ConfigError, LlmServerError, SpeechServerError)
 
 
 def load_and_warm(settings: Settings, status: LoadStatus | None = None) -> Engines:
@@ -51,7 +52,7 @@ def load_and_warm(settings: Settings, status: LoadStatus | None = None) -> Engin
     # server that is down fails in seconds too. It has no weights here to load.
     remote = RemoteChatModel.load(settings.llm) if settings.llm.backend == "openai" else None
     loaders: dict[str, Callable[[], Any]] = {
-        "asr": lambda: Transcriber.load(local.asr),
+        "asr": lambda: load_asr(local),
         "llm": lambda: remote or ChatModel.load(local.llm),
         "tts": lambda: load_tts(local),
     }
@@ -71,12 +72,20 @@ def load_and_warm(settings: Settings, status: LoadStatus | None = None) -> Engin
 def gpu_meter(settings: Settings) -> GpuMemory | None:
     """A GPU memory meter when a model is meant for the GPU and CUDA is there (torch is imported
     only then); else None."""
-    on_gpu = settings.asr.device != "cpu" or settings.llm.n_gpu_layers != 0 or settings.tts.engine == "csm"
+    local_asr_on_gpu = settings.asr.device != "cpu" and settings.asr.backend == "faster_whisper"
+    on_gpu = local_asr_on_gpu or settings.llm.n_gpu_layers != 0 or settings.tts.engine == "csm"
     return GpuMemory.probe() if on_gpu else None
+
+
+def load_asr(local: LocalModels) -> Transcriber | RemoteTranscriber:
+    """Whisper in this process, or an audio server's (asr.backend openai: nothing loads here)."""
+    return RemoteTranscriber.load(local.asr) if local.asr.backend == "openai" else Transcriber.load(local.asr)
 
 
 def load_tts(local: LocalModels) -> TtsEngine:
     settings = local.tts
+    if settings.engine == "openai":
+        return RemoteVoice.load(settings.openai)
     if settings.engine == "csm":
         from app.engines.tts.csm.engine import load_csm_engine  # its loading imports torch: only when CSM is wanted
 
@@ -103,11 +112,13 @@ def _announce(status: LoadStatus | None, phase: Phase, slot: str) -> None:
 
 
 def cpu_fallback(settings: Settings) -> Settings:
-    """The same server settings with the offline cpu preset's models; a language model on a server
-    stays there (it is not this machine's model to fall back from)."""
+    """The same server settings with the offline cpu preset's models; a model on a server (language model, speech
+    to text, voice) stays there (it is not this machine's model to fall back from)."""
     cpu = load_settings("cpu")
     llm = settings.llm if settings.llm.backend == "openai" else cpu.llm
-    return msgspec.structs.replace(settings, preset="cpu", asr=cpu.asr, llm=llm, tts=cpu.tts)
+    asr = settings.asr if settings.asr.backend == "openai" else cpu.asr
+    tts = settings.tts if settings.tts.engine == "openai" else cpu.tts
+    return msgspec.structs.replace(settings, preset="cpu", asr=asr, llm=llm, tts=tts)
 
 
 def load_engines(

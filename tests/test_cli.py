@@ -62,3 +62,64 @@ def wait_for_health(url: str, proc: subprocess.Popen, timeout: float = 120) -> d
         except OSError:
             time.sleep(0.1)
     raise AssertionError("server did not answer /health in time")
+
+
+def test_wyoming_flags_set_the_wyoming_server():
+    from app.cli import flag_overrides, parse_args
+
+    assert flag_overrides(parse_args(["serve", "--wyoming", "10300", "--zeroconf"]))["wyoming"] == {
+        "port": 10300, "zeroconf": True}
+    assert "wyoming" not in flag_overrides(parse_args(["serve"]))
+
+
+def test_serve_with_wyoming_answers_home_assistant_beside_the_web_server():
+    """`serve --wyoming PORT` as the README says: `info` at once (also while the models load), then a voice."""
+    import asyncio
+
+    from wyoming.client import AsyncTcpClient
+    from wyoming.info import Describe, Info
+    from wyoming.tts import Synthesize
+
+    port, wyoming = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--preset", "cpu", "--port", str(port), "--wyoming", str(wyoming)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+    async def ask(event, until: str):
+        async with AsyncTcpClient("127.0.0.1", wyoming) as client:
+            await client.write_event(event)
+            while (answer := await client.read_event()).type != until:
+                pass
+            return answer
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                info = Info.from_event(asyncio.run(ask(Describe().event(), "info")))
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "no Wyoming port"
+                time.sleep(0.1)
+        assert info.tts[0].supports_synthesize_streaming
+        wait_for_health(f"http://127.0.0.1:{port}/health", proc)
+        start = asyncio.run(ask(Synthesize(text="Hello.").event(), "audio-start"))
+        assert start.data["rate"] == 22050
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0]
+    assert f"wyoming: listening on 127.0.0.1:{wyoming}" in output
+
+
+def test_a_wyoming_port_in_use_is_one_clear_line(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--preset", "cpu", "--port", str(free_port()), "--wyoming", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"voice-assistant: the Wyoming port 127.0.0.1:{port} cannot be used (")
+    assert "Traceback" not in err

@@ -56,6 +56,11 @@ class LimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # Open sessions of one client address, /ws and /v1/realtime together; the next gets `too_many_sessions`
     # and close 1013. Behind Docker's port publishing or a reverse proxy every client has the same address.
     max_sessions_per_client: int = 4
+    # POST /v1/audio/transcriptions: bytes of one request (OpenAI's own file limit is 25 MB), and seconds of audio
+    # its file may hold: a longer one is refused, since its transcription holds the speech-to-text model that
+    # every conversation shares (tiny.en on 2 cores: ~10 s of work for 5 minutes of speech).
+    max_upload_bytes: int = 25 * 1024 * 1024
+    max_upload_s: float = 600.0
 
     def __post_init__(self) -> None:
         if min(self.max_sessions, self.max_queued_turns, self.max_text_chars, self.max_sessions_per_client) < 1:
@@ -69,6 +74,8 @@ class LimitSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.max_audio_speed < 1.0 or self.max_audio_burst_s < 1.0 or self.max_pending_audio_bytes < 64 * 1024:
             raise ValueError("limits: max_audio_speed >= 1 (real time), max_audio_burst_s >= 1, "
                              "max_pending_audio_bytes >= 65536")
+        if self.max_upload_bytes < 64 * 1024 or self.max_upload_s < 1.0:
+            raise ValueError("limits: max_upload_bytes >= 65536, max_upload_s >= 1")
         if self.idle_timeout_s < 0:
             raise ValueError("limits: idle_timeout_s >= 0 (0: never)")
 

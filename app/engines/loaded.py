@@ -11,6 +11,7 @@ from app.engines.asr import Transcriber
 from app.engines.llm import ChatModel
 from app.engines.llm_remote import RemoteChatModel
 from app.engines.smart_turn import SmartTurn
+from app.engines.speech_remote import RemoteTranscriber
 from app.engines.tts.base import TtsEngine
 from app.engines.vad import load_vad_model
 from app.engines.workers import Worker
@@ -20,7 +21,7 @@ class Engines:
     """The three models, one worker thread each (a model runs one job at a time, in arrival order),
     and the VAD and Smart Turn models every session's listener shares."""
 
-    def __init__(self, asr: Transcriber, llm: ChatModel | RemoteChatModel, tts: TtsEngine) -> None:
+    def __init__(self, asr: Transcriber | RemoteTranscriber, llm: ChatModel | RemoteChatModel, tts: TtsEngine) -> None:
         self.asr = asr
         self.llm = llm
         self.tts = tts

@@ -38,12 +38,14 @@ from app.web import access, devices, headers
 from app.web import ws_protocol as p
 from app.web.devices import Pairing
 from app.web.lan import is_loopback, phone_url, qr_svg, token_link
+from app.web.openai_audio.routes import router as openai_audio_router
 from app.web.pairing import ROUTES as PAIRING_ROUTES
 from app.web.pairing import TITLE, pairing_step
 from app.web.realtime.errors import error_event
 from app.web.realtime.protocol import encode as encode_realtime
 from app.web.realtime.session import RealtimeSession
 from app.web.ws import WsSession
+from app.web.wyoming.server import WyomingServer
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +227,9 @@ def create_app(
              "pairing": pairing, "fingerprint": fingerprint, "refused_origins": set(),
              "clients": ClientSessions(settings.limits.max_sessions_per_client)}
     return Litestar(
-        route_handlers=[*ROUTES, create_static_files_router(path="/static", directories=[ROOT / "static"])],
-        lifespan=[models],
+        route_handlers=[*ROUTES, openai_audio_router(settings),
+                        create_static_files_router(path="/static", directories=[ROOT / "static"])],
+        lifespan=[models, _wyoming_lifespan],
         middleware=[DefineMiddleware(access.HostCheck, hosts=hosts)],
         before_send=[headers.security_headers, devices.renew_cookie],
         template_config=TemplateConfig(directory=ROOT / "templates", engine=JinjaTemplateEngine),
@@ -264,6 +267,21 @@ def _models_lifespan(
             loader.close()
 
     return lifespan
+
+
+@asynccontextmanager
+async def _wyoming_lifespan(app: Litestar) -> AsyncIterator[None]:
+    """Home Assistant's Wyoming server (app/web/wyoming/server.py) on its own port, when wyoming.port is set: open
+    while the app is, on the same loop and engines; it answers `describe` while the models load."""
+    if not app.state.settings.wyoming.port:
+        yield
+        return
+    server = WyomingServer(app.state)
+    await server.start()
+    try:
+        yield
+    finally:
+        await server.stop()
 
 
 def _hand_over(app: Litestar, settings: Settings, engines: Engines) -> None:
