@@ -131,6 +131,17 @@ class RemoteChatModel(ContextWindow):
                                  "llm.base_url should be the API root of an OpenAI-compatible server (ending in /v1)")
         return [str(entry.get("id", "")) for entry in listing["data"] if isinstance(entry, dict)]
 
+    def build_messages(
+        self, history: list[Message], user_text: str | None, system_prompt: str | None = None,
+        tools: ToolSet | None = None,
+    ) -> list[Message]:
+        """As ContextWindow's, with the no-copy rule asked in words: the server samples the tokens, so it
+        cannot be kept from echoing the user as the in-process model is (no_copy.py)."""
+        system = system_prompt or self.settings.system_prompt
+        if self.settings.no_copy_words and self.settings.no_copy_prompt:
+            system = f"{system} {self.settings.no_copy_prompt}"
+        return super().build_messages(history, user_text, system, tools)
+
     def prompt(self, messages: list[Message], tools: ToolSet | None = None) -> ChatRequest:
         return ChatRequest(messages, tools if tools is not None and tools.tools else None)
 
