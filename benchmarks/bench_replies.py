@@ -164,6 +164,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, help="default: the preset's (llm.temperature)")
     parser.add_argument("--sweep", default="", help="also the new prompt with these block lengths, e.g. 0,3,5")
     parser.add_argument("--cold", type=int, default=10, help="sentences also answered with the context emptied")
+    parser.add_argument("--known-repeats", type=int, default=3,
+                        help="each known-answer question is asked this many times (sampled: one pass is noisy)")
     parser.add_argument("--limit", type=int, default=0, help="only every k-th transcript (0: all), for a quick look")
     args = parser.parse_args()
     preset = load_settings("cpu", environ={}).llm
@@ -171,7 +173,7 @@ def main() -> None:
     for name, settings in rules(preset, [int(n) for n in args.sweep.split(",") if n]).items():
         chats[name] = ChatModel.load(settings)
         chats[name].warm_up()  # as the server does: the fixed prompt is evaluated ahead
-    todo = sentences()
+    todo = [s for s in sentences() for _ in range(args.known_repeats if s.kind == "known" else 1)]
     if args.limit:
         todo = [s for i, s in enumerate(todo) if s.kind == "known" or i % args.limit == 0]
     rows: dict[str, list[dict]] = {name: [] for name in chats}

@@ -59,6 +59,7 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     example: tuple[str, ...] = (
         "I just got back from a long walk by the river.", "That sounds lovely. Was it busy out there?",
         "What is the capital of Canada?", "Ottawa.",
+        "What is seven plus one?", "Seven plus one is eight.",
         "Set a timer for ten minutes.", "Okay, ten minutes from now.",
     )
     # The reply may not hold this many consecutive words of the user's last message: the token that would

@@ -136,9 +136,11 @@ class RemoteChatModel(ContextWindow):
         tools: ToolSet | None = None,
     ) -> list[Message]:
         """As ContextWindow's, with the no-copy rule asked in words: the server samples the tokens, so it
-        cannot be kept from echoing the user as the in-process model is (no_copy.py)."""
+        cannot be kept from echoing the user as the in-process model is (no_copy.py). Not with tools offered:
+        a call's arguments may quote the user (nor does the in-process block reach into a call)."""
         system = system_prompt or self.settings.system_prompt
-        if self.settings.no_copy_words and self.settings.no_copy_prompt:
+        offered = tools is not None and bool(tools.offered())
+        if self.settings.no_copy_words and self.settings.no_copy_prompt and not offered:
             system = f"{system} {self.settings.no_copy_prompt}"
         return super().build_messages(history, user_text, system, tools)
 

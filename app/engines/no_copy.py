@@ -63,6 +63,12 @@ class CopyBlock:
             for word in set(self._user)
         }
 
+    def __eq__(self, other: object) -> bool:  # the same rule for the same prompt (Prompts compare equal)
+        return isinstance(other, CopyBlock) and (self._user, self.limit, self.reply_start, self._call_open) == (
+            other._user, other.limit, other.reply_start, other._call_open)
+
+    __hash__ = None  # type: ignore[assignment]
+
     def blocked(self, reply: str) -> list[int]:
         """The tokens that may not come next after the reply text `reply`."""
         if self._call_open and self._call_open in reply:
