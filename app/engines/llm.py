@@ -117,6 +117,9 @@ class ContextWindow(ABC):
     prompt and the longest reply fit `n_ctx`. Subclasses count tokens their own way."""
 
     settings: LlmSettings
+    # The no-copy rule asked in words (llm.no_copy_prompt in the system message), where tokens cannot be
+    # blocked as they are sampled (no_copy.py): a model on a server.
+    asks_not_to_copy = False
 
     @abstractmethod
     def count_tokens(self, text: str) -> int: ...
@@ -128,7 +131,7 @@ class ContextWindow(ABC):
         """System prompt + the example exchange + the history + the new user message (none: a reply to the
         history as it is), trimming `history` in place so that the prompt, the `tools` offered and the
         longest reply fit the context."""
-        system = {"role": "system", "content": system_prompt or self.settings.system_prompt}
+        system = {"role": "system", "content": self._system_text(system_prompt, tools)}
         example = [{"role": ("user", "assistant")[i % 2], "content": text}
                    for i, text in enumerate(self.settings.example)]
         user = [] if user_text is None else [{"role": "user", "content": user_text}]
@@ -137,6 +140,15 @@ class ContextWindow(ABC):
             reserved += self.count_tokens(describe(tools))
         self.trim_history(history, budget=self.settings.n_ctx - reserved)
         return [system, *example, *history, *user]
+
+    def _system_text(self, system_prompt: str | None, tools: ToolSet | None) -> str:
+        """The system message: with the no-copy rule in words where asked, unless tools are offered (a call's
+        arguments may quote the user; nor does the in-process block reach into a call)."""
+        text, s = system_prompt or self.settings.system_prompt, self.settings
+        offered = tools is not None and bool(tools.offered())
+        if not (self.asks_not_to_copy and s.no_copy_words and s.no_copy_prompt) or offered:
+            return text
+        return f"{text} {s.no_copy_prompt}"
 
     def trim_history(self, history: list[Message], budget: int) -> None:
         """Keep the history within `budget` tokens and history_turns exchanges, oldest out first.

@@ -90,6 +90,8 @@ class RemoteChatModel(ContextWindow):
     reply early (barge-in: the task is cancelled) closes its HTTP stream, which tells the server to
     stop generating it."""
 
+    asks_not_to_copy = True  # the server samples the tokens: no logits processor of ours reaches them
+
     def __init__(self, settings: LlmSettings) -> None:
         self.settings = settings
         self.where = shown_url(settings.base_url)
@@ -130,19 +132,6 @@ class RemoteChatModel(ContextWindow):
             raise LlmServerError(f"the language model server {self.where} answered /models without a model list: "
                                  "llm.base_url should be the API root of an OpenAI-compatible server (ending in /v1)")
         return [str(entry.get("id", "")) for entry in listing["data"] if isinstance(entry, dict)]
-
-    def build_messages(
-        self, history: list[Message], user_text: str | None, system_prompt: str | None = None,
-        tools: ToolSet | None = None,
-    ) -> list[Message]:
-        """As ContextWindow's, with the no-copy rule asked in words: the server samples the tokens, so it
-        cannot be kept from echoing the user as the in-process model is (no_copy.py). Not with tools offered:
-        a call's arguments may quote the user (nor does the in-process block reach into a call)."""
-        system = system_prompt or self.settings.system_prompt
-        offered = tools is not None and bool(tools.offered())
-        if self.settings.no_copy_words and self.settings.no_copy_prompt and not offered:
-            system = f"{system} {self.settings.no_copy_prompt}"
-        return super().build_messages(history, user_text, system, tools)
 
     def prompt(self, messages: list[Message], tools: ToolSet | None = None) -> ChatRequest:
         return ChatRequest(messages, tools if tools is not None and tools.tools else None)
