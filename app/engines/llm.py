@@ -18,6 +18,7 @@ import msgspec
 import numpy as np
 
 from app.engines import models
+from app.engines.no_copy import CopyBlock
 from app.engines.tools import CALL_CLOSE, CALL_OPEN, ToolSet, call_grammar, describe
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,25 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     repeat_penalty: float = 1.2  # small models loop without it
     max_tokens: int = 120
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
-    # A made-up first exchange (user, assistant) put before the history, in the voice wanted. Told only
-    # to "answer in English", SmolLM2-135M answered "What is the capital of France?" with "Le Grand Paris
-    # is the capital of France." and went on in French; after this exchange, "The capital of France is
-    # Paris." (greedy and at 0.3). () for none.
-    example: tuple[str, ...] = ("What is the tallest mountain?", "Mount Everest, at 8,849 meters.")
+    # Made-up exchanges (user, assistant, user, assistant, ...) put before the history, in the voice wanted:
+    # a statement gets a short reaction and a question back, a question its answer, a command an
+    # acknowledgement. Told only to "answer in English", SmolLM2-135M answered "What is the capital of
+    # France?" with "Le Grand Paris is the capital of France." and went on in French; with one example it
+    # kept to English but echoed statements; with these it reacts to them and answers questions in a word
+    # ("Paris."): docs/replies.md. They are messages, not system prompt text: the words' judge reads the
+    # system prompt alone (end_of_turn_probability), calibrated as it is. () for none.
+    example: tuple[str, ...] = (
+        "I just got back from a long walk by the river.", "That sounds lovely. Was it busy out there?",
+        "What is the capital of Canada?", "Ottawa.",
+        "What is seven plus one?", "Seven plus one is eight.",
+        "Set a timer for ten minutes.", "Okay, ten minutes from now.",
+    )
+    # The reply may not hold this many consecutive words of the user's last message: the token that would
+    # make the run this long is blocked before it is sampled (no_copy.py; docs/replies.md measures it).
+    # 0: off. A server (backend openai) cannot be steered so: it is asked in words, no_copy_prompt added
+    # to the system message (the in-process model's system message stays as it is: the words' judge reads it).
+    no_copy_words: int = 4
+    no_copy_prompt: str = "Never repeat the user's words back to them: react, answer or ask."
     history_turns: int = 6  # user+assistant exchanges kept as context
     slice_tokens: int = 16  # tokens per worker job: other sessions' replies interleave between
 
@@ -71,8 +86,10 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             raise ValueError("llm base_url must be the server's http:// or https:// address with backend openai")
         if self.timeout_s <= 0:
             raise ValueError("llm timeout_s must be > 0")
-        if len(self.example) not in (0, 2):
-            raise ValueError("llm example must be a user message and the assistant's answer, or empty")
+        if len(self.example) % 2:
+            raise ValueError("llm example must be pairs of a user message and the assistant's answer, or empty")
+        if self.no_copy_words == 1 or self.no_copy_words < 0:
+            raise ValueError("llm no_copy_words must be 0 (off) or at least 2")
 
     def __repr__(self) -> str:  # the api_key must never reach a log line or a traceback
         shown = {name: getattr(self, name) for name in self.__struct_fields__}
@@ -98,6 +115,7 @@ class Prompt(msgspec.Struct, frozen=True):
     stop: list[str]
     grammar: str | None = None
     tools: ToolSet | None = None
+    copy_block: CopyBlock | None = None  # keeps the reply from echoing the user's last message (no_copy.py)
 
 
 class ContextWindow(ABC):
@@ -105,6 +123,9 @@ class ContextWindow(ABC):
     prompt and the longest reply fit `n_ctx`. Subclasses count tokens their own way."""
 
     settings: LlmSettings
+    # The no-copy rule asked in words (llm.no_copy_prompt in the system message), where tokens cannot be
+    # blocked as they are sampled (no_copy.py): a model on a server.
+    asks_not_to_copy = False
 
     @abstractmethod
     def count_tokens(self, text: str) -> int: ...
@@ -116,15 +137,24 @@ class ContextWindow(ABC):
         """System prompt + the example exchange + the history + the new user message (none: a reply to the
         history as it is), trimming `history` in place so that the prompt, the `tools` offered and the
         longest reply fit the context."""
-        system = {"role": "system", "content": system_prompt or self.settings.system_prompt}
-        roles = ("user", "assistant")
-        example = [{"role": role, "content": text} for role, text in zip(roles, self.settings.example, strict=False)]
+        system = {"role": "system", "content": self._system_text(system_prompt, tools)}
+        example = [{"role": ("user", "assistant")[i % 2], "content": text}
+                   for i, text in enumerate(self.settings.example)]
         user = [] if user_text is None else [{"role": "user", "content": user_text}]
         reserved = self.count_messages([system, *example, *user]) + self.settings.max_tokens + TEMPLATE_TOKENS
         if tools is not None and tools.offered():
             reserved += self.count_tokens(describe(tools))
         self.trim_history(history, budget=self.settings.n_ctx - reserved)
         return [system, *example, *history, *user]
+
+    def _system_text(self, system_prompt: str | None, tools: ToolSet | None) -> str:
+        """The system message: with the no-copy rule in words where asked, unless tools are offered (a call's
+        arguments may quote the user; nor does the in-process block reach into a call)."""
+        text, s = system_prompt or self.settings.system_prompt, self.settings
+        offered = tools is not None and bool(tools.offered())
+        if not (self.asks_not_to_copy and s.no_copy_words and s.no_copy_prompt) or offered:
+            return text
+        return f"{text} {s.no_copy_prompt}"
 
     def trim_history(self, history: list[Message], budget: int) -> None:
         """Keep the history within `budget` tokens and history_turns exchanges, oldest out first.
@@ -224,7 +254,19 @@ class ChatModel(ContextWindow):
         )
         stop = [] if result.stop is None else [result.stop] if isinstance(result.stop, str) else result.stop
         grammar = call_grammar(tools) if offered and tools.forced() else None
-        return Prompt(tokens, list(stop), grammar, tools if offered else None)
+        return Prompt(tokens, list(stop), grammar, tools if offered else None, self._copy_block(messages, tokens))
+
+    def _copy_block(self, messages: list[Message], tokens: list[int]) -> CopyBlock | None:
+        """The no-copy rule for a reply to the user's last message (none after a tool's result)."""
+        last = messages[-1] if messages else {}
+        limit = self.settings.no_copy_words
+        if not limit or last.get("role") != "user" or not isinstance(last.get("content"), str):
+            return None
+        return CopyBlock(
+            last["content"], limit, len(tokens), call_open=CALL_OPEN,
+            tokenize=lambda text: self._llama.tokenize(text.encode(), add_bos=False),
+            detokenize=lambda ids: self._llama.detokenize(ids).decode(errors="ignore"),
+        )
 
     def _render(self, messages: list[Message], tools: ToolSet | None):  # -> ChatFormatterResponse
         if self._native_tools:
@@ -259,6 +301,8 @@ class ChatModel(ContextWindow):
             top_p=s.top_p,
             repeat_penalty=s.repeat_penalty,
             grammar=None if prompt.grammar is None else _llama_grammar(prompt.grammar),
+            # Before each token is sampled; a forced call's arguments may quote the user.
+            logits_processor=_processors(prompt.copy_block) if prompt.grammar is None else None,
         )
         try:
             for chunk in chunks:
@@ -335,6 +379,12 @@ class ChatModel(ContextWindow):
             kept += 1
         llama.n_tokens = kept
         llama.eval(tokens[kept:])
+
+
+def _processors(block: CopyBlock | None):  # -> llama_cpp.LogitsProcessorList | None
+    from llama_cpp import LogitsProcessorList
+
+    return None if block is None else LogitsProcessorList([block])
 
 
 @functools.lru_cache(maxsize=16)

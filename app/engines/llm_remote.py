@@ -90,6 +90,8 @@ class RemoteChatModel(ContextWindow):
     reply early (barge-in: the task is cancelled) closes its HTTP stream, which tells the server to
     stop generating it."""
 
+    asks_not_to_copy = True  # the server samples the tokens: no logits processor of ours reaches them
+
     def __init__(self, settings: LlmSettings) -> None:
         self.settings = settings
         self.where = shown_url(settings.base_url)

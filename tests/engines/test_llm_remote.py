@@ -149,7 +149,7 @@ def test_a_reply_streams_through_the_real_conversation(remote_app, llm_server):
         events, audio = events_until_turn_end(ws)
     end = of_type(events, "turn_end")[0]
     assert end["reason"] == "completed" and not of_type(events, "error")
-    assert len(of_type(events, "reply_text")) >= 3  # streamed piece by piece, not returned whole
+    assert len(of_type(events, "reply_text")) >= 2  # streamed piece by piece ("Paris" "."), not returned whole
     assert "paris" in end["reply"].lower() and len(audio) > 0
     assert llm_server.output().count("POST /v1/chat/completions") == requests_before + 1
 
@@ -257,7 +257,9 @@ async def _collect(llm: RemoteChatModel, request: ChatRequest) -> list:
 def test_the_real_server_streams_a_named_call_as_deltas(remote_engines):
     # llama-cpp-python's server forces a named tool with a grammar of its schema and streams tool_calls;
     # "auto" and "required" it passes to the chat template only (SmolLM2's ignores them): it answers in words.
-    llm = remote_engines.llm
+    # The wire is what is tested, not the prompt: after the preset's example exchanges, greedy SmolLM2-135M
+    # put a control character into the city, which the server's JSON grammar let through (docs/replies.md).
+    llm = RemoteChatModel(msgspec.structs.replace(remote_engines.llm.settings, example=()))
     tools = ToolSet((WEATHER, TIMER), "get_weather")
     request = llm.prompt(llm.build_messages([], "What's the weather in Paris?", tools=tools), tools)
     pieces = asyncio.run(_collect(llm, request))

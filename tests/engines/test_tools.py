@@ -166,7 +166,7 @@ def test_write_reply_yields_a_forced_call_as_deltas_of_one_id(chat):
 
 def test_write_reply_without_a_call_yields_text_in_slices(chat):
     pieces = asyncio.run(_written(chat, "What is the capital of France?", ToolSet(BOTH, "none"), temperature=0.0))
-    assert len(pieces) >= 3 and all(isinstance(piece, str) for piece in pieces)
+    assert len(pieces) >= 2 and all(isinstance(piece, str) for piece in pieces)
     assert "paris" in "".join(pieces).lower()
 
 
@@ -177,7 +177,8 @@ def test_write_reply_keeps_to_max_tokens(chat):
 
 def test_a_forced_call_cut_short_by_max_tokens_is_an_error_not_a_call(chat):
     with pytest.raises(ValueError, match="ended inside a tool call"):
-        asyncio.run(_written(chat, "Set a timer.", ToolSet(BOTH, "required"), max_tokens=6))
+        # 12 tokens: past the "<tool_call>" tag (written in up to 9 at the preset's temperature), not the call.
+        asyncio.run(_written(chat, "Set a timer.", ToolSet(BOTH, "required"), max_tokens=12))
 
 
 # ---------------------------------------------------------------- the reader
