@@ -458,12 +458,13 @@ function onLocalVoice(message) {
   if (message.type !== "voice" || !player.active || player.held || !mic.recording) return;
   if (performance.now() < barge.distrustUntil) return;
   player.hold();
-  const quietAt = player.quietAt.length;
-  barge.held = { onsetAt: message.onsetAt, heardAt: message.at, quietAt: null, verdict: null, verdictAt: null };
+  const quiet = player.quietAt.length;
+  barge.held = { onsetAt: message.onsetAt, heardAt: message.at, verdict: null, verdictAt: null };
+  // When the worklet fell silent, from its own message whenever that comes (its clock is the detector's: one
+  // AudioContext); read when asked, as a timer could read it before the message arrived.
+  Object.defineProperty(barge.held, "quietAt", { enumerable: true, get: () => player.quietAt[quiet] ?? null });
   record.bargeIns.push(barge.held);
   const held = barge.held;
-  // The worklet says when it fell silent (its clock is the detector's: one AudioContext).
-  setTimeout(() => { held.quietAt = player.quietAt[quietAt] ?? null; }, 200);
   barge.timer = setTimeout(() => holdTimedOut(held), HOLD_MAX_MS);
   render();
 }
