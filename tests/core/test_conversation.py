@@ -77,7 +77,8 @@ def test_spoken_pcm_is_heard_answered_and_spoken(engines, jfk_pcm):
     audio = of(events, ev.ReplyAudio)
     (start,), (end,) = of(events, ev.ReplyAudioStart), of(events, ev.ReplyAudioEnd)
     assert {a.sample_rate for a in audio} == {start.sample_rate} == {engines.tts.sample_rate}
-    assert sum(len(a.pcm) for a in audio) == end.samples > start.sample_rate  # over a second of voice
+    # Half a second of voice at least: a short answer ("Ottawa.", issue 31's examples) is under a second.
+    assert sum(len(a.pcm) for a in audio) == end.samples > start.sample_rate // 2
     assert of(events, ev.TurnEnd) == [ev.TurnEnd(1, "completed", of(events, ev.TurnEnd)[0].reply)]
     states = [e.state for e in of(events, ev.StateChanged)]
     # The recording ends with the turn (push-to-talk): "idle" may come before "thinking".

@@ -358,7 +358,15 @@ def test_g711_at_8_khz_is_heard_and_spoken(live_server, engines, kind, way):
                           np.uint8)
     voice = decode(codes).astype(np.float32) / 32768
     assert len(voice) > 8000 // 2  # one byte a sample at 8 kHz: over half a second of it
-    assert word_error_rate(engines.asr.transcribe(resample(voice, 8000, ASR_RATE)), said) <= 0.4
+    heard_back = without_repeats(engines.asr.transcribe(resample(voice, 8000, ASR_RATE)))
+    assert word_error_rate(heard_back, said) <= 0.4, (heard_back, said)
+
+
+def without_repeats(text: str) -> str:
+    """Whisper's known loop on a short clip ("Paris. Paris. Paris." for a 0.7 s "Paris."), folded to one word:
+    the reply is now often a word long (issue 31's example exchanges), and the check is on its words."""
+    said = words(text)
+    return " ".join(word for i, word in enumerate(said) if i == 0 or word != said[i - 1])
 
 
 def test_without_create_response_the_vad_commits_and_transcribes_the_turn_but_nothing_answers(cpu_settings, engines):
