@@ -35,9 +35,12 @@ WATCH_ANNOUNCER = """() => {
 
 
 def serious(page) -> list[str]:
-    """axe-core's serious and critical violations on the page as it is now, one line each."""
+    """axe-core's serious and critical violations on the page as it settles, one line each."""
     from axe_playwright_python.sync_playwright import Axe
 
+    # Colours that are still fading (the talk button's 0.2 s background, enabled as the page turns idle, or a
+    # state's) would be read half way: a fresh clone saw 'Start talking' fail mid-fade. Jump them to their end.
+    page.evaluate("() => document.getAnimations().forEach((a) => a instanceof CSSTransition && a.finish())")
     violations = Axe().run(page).response["violations"]
     return [f"{v['id']} ({v['impact']}): {[n['target'] for n in v['nodes']]}"
             for v in violations if v["impact"] in ("serious", "critical")]
