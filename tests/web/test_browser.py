@@ -240,7 +240,10 @@ def barge_in(page, frames: Frames) -> None:
     interrupts = [m for m in frames.sent if m["type"] == "interrupt"]
     assert interrupts and interrupts[0]["played_samples"] > 0, frames.sent  # what was heard, for the history
     ends = snapshot(page)["turnEnds"]
-    assert [e["reason"] for e in ends[1:]] == ["interrupted", "completed"], ends
+    # The server ends the story "interrupted" if it was still writing it, or "completed" if all of it had been
+    # sent (the cpu preset's replies are short since issue 31: two sentences can be made in 0.8 s); either way
+    # the page stopped it, marked it interrupted (below) and told the server what was heard (above).
+    assert ends[1]["reason"] in ("interrupted", "completed") and ends[2]["reason"] == "completed", ends
     # The page paused the story itself as soon as its own detector heard the question begin, before the
     # server's verdict, which then confirmed it. Both times are the page's AudioContext clock.
     (heard,) = page.evaluate("() => window.voiceAssistant.bargeIns")
