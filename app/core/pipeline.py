@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import msgspec
 import numpy as np
@@ -186,7 +186,7 @@ async def _speak(
     while (phrase := await phrases.get()) is not None:
         if reply.phrases and confirmed is not None and not await confirmed():
             raise asyncio.CancelledError  # the guess was wrong (its task is being cancelled too)
-        make = functools.partial(_tts_job, engines.tts, phrase, voice)
+        make = functools.partial(tts_job, engines.tts, phrase, voice)
         try:
             async for chunk in engines.tts_worker.stream(make):
                 first = not reply.samples
@@ -197,5 +197,6 @@ async def _speak(
         reply.end_phrase(phrase)
 
 
-def _tts_job(tts, phrase, voice, cancel):  # runs on the TTS worker thread
+def tts_job(tts, phrase: str, voice: object | None, cancel) -> Iterator[np.ndarray]:  # on the TTS worker thread
+    """One phrase's voice, as a worker job (Worker.stream passes `cancel`); app/core/speech.py's too."""
     return tts.synthesize(phrase, voice=voice, cancel=cancel)

@@ -15,6 +15,7 @@ import msgspec
 import numpy as np
 
 from app.core.chunking import ChunkSettings, PhraseChunker
+from app.core.pipeline import tts_job
 from app.engines.asr import Segment
 from app.engines.loaded import Engines
 
@@ -50,7 +51,7 @@ class SpeechStream:
 
     async def spoken(self) -> AsyncIterator[Spoken]:
         while (phrase := await self._phrases.get()) is not None:
-            make = functools.partial(_tts_job, self.engines.tts, phrase, self._voice)
+            make = functools.partial(tts_job, self.engines.tts, phrase, self._voice)
             async for chunk in self.engines.tts_worker.stream(make):
                 if len(chunk):
                     yield Spoken(phrase, chunk)
@@ -64,10 +65,6 @@ async def speak(engines: Engines, text: str, chunking: ChunkSettings | None = No
     stream.end()
     async for piece in stream.spoken():
         yield piece
-
-
-def _tts_job(tts, phrase: str, voice: object | None, cancel) -> Iterator[np.ndarray]:  # on the TTS worker thread
-    return tts.synthesize(phrase, voice=voice, cancel=cancel)
 
 
 async def transcribe(engines: Engines, audio: np.ndarray) -> str:
