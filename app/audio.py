@@ -7,7 +7,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import av
 import numpy as np
@@ -104,12 +104,8 @@ class StreamDecoder:
         with av.open(self._pipe, mode="r", format=self._container) as container:
             if not container.streams.audio:
                 raise ValueError("no audio track in the stream")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=ASR_RATE)
-            for frame in container.decode(audio=0):
-                for out in resampler.resample(frame):
-                    self._on_pcm(out.to_ndarray().reshape(-1).copy())
-            for out in resampler.resample(None):
-                self._on_pcm(out.to_ndarray().reshape(-1).copy())
+            for pcm in mono_pieces(container, ASR_RATE):
+                self._on_pcm(pcm)
 
     def _drain_pipe(self) -> None:
         # After a failure keep swallowing input so that feed() never backs up.
@@ -118,39 +114,44 @@ class StreamDecoder:
             pass
 
 
+def mono_pieces(container: av.container.InputContainer, rate: int) -> Iterator[np.ndarray]:
+    """The first audio track of an opened `container`, piece by piece as it decodes: mono float32 at `rate`,
+    the resampler drained at the end."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    for frame in itertools.chain(container.decode(audio=0), [None]):  # None drains the resampler
+        for out in resampler.resample(frame):
+            yield out.to_ndarray().reshape(-1).copy()
+
+
 def read_audio_file(path: str, rate: int = ASR_RATE) -> np.ndarray:
     """Any file PyAV can read -> mono float32 at `rate`, shape (samples,)."""
     with av.open(path) as container:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-        parts = [
-            out.to_ndarray().reshape(-1)
-            for frame in container.decode(audio=0)
-            for out in resampler.resample(frame)
-        ]
-        parts += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
-    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+        parts = list(mono_pieces(container, rate))
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
 class NotAudio(ValueError):
     """Bytes that are not audio in the container they were said to be, or hold more than allowed."""
 
 
+class AudioTooLong(NotAudio):
+    """Audio that holds more seconds than allowed (decoding stopped there)."""
+
+
 def decode_file(data: bytes, container: str, max_seconds: float, rate: int = ASR_RATE) -> np.ndarray:
     """A whole file's bytes in FFmpeg's demuxer `container` (the only one tried) -> mono float32 at `rate`;
-    NotAudio when it cannot be read or holds more than `max_seconds` (decoding stops there)."""
+    NotAudio when it cannot be read, AudioTooLong when it holds more than `max_seconds` (decoding stops there)."""
     parts: list[np.ndarray] = []
     total, most = 0, int(max_seconds * rate)
     try:
         with av.open(io.BytesIO(data), mode="r", format=container) as opened:
             if not opened.streams.audio:
                 raise NotAudio("no audio track")
-            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
-            for frame in itertools.chain(opened.decode(audio=0), [None]):  # None drains the resampler
-                for out in resampler.resample(frame):
-                    parts.append(out.to_ndarray().reshape(-1).copy())
-                    total += len(parts[-1])
-                    if total > most:
-                        raise NotAudio(f"longer than {max_seconds:g} s")
+            for pcm in mono_pieces(opened, rate):
+                parts.append(pcm)
+                total += len(pcm)
+                if total > most:
+                    raise AudioTooLong(f"longer than {max_seconds:g} s")
     except (av.error.FFmpegError, ValueError, OSError, IndexError) as exc:
         raise exc if isinstance(exc, NotAudio) else NotAudio(str(exc)) from exc
     return np.concatenate(parts) if parts else np.zeros(0, np.float32)

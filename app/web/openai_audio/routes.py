@@ -20,7 +20,7 @@ from litestar import Request, Response, Router, get, post
 from litestar.datastructures import State, UploadFile
 from litestar.response import Stream
 
-from app.audio import NotAudio, decode_file
+from app.audio import ASR_RATE, AudioTooLong, NotAudio, decode_file
 from app.config import Settings
 from app.core.speech import speak, timed_transcript
 from app.engines.asr import Segment
@@ -175,7 +175,7 @@ async def transcriptions(request: Request, state: State) -> Response | Stream:
         audio = await asyncio.to_thread(decode_file, data, container, state.settings.limits.max_upload_s)
     except NotAudio as exc:
         log.info("transcriptions: refused %r: %s", upload.filename, exc)
-        if "longer than" in str(exc):
+        if isinstance(exc, AudioTooLong):
             raise AudioError(400, f"The audio is longer than {state.settings.limits.max_upload_s:g} seconds "
                                   "(limits.max_upload_s).", code="audio_too_long", param="file") from None
         raise AudioError(400, NOT_AUDIO, code="invalid_file_format", param="file") from None
@@ -184,7 +184,7 @@ async def transcriptions(request: Request, state: State) -> Response | Stream:
         return Stream(_transcript_events(segments), media_type="text/event-stream")
     found = [s async for s in segments]
     language = found[0].language if found else (wanted.language or engines.asr.settings.language or "en")
-    body = transcripts.rendered(wanted.response_format, found, duration=len(audio) / 16_000, language=language)
+    body = transcripts.rendered(wanted.response_format, found, duration=len(audio) / ASR_RATE, language=language)
     return Response(body, media_type=transcripts.MEDIA_TYPES[wanted.response_format])
 
 
