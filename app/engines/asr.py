@@ -16,6 +16,7 @@ import numpy as np
 
 from app.audio import ASR_RATE
 from app.engines import models
+from app.engines.servers import repr_hiding_key
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,7 @@ class AsrSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.backend == "openai" and not self.base_url.startswith(("http://", "https://")):
             raise ValueError("asr base_url must be the server's http:// or https:// address with backend openai")
 
-    def __repr__(self) -> str:  # the api_key must never reach a log line or a traceback
-        shown = {name: getattr(self, name) for name in self.__struct_fields__}
-        shown["api_key"] = "***" if self.api_key else ""
-        return "AsrSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+    __repr__ = repr_hiding_key  # the api_key must never reach a log line or a traceback
 
 
 def load_cuda12_cublas() -> str | None:

@@ -19,6 +19,7 @@ import numpy as np
 
 from app.engines import models
 from app.engines.no_copy import CopyBlock
+from app.engines.servers import repr_hiding_key
 from app.engines.tools import CALL_CLOSE, CALL_OPEN, ToolSet, call_grammar, describe
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,7 @@ class LlmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.no_copy_words == 1 or self.no_copy_words < 0:
             raise ValueError("llm no_copy_words must be 0 (off) or at least 2")
 
-    def __repr__(self) -> str:  # the api_key must never reach a log line or a traceback
-        shown = {name: getattr(self, name) for name in self.__struct_fields__}
-        shown["api_key"] = "***" if self.api_key else ""
-        return "LlmSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+    __repr__ = repr_hiding_key  # the api_key must never reach a log line or a traceback
 
 
 USER_WORDS_MARK = "\u2063"  # where the user's words go, when only the prompt before them is wanted

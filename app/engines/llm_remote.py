@@ -9,12 +9,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import msgspec
 
 from app.engines.llm import ContextWindow, LlmSettings, Message
+from app.engines.servers import shown_url
 from app.engines.tools import CallDelta, ToolSet, new_call_id
 
 log = logging.getLogger(__name__)
@@ -319,8 +319,3 @@ def _error_text(response: httpx.Response) -> Any:
         return body.get("error") or body.get("detail") or body.get("message") or ""
     return body
 
-
-def shown_url(url: str) -> str:
-    """`url` as logs, errors and /health may show it: no user:password@, no query."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}{parts.path.rstrip('/')}"

@@ -12,7 +12,6 @@ import time
 import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
 
 import httpx
 import msgspec
@@ -20,6 +19,7 @@ import numpy as np
 
 from app.audio import ASR_RATE, float_to_int16
 from app.engines.asr import AsrSettings, Segment
+from app.engines.servers import repr_hiding_key, shown_url
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -40,20 +40,15 @@ class RemoteVoiceSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tru
     voice: str = "alloy"
     timeout_s: float = 30.0
 
-    def __repr__(self) -> str:
-        return f"RemoteVoiceSettings(base_url={self.base_url!r}, model={self.model!r}, voice={self.voice!r})"
+    __repr__ = repr_hiding_key  # the api_key must never reach a log line or a traceback
 
 
 class _Client:
     """One server's address and key; failures in words."""
 
     def __init__(self, base_url: str, api_key: str, timeout_s: float, slot: str, setting: str) -> None:
-        if not base_url.startswith(("http://", "https://")):
-            raise SpeechServerError(f"{slot}: the base_url must be the server's http:// or https:// address, "
-                                    f"ending in /v1 ({setting})")
         self._url, self._slot, self._setting = base_url.rstrip("/"), slot, setting
-        parts = urlsplit(base_url)
-        self.where = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        self.where = shown_url(base_url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._options = {"headers": headers, "timeout": httpx.Timeout(timeout_s, connect=CONNECT_TIMEOUT_S)}
 
