@@ -24,7 +24,7 @@ from tests.web.test_server import (
     send_recording,
     session,
 )
-from tests.web.test_ws import own_engines, served
+from tests.web.test_ws import SpyLlm, own_engines, served
 
 
 def silence(seconds: float) -> np.ndarray:
@@ -55,6 +55,27 @@ def counter(url: str, name: str, label: str) -> float:
     text = urllib.request.urlopen(url + "/metrics").read().decode()
     match = re.search(rf"^{name}_total\{{{label}\}} (\S+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
+
+
+STORY = ("Once upon a time, a brave young knight rode out from the castle on a cold morning to find the old dragon "
+         "that lived in the grey hills beyond the wide river. He crossed a dark forest, and on the seventh day he saw "
+         "smoke above the rocks. The dragon was not angry at all: it was lonely, and it asked the knight to stay "
+         "for supper and tell it about the world.")
+
+
+class StoryLlm(SpyLlm):
+    """Writes the same long story, a word every `pace_s`, whatever it is asked: issue 31's prompt keeps
+    SmolLM2's replies short, and a test of what happens during a reply needs one that lasts."""
+
+    def __init__(self, real, pace_s: float = 0.0) -> None:
+        super().__init__(real, max_tokens=200)
+        self._words, self._pace_s = re.findall(r"\S+\s*", STORY), pace_s
+
+    def stream_slice(self, prompt, so_far: str, *, max_new: int, **options):
+        done = len(re.findall(r"\S+\s*", so_far))
+        for i, word in enumerate(self._words[done : done + max_new], done + 1):
+            time.sleep(self._pace_s)
+            yield word, i == len(self._words)
 
 
 def test_the_silence_rule_ends_a_turn_after_the_configured_silence(cpu_settings, engines, jfk_pcm):
@@ -118,8 +139,10 @@ def ended(turn: int):
     return lambda events: any(e["type"] == "turn_end" and e["turn"] == turn for e in events)
 
 
-def test_speech_during_a_reply_cuts_it_off(live_server, jfk_pcm):
-    with session(live_server) as ws:
+def test_speech_during_a_reply_cuts_it_off(cpu_settings, engines, jfk_pcm):
+    # Written over 7 s, like a slow model's: the user speaks while the reply is still being made.
+    llm = StoryLlm(engines.llm, pace_s=0.1)
+    with served(own_engines(engines, llm=llm), cpu_settings) as url, session(url) as ws:
         ws.send(json.dumps({"type": "text", "text": "Tell me a long story about a brave dragon."}))
         before = arrivals(ws, lambda events: bool(of_type(events, "audio_start")))
         sender = speak_in_real_time(ws, np.concatenate([jfk_pcm[: int(2.9 * ASR_RATE)], silence(1.5)]))
@@ -165,8 +188,10 @@ def test_push_to_talk_keeps_pauses_inside_one_turn(live_server, jfk_pcm):
     assert word_error_rate(final["text"], JFK_TEXT) < 0.1  # all of it, though JFK pauses twice
 
 
-def test_two_sessions_at_once_both_complete_and_neither_starves(live_server):
-    with session(live_server) as a, session(live_server) as b:
+def test_two_sessions_at_once_both_complete_and_neither_starves(cpu_settings, engines):
+    # A word every 30 ms, SmolLM2's pace here: both replies are written slice by slice on the one worker.
+    llm = StoryLlm(engines.llm, pace_s=0.03)
+    with served(own_engines(engines, llm=llm), cpu_settings) as url, session(url) as a, session(url) as b:
         a.send(json.dumps({"type": "text", "text": "Tell me a long story about the sea and its ships."}))
         a_events = [m for m in arrivals(a, lambda events: bool(of_type(events, "audio_start")))
                     if isinstance(m, dict)]
@@ -267,11 +292,11 @@ ECHO_DELAY_S = 0.12  # loudspeaker -> microphone -> capture -> Opus -> server
 ECHO_GAIN = 0.3  # a laptop's speaker at a normal volume, heard by its own microphone
 
 
-def test_the_reply_heard_back_and_a_cough_do_not_cut_it_and_the_user_does(live_server, jfk_pcm):
+def test_the_reply_heard_back_and_a_cough_do_not_cut_it_and_the_user_does(cpu_settings, engines, jfk_pcm):
     """The page's microphone hears the reply it plays (fed back at 16 kHz, delayed and quieter, through
     Opus like the page's own recording), then a cough over it: the reply plays on. Then the user talks
     over it: it stops, and the server confirms the barge-in."""
-    with session(live_server) as ws:
+    with served(own_engines(engines, llm=StoryLlm(engines.llm)), cpu_settings) as url, session(url) as ws:
         ws.send(json.dumps({"type": "text", "text": "Tell me a long story about a brave dragon and a knight."}))
         before, reply, rate, first = reply_until_all_sent(ws)
         played_from = first + 0.08  # the page's jitter buffer
