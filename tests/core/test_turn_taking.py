@@ -71,10 +71,12 @@ class StoryLlm(SpyLlm):
         super().__init__(real, max_tokens=200)
         self._words, self._pace_s = re.findall(r"\S+\s*", STORY), pace_s
 
-    def stream_slice(self, prompt, so_far: str, *, max_new: int, **options):
+    def stream_slice(self, prompt, so_far: str, *, max_new: int, cancel: threading.Event | None = None, **options):
         done = len(re.findall(r"\S+\s*", so_far))
         for i, word in enumerate(self._words[done : done + max_new], done + 1):
             time.sleep(self._pace_s)
+            if cancel is not None and cancel.is_set():
+                return  # as the real model stops: a cut-off reply frees the worker at once
             yield word, i == len(self._words)
 
 
