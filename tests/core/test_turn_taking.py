@@ -24,7 +24,7 @@ from tests.web.test_server import (
     send_recording,
     session,
 )
-from tests.web.test_ws import SpyLlm, own_engines, served
+from tests.web.test_ws import ScriptedLlm, own_engines, served
 
 
 def silence(seconds: float) -> np.ndarray:
@@ -63,21 +63,9 @@ STORY = ("Once upon a time, a brave young knight rode out from the castle on a c
          "for supper and tell it about the world.")
 
 
-class StoryLlm(SpyLlm):
-    """Writes the same long story, a word every `pace_s`, whatever it is asked: issue 31's prompt keeps
-    SmolLM2's replies short, and a test of what happens during a reply needs one that lasts."""
-
-    def __init__(self, real, pace_s: float = 0.0) -> None:
-        super().__init__(real, max_tokens=200)
-        self._words, self._pace_s = re.findall(r"\S+\s*", STORY), pace_s
-
-    def stream_slice(self, prompt, so_far: str, *, max_new: int, cancel: threading.Event | None = None, **options):
-        done = len(re.findall(r"\S+\s*", so_far))
-        for i, word in enumerate(self._words[done : done + max_new], done + 1):
-            time.sleep(self._pace_s)
-            if cancel is not None and cancel.is_set():
-                return  # as the real model stops: a cut-off reply frees the worker at once
-            yield word, i == len(self._words)
+def story_llm(real, pace_s: float = 0.0) -> ScriptedLlm:
+    """The same long story, a word every `pace_s`: a test of what happens during a reply needs one that lasts."""
+    return ScriptedLlm(real, STORY, pace_s)
 
 
 def test_the_silence_rule_ends_a_turn_after_the_configured_silence(cpu_settings, engines, jfk_pcm):
@@ -143,7 +131,7 @@ def ended(turn: int):
 
 def test_speech_during_a_reply_cuts_it_off(cpu_settings, engines, jfk_pcm):
     # Written over 7 s, like a slow model's: the user speaks while the reply is still being made.
-    llm = StoryLlm(engines.llm, pace_s=0.1)
+    llm = story_llm(engines.llm, pace_s=0.1)
     with served(own_engines(engines, llm=llm), cpu_settings) as url, session(url) as ws:
         ws.send(json.dumps({"type": "text", "text": "Tell me a long story about a brave dragon."}))
         before = arrivals(ws, lambda events: bool(of_type(events, "audio_start")))
@@ -192,7 +180,7 @@ def test_push_to_talk_keeps_pauses_inside_one_turn(live_server, jfk_pcm):
 
 def test_two_sessions_at_once_both_complete_and_neither_starves(cpu_settings, engines):
     # A word every 30 ms, SmolLM2's pace here: both replies are written slice by slice on the one worker.
-    llm = StoryLlm(engines.llm, pace_s=0.03)
+    llm = story_llm(engines.llm, pace_s=0.03)
     with served(own_engines(engines, llm=llm), cpu_settings) as url, session(url) as a, session(url) as b:
         a.send(json.dumps({"type": "text", "text": "Tell me a long story about the sea and its ships."}))
         a_events = [m for m in arrivals(a, lambda events: bool(of_type(events, "audio_start")))
@@ -298,7 +286,7 @@ def test_the_reply_heard_back_and_a_cough_do_not_cut_it_and_the_user_does(cpu_se
     """The page's microphone hears the reply it plays (fed back at 16 kHz, delayed and quieter, through
     Opus like the page's own recording), then a cough over it: the reply plays on. Then the user talks
     over it: it stops, and the server confirms the barge-in."""
-    with served(own_engines(engines, llm=StoryLlm(engines.llm)), cpu_settings) as url, session(url) as ws:
+    with served(own_engines(engines, llm=story_llm(engines.llm)), cpu_settings) as url, session(url) as ws:
         ws.send(json.dumps({"type": "text", "text": "Tell me a long story about a brave dragon and a knight."}))
         before, reply, rate, first = reply_until_all_sent(ws)
         played_from = first + 0.08  # the page's jitter buffer

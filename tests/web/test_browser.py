@@ -36,7 +36,10 @@ CHROMIUM_FLAGS = [
     "--use-fake-ui-for-media-stream",
     "--use-fake-device-for-media-stream",
 ]
-STORY = "Tell me a long story about a dragon and a knight."
+# Of 60 replies from the cpu preset (issue 31's prompt, its temperature), the shortest ran 62 words; asked for "a long
+# story about a dragon and a knight", one in 60 was 12 words ("The story of King Arthur and Queen Morgalla."), over
+# before a test could speak or cough over it.
+STORY = "Tell me a story about a brave little dragon."
 PIRATE_SETTINGS = {"mode": "push_to_talk", "speaker": None, "system_prompt": "Answer like a pirate.",
                    "temperature": 0.5, "end_silence_ms": 900}
 PIRATE_HELLO = {"type": "hello", **PIRATE_SETTINGS}

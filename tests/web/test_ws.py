@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -67,6 +68,25 @@ class SpyLlm:
 
     def stream_slice(self, prompt: Prompt, so_far: str, **options) -> Iterator[tuple[str, bool]]:
         return self._real.stream_slice(prompt, so_far, **options)
+
+
+class ScriptedLlm(SpyLlm):
+    """Writes one fixed reply, a word every `pace_s`, whatever it is asked: for a test about what happens to a
+    reply (its length, its timing, its sound), not about what the model chose to say. Issue 31's prompt keeps
+    SmolLM2's replies to a few words, and how many depends on the sampling."""
+
+    def __init__(self, real: ChatModel, text: str, pace_s: float = 0.0) -> None:
+        super().__init__(real, max_tokens=200)
+        self._words, self._pace_s = re.findall(r"\S+\s*", text), pace_s
+
+    def stream_slice(self, prompt: Prompt, so_far: str, *, max_new: int, cancel: threading.Event | None = None,
+                     **options) -> Iterator[tuple[str, bool]]:
+        done = len(re.findall(r"\S+\s*", so_far))
+        for i, word in enumerate(self._words[done : done + max_new], done + 1):
+            time.sleep(self._pace_s)
+            if cancel is not None and cancel.is_set():
+                return  # as the real model stops: a cut-off reply frees the worker at once
+            yield word, i == len(self._words)
 
 
 class CrashingLlm(SpyLlm):
