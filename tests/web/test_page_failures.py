@@ -22,6 +22,7 @@ from tests.web.test_browser import (  # noqa: F401 (fixtures)
     browser,
     playwright,
     question_wav,
+    wait_until,
     watch_errors,
     write_wav,
 )
@@ -161,9 +162,7 @@ def test_a_microphone_that_goes_away_turns_off_says_so_and_the_page_stays_usable
         page.wait_for_function("() => window.voiceAssistant.state === 'listening'", timeout=10_000)
         # The recording's first piece, and audio_start before it, may take a while on a loaded machine; a
         # track that ends before it leaves nothing to end (a fresh clone saw only 'hello' sent).
-        deadline = time.monotonic() + 10
-        while "audio_start" not in [m["type"] for m in frames.sent] and time.monotonic() < deadline:
-            page.wait_for_timeout(50)
+        wait_until(page, lambda: "audio_start" in [m["type"] for m in frames.sent])
         # What Chromium does when the device is unplugged: the track ends by itself.
         page.evaluate("() => window.streams[0].getAudioTracks()[0].dispatchEvent(new Event('ended'))")
         page.get_by_text("The microphone was disconnected").wait_for(timeout=5_000)

@@ -70,6 +70,9 @@ class SpyLlm:
         return self._real.stream_slice(prompt, so_far, **options)
 
 
+WORD = re.compile(r"\S+\s*")  # a word with the space after it, as a reply is written
+
+
 class ScriptedLlm(SpyLlm):
     """Writes one fixed reply, a word every `pace_s`, whatever it is asked: for a test about what happens to a
     reply (its length, its timing, its sound), not about what the model chose to say. Issue 31's prompt keeps
@@ -77,11 +80,11 @@ class ScriptedLlm(SpyLlm):
 
     def __init__(self, real: ChatModel, text: str, pace_s: float = 0.0) -> None:
         super().__init__(real, max_tokens=200)
-        self._words, self._pace_s = re.findall(r"\S+\s*", text), pace_s
+        self._words, self._pace_s = WORD.findall(text), pace_s
 
     def stream_slice(self, prompt: Prompt, so_far: str, *, max_new: int, cancel: threading.Event | None = None,
                      **options) -> Iterator[tuple[str, bool]]:
-        done = len(re.findall(r"\S+\s*", so_far))
+        done = len(WORD.findall(so_far))
         for i, word in enumerate(self._words[done : done + max_new], done + 1):
             time.sleep(self._pace_s)
             if cancel is not None and cancel.is_set():
