@@ -28,7 +28,7 @@ from app.config import ConfigError, Settings, load_settings
 from app.engines.loaded import Engines
 from app.web import access, devices, lan
 from tests.conftest import PairedServer
-from tests.support import serving
+from tests.support import serving, trusting
 from tests.web.test_lan import read_qr, svg_modules, text_modules
 
 LAN_IP = "192.168.77.5"
@@ -162,7 +162,7 @@ def test_an_allowed_origin_may_open_the_websocket(cpu_settings: Settings, engine
 
 @pytest.fixture(scope="module")
 def trust(paired_server: PairedServer) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(paired_server.cert))  # a phone that accepted the warning
+    return trusting(paired_server.cert)
 
 
 def test_unpaired_the_page_says_how_to_pair_and_nothing_works(paired_server: PairedServer, trust) -> None:

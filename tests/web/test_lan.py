@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import ssl
 import stat
 import urllib.request
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from app.cli import main, tls_files
 from app.config import Settings
 from app.engines.loaded import Engines
 from app.web import lan
-from tests.support import serving
+from tests.support import serving, trusting
 
 LAN_IP = "192.168.77.5"  # an address the test pretends the machine has on its network
 
@@ -134,7 +133,7 @@ def https_server(tmp_path_factory, cpu_settings: Settings, engines: Engines) -> 
 
 def test_https_server_accepts_the_websocket(https_server: tuple[str, Path]) -> None:
     base, cert = https_server
-    trust = ssl.create_default_context(cafile=str(cert))  # a phone that accepted the warning
+    trust = trusting(cert)
     with connect(base.replace("https", "wss") + "/ws", ssl=trust, open_timeout=10) as ws:
         ready = json.loads(ws.recv(timeout=10))
         assert ready["type"] == "ready" and ready["preset"] == "cpu"

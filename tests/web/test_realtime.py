@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from app.web.realtime import protocol as rt
 from app.web.realtime.g711 import alaw_decode, alaw_encode, ulaw_decode, ulaw_encode
 from app.web.realtime.protocol import RATE
 from app.web.realtime.session import RealtimeSession
-from tests.support import JFK_TEXT, recording, resample, said_so_far, speak, word_error_rate, words
+from tests.support import JFK_TEXT, recording, resample, said_so_far, speak, trusting, word_error_rate, words
 from tests.web.test_ws import QUESTION, STORY, TIMEOUT, ScriptedLlm, SpyLlm, SpyVoice, own_engines, played_share, served
 
 STRICT = TypeAdapter(RealtimeServerEvent)
@@ -533,7 +532,7 @@ def test_a_page_from_another_origin_is_refused(live_server):
 
 
 def test_with_pairing_a_program_needs_the_token_as_its_api_key(paired_server):
-    trust = {"websocket_connection_options": {"ssl": ssl.create_default_context(cafile=str(paired_server.cert))}}
+    trust = {"websocket_connection_options": {"ssl": trusting(paired_server.cert)}}
     with connect(paired_server.url, api_key=paired_server.token, **trust) as conn:
         conn.session.update(session={"type": "realtime"})
         assert receive(conn)["type"] == "session.updated"
